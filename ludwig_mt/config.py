@@ -1,0 +1,153 @@
+"""Load, validate and render the task YAMLs in ``ludwig_configs/``.
+
+The YAML a GPU user runs is the file in ``ludwig_configs/`` exactly as committed. To run the same task on a CPU
+or a small local model we never edit it: :func:`render_overrides` produces a copy with the few keys that must
+change (base model, quantization off, a few steps) and every change is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ludwig_mt.ludwig_fixes import WorkflowError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "ludwig_configs"
+
+
+def task_config_path(task: str) -> Path:
+    """``sql`` -> ``ludwig_configs/sql.yaml``; a clear error listing the tasks that exist otherwise."""
+    path = CONFIG_DIR / f"{task}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise WorkflowError(f"{path}: no such task config. Fix: use one of: {known}")
+    return path
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with one-line errors for a missing file, bad syntax or a non-mapping document."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkflowError(f"{p}: file not found. Fix: pass an existing YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f": line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise WorkflowError(f"{p}{at}: invalid YAML ({problem}). Fix: correct the syntax there") from None
+    if not isinstance(data, dict):
+        raise WorkflowError(f"{p}: expected a mapping of Ludwig config keys, got {type(data).__name__}")
+    return data
+
+
+def validate(config: dict[str, Any], source: str = "config", *, base_model: str | None = None) -> None:
+    """Validate with Ludwig's own schema: its JSON schema on the file as written, then the full model config.
+
+    The full check (marshmallow/pydantic + cross-field rules) loads the base model's ``config.json``; pass a local
+    ``base_model`` folder to run it without reaching the Hugging Face Hub (everything else stays as written).
+    """
+    from ludwig.config_validation.validation import check_schema
+    from ludwig.error import ConfigValidationError
+    from ludwig.schema.model_types.base import ModelConfig
+
+    full = copy.deepcopy(config)
+    if base_model is not None:
+        full["base_model"] = str(base_model)
+    try:
+        check_schema(copy.deepcopy(config))
+        ModelConfig.from_dict(full)
+    except ConfigValidationError as err:
+        raise WorkflowError(f"{source}: rejected by Ludwig's schema: {err}") from None
+
+
+def render_overrides(
+    config: dict[str, Any],
+    *,
+    base_model: str | None = None,
+    cpu: bool = False,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """A copy of ``config`` with run-specific overrides; the input dict is not modified.
+
+    ``cpu=True`` removes ``quantization`` (bitsandbytes 4-bit needs CUDA, see ludwig_fixes), drops paged
+    optimizers (CUDA-only) and gradient checkpointing (no memory pressure on tiny CPU runs).
+    """
+    out = copy.deepcopy(config)
+    trainer = out.setdefault("trainer", {})
+    if base_model is not None:
+        logger.info("override base_model: %s -> %s", config.get("base_model"), base_model)
+        out["base_model"] = str(base_model)
+    if cpu:
+        if out.pop("quantization", None) is not None:
+            logger.warning("CPU run: quantization removed (bitsandbytes 4-bit needs a CUDA GPU)")
+        if str(trainer.get("optimizer", {}).get("type", "")).startswith("paged_"):
+            trainer["optimizer"] = {"type": "adamw"}
+            logger.info("CPU run: paged optimizer replaced by adamw")
+        trainer["enable_gradient_checkpointing"] = False
+    if epochs is not None:
+        trainer["epochs"] = epochs
+    if batch_size is not None:
+        trainer["batch_size"] = batch_size
+        trainer["eval_batch_size"] = batch_size
+        trainer["gradient_accumulation_steps"] = 1
+    if max_sequence_length is not None:
+        for feature in out.get("input_features", []) + out.get("output_features", []):
+            feature.setdefault("preprocessing", {})["max_sequence_length"] = max_sequence_length
+        out.setdefault("preprocessing", {})["global_max_sequence_length"] = 2 * max_sequence_length
+    if max_new_tokens is not None:
+        out.setdefault("generation", {})["max_new_tokens"] = max_new_tokens
+    return out
+
+
+def write_yaml(config: dict[str, Any], path: str | Path, header: str = "") -> Path:
+    from prep.common import atomic_write_text
+
+    p = Path(path)
+    atomic_write_text(p, header + yaml.safe_dump(config, sort_keys=False))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Validate a task YAML, or render a copy with overrides.")
+    parser.add_argument("config", help="a YAML file, or a task name from ludwig_configs/")
+    parser.add_argument("--out", type=Path, help="write the rendered YAML here")
+    parser.add_argument("--cpu", action="store_true", help="drop quantization and CUDA-only settings")
+    parser.add_argument("--base-model", help="a local model folder or hub name to use instead")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-sequence-length", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    args = parser.parse_args(argv)
+    path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else task_config_path(args.config)
+    config = render_overrides(
+        load_yaml(path), base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
+        batch_size=args.batch_size, max_sequence_length=args.max_sequence_length,
+        max_new_tokens=args.max_new_tokens,
+    )
+    validate(config, str(path), base_model=args.base_model)
+    if args.out:
+        write_yaml(config, args.out, header=f"# Rendered from {path} by python -m ludwig_mt.config; do not edit.\n")
+        print(args.out)
+    else:
+        print(f"{path}: valid")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except WorkflowError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,144 @@
+"""Every workaround for Ludwig 0.17.10 lives here, and only here.
+
+Each fix is one small function that patches Ludwig from the outside (never site-packages) and is idempotent.
+They are applied by :func:`apply_all`, which runs automatically whenever ``ludwig.api`` is imported (see
+:mod:`ludwig_mt.autoload`, wired into the virtualenv by a ``.pth`` file that ``./run.sh setup`` installs), so the
+plain ``ludwig train`` / ``ludwig predict`` commands and ``LudwigModel`` in user code all get them.
+
+Known problems (details: the project README, section "Ludwig 0.17.10 fixes"):
+
+1. ``LudwigModel.load`` / ``ludwig predict`` fail on every LLM model: the saved config holds ``adapters: null``
+   and the JSON schema of ``adapters`` accepts objects only. Fixed at the schema: ``null`` is allowed, exactly as
+   Ludwig already does for ``quantization``.
+2. ``ludwig predict`` fails with ``Invalid missing value strategy fill_with_const`` for base models whose tokenizer
+   has no unknown token (Qwen, Llama 3, GPT-2 style BPE): during training Ludwig overwrites the text feature's
+   ``fill_value`` with the tokenizer's unknown token (``None``) and saves that. We keep the configured value.
+3. 4-bit quantization on a machine without CUDA trains, then crashes at the best-checkpoint reload. We refuse
+   such a run before any work, with one line that says how to run it instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_APPLIED: set[str] = set()
+
+
+class WorkflowError(RuntimeError):
+    """An error the user can fix; the CLI wrapper prints it as one line instead of a traceback."""
+
+
+def _once(fn):
+    """Apply a patch at most once per process, however often ``apply_all`` runs."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        if fn.__name__ not in _APPLIED:
+            fn()
+            _APPLIED.add(fn.__name__)
+
+    return wrapper
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [{"type": "null", "title": "disabled"}, schema]}
+
+
+@_once
+def allow_null_adapters_schema() -> None:
+    """Let ``adapters: null`` (what Ludwig itself saves) pass JSON-schema validation, so saved models load."""
+    from ludwig.config_validation import validation
+    from ludwig.schema.llms import peft
+
+    for field_cls in (peft.NamedAdaptersConfigField, peft.MergeAdaptersConfigField):
+        original = field_cls._jsonschema_type_mapping
+        if getattr(original, "_ludwig_mt_nullable", False):
+            continue
+
+        def nullable_mapping(self, _original=original):
+            return _nullable(_original(self))
+
+        nullable_mapping._ludwig_mt_nullable = True  # type: ignore[attr-defined]
+        field_cls._jsonschema_type_mapping = nullable_mapping
+    validation.get_schema.cache_clear()  # the schema is lru-cached; rebuild it with the patched fields
+
+
+@_once
+def keep_text_fill_value_when_tokenizer_has_no_unk() -> None:
+    """Stop ``TextFeatureMixin.feature_data`` from replacing the fill value by ``None`` in saved metadata."""
+    from ludwig.features.text_feature import TextFeatureMixin
+
+    original = TextFeatureMixin.feature_data
+    keys = ("fill_value", "computed_fill_value")
+
+    def feature_data(column, metadata, preprocessing_parameters, backend):
+        before = {k: preprocessing_parameters.get(k) for k in keys}
+        result = original(column, metadata, preprocessing_parameters, backend)
+        for key, value in before.items():
+            if key in preprocessing_parameters and preprocessing_parameters[key] is None:
+                preprocessing_parameters[key] = value
+        return result
+
+    TextFeatureMixin.feature_data = staticmethod(feature_data)
+
+
+def check_quantization_supported(config: dict[str, Any], cuda_available: bool) -> None:
+    """Refuse bitsandbytes quantization without CUDA before any work is done (it crashes after training)."""
+    quant = config.get("quantization")
+    if quant and not cuda_available:
+        bits = quant.get("bits", 4) if isinstance(quant, dict) else 4
+        raise WorkflowError(
+            f"this config asks for {bits}-bit quantization, which needs a CUDA GPU and none is visible. "
+            "Fix: run on a GPU, or render a CPU copy without quantization: "
+            "./run.sh train <task> --cpu (or: python -m ludwig_mt.config <yaml> --cpu --out cpu.yaml)"
+        )
+
+
+@_once
+def refuse_quantized_training_without_cuda() -> None:
+    """Wrap ``LudwigModel.train``/``experiment`` with :func:`check_quantization_supported`."""
+    import torch
+    from ludwig.api import LudwigModel
+
+    for name in ("train", "experiment"):
+        original = getattr(LudwigModel, name)
+
+        @functools.wraps(original)
+        def checked(self, *args, _original=original, **kwargs):
+            check_quantization_supported(self.config_obj.to_dict(), torch.cuda.is_available())
+            return _original(self, *args, **kwargs)
+
+        setattr(LudwigModel, name, checked)
+
+
+@_once
+def one_line_errors_in_cli() -> None:
+    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
+    import importlib
+    import sys
+
+    # via sys.modules: this runs while ``ludwig.cli`` is still being imported, before ``ludwig`` has the attribute
+    cli = sys.modules.get("ludwig.cli") or importlib.import_module("ludwig.cli")
+    original = cli.main
+
+    @functools.wraps(original)
+    def main() -> None:
+        try:
+            original()
+        except WorkflowError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    cli.main = main
+
+
+def apply_all() -> None:
+    """Apply every fix; safe to call many times."""
+    allow_null_adapters_schema()
+    keep_text_fill_value_when_tokenizer_has_no_unk()
+    refuse_quantized_training_without_cuda()
+    one_line_errors_in_cli()

@@ -1,0 +1,145 @@
+"""What a task is, and the one pipeline that turns any task's source into train/test CSVs.
+
+A dataset module in ``prep/`` defines a single :class:`TaskSpec`: how to read its published files, how one raw row
+becomes template fields, its prompt template, and which key groups rows for a leak-free split. Everything else
+(reading, de-duplication, splitting, atomic writing, the report) is shared and lives in :func:`prepare`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from prep.common import (
+    LUDWIG_SPLIT_CODE,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    DropRow,
+    PrepReport,
+    SourceRow,
+    atomic_write_csv,
+    atomic_write_json,
+    hash_split,
+    iter_limited,
+    load_hub_rows,
+    looks_like_local_path,
+    normalise_key,
+)
+
+PROMPT, RESPONSE, TASK, SPLIT = "prompt", "response", "task", "split"
+# Rows longer than this (prompt + response, in characters) are dropped: they would be truncated in training and
+# make every batch that contains them slow. Well above every seed dataset's real rows.
+MAX_ROW_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything that makes one dataset a fine-tuning task; see the module docstring."""
+
+    name: str  # the task name used on the command line and as ludwig_configs/<name>.yaml
+    hub_name: str  # Hugging Face dataset id, loaded with ``datasets`` when --source is not a local path
+    template: str  # the prompt template, ``str.format`` fields from ``to_fields``; defined once, used by prep+eval
+    read_local: Callable[[Path], list[SourceRow]]  # a file or folder in the published format -> raw rows
+    to_fields: Callable[[SourceRow], dict[str, str]]  # raw row -> template fields + "response"; may raise DropRow
+    group_key: Callable[[Mapping[str, str]], str]  # rows with the same key always share a split (no leakage)
+    keep_columns: tuple[str, ...] = ()  # template fields also kept as CSV columns (eval needs some, e.g. context)
+    test_fraction: float = 0.05
+    validation_fraction: float = 0.05
+    hub_split: str | None = None  # load only this hub split (None: all, keeping official train/test splits)
+    official_splits: Mapping[str, str] = field(default_factory=dict)  # source split name -> train/validation/test
+
+    def render_prompt(self, fields: Mapping[str, str]) -> str:
+        return self.template.format(**fields)
+
+
+def load_rows(spec: TaskSpec, source: str) -> list[SourceRow]:
+    """Local file/folder in the published format, or a hub dataset name through ``datasets``."""
+    if looks_like_local_path(source):
+        return spec.read_local(Path(source).expanduser())
+    return load_hub_rows(source, spec.hub_split)
+
+
+def assign_split(spec: TaskSpec, row: SourceRow, key: str) -> str:
+    """The official split when the source has one for this row, else a hash of the group key."""
+    official = spec.official_splits.get(row.split or "")
+    if official is not None:
+        if official == TRAIN:  # carve validation out of the official train split, still by group
+            return VALIDATION if hash_split(key, test_fraction=0.0, validation_fraction=spec.validation_fraction,
+                                            salt=spec.name) == VALIDATION else TRAIN
+        return official
+    return hash_split(key, test_fraction=spec.test_fraction, validation_fraction=spec.validation_fraction,
+                      salt=spec.name)
+
+
+def build_frames(spec: TaskSpec, rows: list[SourceRow], report: PrepReport,
+                 progress: Callable[[Any], Any] = lambda it: it) -> dict[str, pd.DataFrame]:
+    """Raw rows -> de-duplicated, split frames with prompt/response/task/split plus the kept columns."""
+    seen: set[str] = set()
+    by_split: dict[str, list[dict[str, Any]]] = {TRAIN: [], VALIDATION: [], TEST: []}
+    for row in progress(rows):
+        report.rows_in += 1
+        try:
+            fields = spec.to_fields(row)
+        except DropRow as drop:
+            report.drop(drop.reason)
+            continue
+        prompt = spec.render_prompt(fields)
+        response = fields[RESPONSE]
+        if len(prompt) + len(response) > MAX_ROW_CHARS:
+            report.drop(f"longer than {MAX_ROW_CHARS} characters")
+            continue
+        dedup_key = normalise_key(prompt, response)
+        if dedup_key in seen:
+            report.drop("duplicate of an earlier row")
+            continue
+        seen.add(dedup_key)
+        key = spec.group_key(fields)
+        split = assign_split(spec, row, key)
+        record = {PROMPT: prompt, RESPONSE: response, TASK: spec.name}
+        record.update({col: fields[col] for col in spec.keep_columns})
+        record["group_key"] = key
+        by_split[split].append(record)
+    return {name: pd.DataFrame(recs, columns=[PROMPT, RESPONSE, TASK, *spec.keep_columns, "group_key"])
+            for name, recs in by_split.items()}
+
+
+def drop_cross_split_groups(frames: dict[str, pd.DataFrame], report: PrepReport) -> None:
+    """Official splits can share a group key (e.g. the same question twice): keep such rows out of train."""
+    held_out = set(frames[TEST]["group_key"])
+    for name in (TRAIN, VALIDATION):
+        leaked = frames[name]["group_key"].isin(held_out)
+        for _ in range(int(leaked.sum())):
+            report.drop("shares its group key with a test row")
+        frames[name] = frames[name][~leaked]
+
+
+def prepare(spec: TaskSpec, source: str, out_dir: str | Path, *, max_rows: int | None = None,
+            progress: Callable[[Any], Any] = lambda it: it) -> PrepReport:
+    """Read ``source``, write ``<out_dir>/<task>/{train,test}.csv`` and ``report.json``; return the report.
+
+    ``train.csv`` carries Ludwig's ``split`` column (0 train, 1 validation); ``test.csv`` is the held-out set.
+    Output is sorted deterministically, so a rerun on the same input is byte-identical.
+    """
+    started = time.perf_counter()
+    report = PrepReport(task=spec.name, source=str(source))
+    rows = list(iter_limited(load_rows(spec, source), max_rows))
+    frames = build_frames(spec, rows, report, progress)
+    drop_cross_split_groups(frames, report)
+    task_dir = Path(out_dir) / spec.name
+    train = pd.concat([frames[TRAIN].assign(**{SPLIT: LUDWIG_SPLIT_CODE[TRAIN]}),
+                       frames[VALIDATION].assign(**{SPLIT: LUDWIG_SPLIT_CODE[VALIDATION]})], ignore_index=True)
+    train = train.sort_values(["group_key", PROMPT, RESPONSE], kind="stable").drop(columns="group_key")
+    test = frames[TEST].sort_values(["group_key", PROMPT, RESPONSE], kind="stable").drop(columns="group_key")
+    atomic_write_csv(task_dir / "train.csv", train)
+    atomic_write_csv(task_dir / "test.csv", test)
+    report.rows_out = {TRAIN: len(frames[TRAIN]), VALIDATION: len(frames[VALIDATION]), TEST: len(test)}
+    report.files = {"train": str(task_dir / "train.csv"), "test": str(task_dir / "test.csv")}
+    report.seconds = time.perf_counter() - started
+    atomic_write_json(task_dir / "report.json", report.as_dict())
+    return report
