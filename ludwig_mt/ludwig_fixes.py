@@ -142,3 +142,8 @@ def apply_all() -> None:
     keep_text_fill_value_when_tokenizer_has_no_unk()
     refuse_quantized_training_without_cuda()
     one_line_errors_in_cli()
+
+    from ludwig_mt import distributed, speedups
+
+    speedups.apply_all()
+    distributed.apply_all()

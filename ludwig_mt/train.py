@@ -1,0 +1,84 @@
+"""``./run.sh train <task> [--cpu] [--base-model M]``: run ``ludwig train`` on a task YAML.
+
+Without overrides this is exactly ``ludwig train --config ludwig_configs/<task>.yaml --dataset ...``. With
+``--cpu`` / ``--base-model`` / ``--epochs`` a rendered copy of the YAML is written next to the results and used
+instead (the committed YAML is never edited). Ludwig's own output goes to ``<output-directory>/train.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
+from ludwig_mt.ludwig_fixes import WorkflowError
+
+
+def ludwig_executable() -> str:
+    """The ``ludwig`` console script of the running interpreter's environment."""
+    candidate = Path(sys.executable).with_name("ludwig")
+    return str(candidate) if candidate.exists() else shutil.which("ludwig") or "ludwig"
+
+
+def model_dir(output_directory: Path) -> Path:
+    """``<output_directory>/experiment_run*/model`` of the newest run (Ludwig adds _1, _2 ... on reruns)."""
+    runs = sorted(output_directory.glob("*/model"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise WorkflowError(f"{output_directory}: no trained model found. Fix: check {output_directory}/train.log")
+    return runs[-1]
+
+
+def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_args: list[str] | None = None,
+          log_name: str = "train.log") -> Path:
+    """Run ``ludwig train`` as a subprocess with its output in a log file; return the trained model folder."""
+    if not dataset.exists():
+        raise WorkflowError(f"{dataset}: dataset not found. Fix: run ./run.sh prep first or pass --dataset")
+    output_directory.mkdir(parents=True, exist_ok=True)
+    log = output_directory / log_name
+    cmd = [ludwig_executable(), "train", "--config", str(config_path), "--dataset", str(dataset),
+           "--output_directory", str(output_directory), "--skip_save_processed_input", *(extra_args or [])]
+    with open(log, "w", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False)
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise WorkflowError(f"ludwig train failed (exit {proc.returncode}): {' '.join(tail)}. Fix: see {log}")
+    return model_dir(output_directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./run.sh train", description=__doc__.splitlines()[0])
+    parser.add_argument("task", help="task name (ludwig_configs/<task>.yaml) or a YAML path")
+    parser.add_argument("--dataset", type=Path, help="default: data/prepared/<task>/train.csv")
+    parser.add_argument("--output-directory", type=Path, help="default: results/<task>")
+    parser.add_argument("--cpu", action="store_true", help="render a copy without quantization / CUDA-only settings")
+    parser.add_argument("--base-model", help="local model folder or hub name instead of the YAML's")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    path = Path(args.task) if args.task.endswith((".yaml", ".yml")) else task_config_path(args.task)
+    task = path.stem
+    dataset = args.dataset or Path("data/prepared") / task / "train.csv"
+    out = args.output_directory or Path("results") / task
+    try:
+        if args.cpu or args.base_model or args.epochs or args.batch_size:
+            config = render_overrides(load_yaml(path), base_model=args.base_model, cpu=args.cpu,
+                                      epochs=args.epochs, batch_size=args.batch_size)
+            path = write_yaml(config, out / f"{task}.rendered.yaml",
+                              header=f"# Rendered from {path} by ./run.sh train; do not edit.\n")
+        model = train(path, dataset, out, extra_args=extra)
+    except WorkflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"trained: {model}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
