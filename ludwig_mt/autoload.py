@@ -6,12 +6,13 @@ is not imported), and the fixes run right after ``ludwig.cli`` or ``ludwig.api``
 plain ``ludwig`` command needs no wrapper script and no manual step.
 
 Install by hand (a venv not made by run.sh): ``python -m ludwig_mt.autoload install``.
+Set ``LUDWIG_MT_NO_FIXES=1`` to run raw Ludwig (the regression tests and benchmarks use it to show what breaks).
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -72,7 +73,8 @@ def install_pth(site_packages: Path | None = None) -> Path:
     return target
 
 
-install_hook()
+if os.environ.get("LUDWIG_MT_NO_FIXES", "") not in ("1", "true"):
+    install_hook()
 
 if __name__ == "__main__" and sys.argv[1:] == ["install"]:
     print(install_pth())

@@ -1,0 +1,67 @@
+"""ludwig_mt.config: every task YAML validates with Ludwig's schema; CPU rendering never edits the original."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from ludwig_mt.config import CONFIG_DIR, load_yaml, render_overrides, task_config_path, validate
+from ludwig_mt.ludwig_fixes import WorkflowError
+
+TASK_YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASK_YAMLS, ids=lambda p: p.stem)
+def test_every_task_yaml_is_valid_for_ludwig(path: Path, tiny_model: Path) -> None:
+    validate(load_yaml(path), str(path), base_model=str(tiny_model))
+
+
+@pytest.mark.parametrize("path", TASK_YAMLS, ids=lambda p: p.stem)
+def test_every_task_yaml_states_the_command_that_runs_it(path: Path) -> None:
+    head = path.read_text(encoding="utf-8").split("\nmodel_type:")[0]
+    assert f"ludwig train --config ludwig_configs/{path.name}" in head
+    assert "ludwig predict --model_path" in head
+
+
+def test_sql_yaml_declares_qlora() -> None:
+    config = load_yaml(task_config_path("sql"))
+    quant = config["quantization"]
+    assert (quant["bits"], quant["bnb_4bit_quant_type"], quant["bnb_4bit_use_double_quant"],
+            quant["bnb_4bit_compute_dtype"]) == (4, "nf4", True, "bfloat16")
+    assert config["adapter"]["type"] == "lora" and config["trainer"]["type"] == "finetune"
+    assert config["generation"]["max_new_tokens"] != 32  # Ludwig silently replaces exactly 32
+
+
+def test_cpu_rendering_drops_cuda_only_settings_and_leaves_the_input_alone(tiny_model: Path) -> None:
+    original = load_yaml(task_config_path("sql"))
+    before = copy.deepcopy(original)
+    cpu = render_overrides(original, base_model=str(tiny_model), cpu=True, epochs=1, batch_size=2)
+    assert original == before
+    assert "quantization" not in cpu and cpu["base_model"] == str(tiny_model)
+    assert cpu["trainer"]["optimizer"]["type"] == "adamw" and cpu["trainer"]["epochs"] == 1
+    validate(cpu, "rendered")
+
+
+def test_unknown_task_lists_the_known_ones() -> None:
+    with pytest.raises(WorkflowError, match=r"no such task config.*sql"):
+        task_config_path("nope")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("a: [1, 2\n", r"bad.yaml: line \d+: invalid YAML"), ("- 1\n- 2\n", r"bad.yaml: expected a mapping")],
+)
+def test_bad_yaml_is_one_clear_line(tmp_path: Path, content: str, expected: str) -> None:
+    (tmp_path / "bad.yaml").write_text(content)
+    with pytest.raises(WorkflowError, match=expected) as info:
+        load_yaml(tmp_path / "bad.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_schema_rejection_names_the_file(tiny_model: Path) -> None:
+    config = load_yaml(task_config_path("sql"))
+    config["adapter"]["type"] = "not-an-adapter"
+    with pytest.raises(WorkflowError, match="sql.yaml: rejected by Ludwig's schema"):
+        validate(config, "sql.yaml", base_model=str(tiny_model))
