@@ -60,7 +60,8 @@ cmd="${1:-demo}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   test)  setup; cd "$ROOT"; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 exec "$PY" -m pytest "$@" ;;
-  demo)  setup; cd "$ROOT"; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 exec "$PY" -m ludwig_mt.demo "$@" ;;
+  # DS_ACCELERATOR: the demo is CPU-only; saves DeepSpeed (imported by transformers) a detection warning.
+  demo)  setup; cd "$ROOT"; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu exec "$PY" -m ludwig_mt.demo "$@" ;;
   prep)  setup; exec "$PY" -m prep "$@" ;;
   train) setup; exec "$PY" -m ludwig_mt.train "$@" ;;
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
