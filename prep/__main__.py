@@ -1,7 +1,9 @@
-"""``python -m prep <task|all> --source <hub name | file | folder> --out <dir>``: prepare instruction CSVs.
+"""``python -m prep``: prepare instruction CSVs for fine-tuning and evaluation.
 
-For ``all``, ``--source`` is a folder holding one sub-folder per task (named as the task), e.g. ``../shared/data``
-style layouts; a task with no sub-folder there is skipped with a note.
+  python -m prep <task> [--source <hub name | file | folder>] --out <dir>
+  python -m prep all --source <folder with one sub-folder per dataset> --out <dir>
+  python -m prep mix --tasks sql:2000 detox:2000 instruct:1000 --prepared <dir> --out <dir>
+  python -m prep --spec my_task.yaml [--source ...] --out <dir>        (bring your own data)
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 from prep.common import PrepError, PrepReport
-from prep.registry import TASKS, get_task
-from prep.task import prepare
+from prep.custom_task import load_spec
+from prep.mix import build_mixture, parse_caps
+from prep.registry import SOURCE_FOLDERS, TASKS, get_task
+from prep.task import TaskSpec, prepare
 
 
 def summary_table(reports: list[PrepReport]) -> Table:
@@ -29,33 +33,52 @@ def summary_table(reports: list[PrepReport]) -> Table:
     return table
 
 
-def run(task: str, source: str | None, out: Path, max_rows: int | None, folder_names: dict[str, str]) -> list[PrepReport]:
-    names = sorted(TASKS) if task == "all" else [task]
+def _progress(name: str):
+    return lambda rows: tqdm(rows, desc=f"prep {name}", unit="row", leave=False)
+
+
+def prepare_all(root: Path, out: Path, max_rows: int | None, strict: bool) -> list[PrepReport]:
+    """Every built-in task whose published folder exists under ``root`` (named as in SOURCE_FOLDERS)."""
     reports = []
-    for name in names:
-        spec = get_task(name)
-        if task == "all":
-            sub = Path(source) / folder_names.get(name, name) if source else None
-            if sub is None or not sub.exists():
-                print(f"skip {name}: no folder {sub}", file=sys.stderr)
-                continue
-            task_source = str(sub)
-        else:
-            task_source = source or spec.hub_name
-        bar = lambda rows, n=name: tqdm(rows, desc=f"prep {n}", unit="row", leave=False)  # noqa: E731
-        reports.append(prepare(spec, task_source, out, max_rows=max_rows, progress=bar))
+    for name, folder in SOURCE_FOLDERS.items():
+        if not (root / folder).exists():
+            print(f"skip {name}: no folder {root / folder}", file=sys.stderr)
+            continue
+        reports.append(prepare(get_task(name), str(root / folder), out, max_rows=max_rows,
+                               progress=_progress(name), strict=strict))
     return reports
 
 
+def run(args: argparse.Namespace) -> list[PrepReport]:
+    if args.task == "mix":
+        return [build_mixture(args.prepared or args.out, parse_caps(args.tasks), args.out, args.test_cap)]
+    if args.task == "all":
+        if not args.source:
+            raise PrepError("all", "--source is required", "pass the folder that holds one folder per dataset")
+        return prepare_all(Path(args.source), args.out, args.max_rows, args.strict)
+    spec: TaskSpec = load_spec(args.spec) if args.spec else get_task(args.task)
+    source = args.source or spec.hub_name
+    return [prepare(spec, source, args.out, max_rows=args.max_rows, progress=_progress(spec.name),
+                    strict=args.strict)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prep", description=__doc__.splitlines()[0])
-    parser.add_argument("task", help=f"one of: all, {', '.join(sorted(TASKS))}")
+    parser = argparse.ArgumentParser(prog="prep", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("task", nargs="?", default="", help=f"all, mix, or one of: {', '.join(sorted(TASKS))}")
     parser.add_argument("--source", help="hub dataset name, local file, or folder (default: the task's hub name)")
     parser.add_argument("--out", type=Path, default=Path("data/prepared"), help="output folder (default: %(default)s)")
     parser.add_argument("--max-rows", type=int, help="read at most this many source rows (quick runs)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first empty field instead of dropping")
+    parser.add_argument("--spec", type=Path, help="a task spec YAML (bring your own data), instead of a task name")
+    parser.add_argument("--tasks", nargs="+", default=[], help="mix: task[:max_train_rows] ...")
+    parser.add_argument("--prepared", type=Path, help="mix: folder of prepared tasks (default: --out)")
+    parser.add_argument("--test-cap", type=int, help="mix: at most this many test rows per task")
     args = parser.parse_args(argv)
+    if not args.task and not args.spec:
+        parser.error("name a task, 'all', 'mix', or pass --spec")
     try:
-        reports = run(args.task, args.source, args.out, args.max_rows, folder_names={"sql": "sql_create_context"})
+        reports = run(args)
     except PrepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -34,6 +34,15 @@ class PrepError(ValueError):
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
 
+class EmptyField(PrepError):
+    """A required field is empty. Real public files have a few such rows (samsum, lamini_docs): by default they
+    are dropped and counted in the report; ``--strict`` makes them stop the run at the first one."""
+
+    def __init__(self, where: str, key: str) -> None:
+        self.key = key
+        super().__init__(where, f"empty field '{key}'", "fill in or delete that row")
+
+
 class DropRow(Exception):
     """Raised by a dataset's ``to_fields`` for a row that is valid input but unusable; counted in the report."""
 
@@ -159,8 +168,14 @@ def load_hub_rows(hub_name: str, split: str | None = None) -> list[SourceRow]:
         raise PrepError(hub_name, f"could not load from the Hugging Face Hub ({type(err).__name__}: {err})",
                         "check the name and your network, or pass a local file with --source") from None
     splits = {split: loaded} if split else dict(loaded)
-    return [SourceRow(rec, f"{hub_name}[{name}]: row {i}", split=name)
-            for name, ds in splits.items() for i, rec in enumerate(ds, start=1)]
+    rows = []
+    for name, ds in splits.items():
+        # Class labels come as integers; give every dataset module the label *names*, as the published files have.
+        labels = {col: feat.int2str for col, feat in ds.features.items() if isinstance(feat, datasets.ClassLabel)}
+        for i, rec in enumerate(ds, start=1):
+            rec = {k: (labels[k](v) if k in labels and isinstance(v, int) and v >= 0 else v) for k, v in rec.items()}
+            rows.append(SourceRow(rec, f"{hub_name}[{name}]: row {i}", split=name))
+    return rows
 
 
 def looks_like_local_path(source: str) -> bool:
@@ -181,7 +196,7 @@ def require_text(row: SourceRow, key: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         value = str(value)
     if not allow_empty and not value.strip():
-        raise PrepError(row.where, f"empty field '{key}'", "fill in or delete that row")
+        raise EmptyField(row.where, key)
     return value.strip()
 
 
@@ -253,6 +268,15 @@ def iter_limited(rows: Iterable[SourceRow], max_rows: int | None) -> Iterator[So
         if max_rows is not None and i >= max_rows:
             return
         yield row
+
+
+def read_split_files(folder: Path, files: Mapping[str, str]) -> list[SourceRow]:
+    """Rows of a folder holding one published file per official split, each row tagged with its split."""
+    found = {split: folder / name for split, name in files.items() if (folder / name).exists()}
+    if not found:
+        raise PrepError(str(folder), "none of the published files found",
+                        f"put {', '.join(files.values())} there, or pass one file")
+    return [SourceRow(r.data, r.where, split=split) for split, path in found.items() for r in read_records(path)]
 
 
 def read_file_or_folder(path: Path, folder_files: tuple[str, ...] = ()) -> list[SourceRow]:

@@ -7,6 +7,7 @@ becomes template fields, its prompt template, and which key groups rows for a le
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pandas as pd
 
 from prep.common import (
     LUDWIG_SPLIT_CODE,
+    EmptyField,
     TEST,
     TRAIN,
     VALIDATION,
@@ -32,7 +34,7 @@ from prep.common import (
     normalise_key,
 )
 
-PROMPT, RESPONSE, TASK, SPLIT = "prompt", "response", "task", "split"
+PROMPT, RESPONSE, TASK, SPLIT, REFERENCES = "prompt", "response", "task", "split", "references"
 # Rows longer than this (prompt + response, in characters) are dropped: they would be truncated in training and
 # make every batch that contains them slow. Well above every seed dataset's real rows.
 MAX_ROW_CHARS = 20_000
@@ -46,13 +48,18 @@ class TaskSpec:
     hub_name: str  # Hugging Face dataset id, loaded with ``datasets`` when --source is not a local path
     template: str  # the prompt template, ``str.format`` fields from ``to_fields``; defined once, used by prep+eval
     read_local: Callable[[Path], list[SourceRow]]  # a file or folder in the published format -> raw rows
-    to_fields: Callable[[SourceRow], dict[str, str]]  # raw row -> template fields + "response"; may raise DropRow
+    # raw row -> template fields + "response" (a list when one raw row holds several examples); may raise DropRow
+    to_fields: Callable[[SourceRow], dict[str, str] | list[dict[str, str]]]
     group_key: Callable[[Mapping[str, str]], str]  # rows with the same key always share a split (no leakage)
     keep_columns: tuple[str, ...] = ()  # template fields also kept as CSV columns (eval needs some, e.g. context)
     test_fraction: float = 0.05
     validation_fraction: float = 0.05
     hub_split: str | None = None  # load only this hub split (None: all, keeping official train/test splits)
     official_splits: Mapping[str, str] = field(default_factory=dict)  # source split name -> train/validation/test
+    dedupe_on_group: bool = False  # drop later rows whose group key was seen (e.g. the same instruction twice)
+    # test.csv: one row per group with a JSON ``references`` column holding every response of the group
+    # (ParaDetox: all neutral rewrites of one toxic sentence, for multi-reference BLEU/chrF)
+    one_test_row_per_group: bool = False
 
     def render_prompt(self, fields: Mapping[str, str]) -> str:
         return self.template.format(**fields)
@@ -77,36 +84,58 @@ def assign_split(spec: TaskSpec, row: SourceRow, key: str) -> str:
                       salt=spec.name)
 
 
+def row_examples(spec: TaskSpec, row: SourceRow, report: PrepReport, strict: bool) -> list[dict[str, str]]:
+    """The examples of one raw row; a dropped row is counted in the report and gives none."""
+    try:
+        fields = spec.to_fields(row)
+    except DropRow as drop:
+        report.drop(drop.reason)
+        return []
+    except EmptyField as err:
+        if strict:
+            raise
+        report.drop(f"empty field '{err.key}'")
+        return []
+    return fields if isinstance(fields, list) else [fields]
+
+
 def build_frames(spec: TaskSpec, rows: list[SourceRow], report: PrepReport,
-                 progress: Callable[[Any], Any] = lambda it: it) -> dict[str, pd.DataFrame]:
+                 progress: Callable[[Any], Any] = lambda it: it, strict: bool = False) -> dict[str, pd.DataFrame]:
     """Raw rows -> de-duplicated, split frames with prompt/response/task/split plus the kept columns."""
     seen: set[str] = set()
     by_split: dict[str, list[dict[str, Any]]] = {TRAIN: [], VALIDATION: [], TEST: []}
-    for row in progress(rows):
-        report.rows_in += 1
-        try:
-            fields = spec.to_fields(row)
-        except DropRow as drop:
-            report.drop(drop.reason)
-            continue
+    examples = ((row, fields) for row in progress(rows) for fields in row_examples(spec, row, report, strict))
+    report.rows_in += len(rows)
+    for row, fields in examples:
         prompt = spec.render_prompt(fields)
         response = fields[RESPONSE]
         if len(prompt) + len(response) > MAX_ROW_CHARS:
             report.drop(f"longer than {MAX_ROW_CHARS} characters")
             continue
-        dedup_key = normalise_key(prompt, response)
+        key = spec.group_key(fields)
+        dedup_key = key if spec.dedupe_on_group else normalise_key(prompt, response)
         if dedup_key in seen:
             report.drop("duplicate of an earlier row")
             continue
         seen.add(dedup_key)
-        key = spec.group_key(fields)
         split = assign_split(spec, row, key)
         record = {PROMPT: prompt, RESPONSE: response, TASK: spec.name}
         record.update({col: fields[col] for col in spec.keep_columns})
         record["group_key"] = key
         by_split[split].append(record)
-    return {name: pd.DataFrame(recs, columns=[PROMPT, RESPONSE, TASK, *spec.keep_columns, "group_key"])
-            for name, recs in by_split.items()}
+    columns = [PROMPT, RESPONSE, TASK, *spec.keep_columns, "group_key"]
+    frames = {name: pd.DataFrame(recs, columns=columns) for name, recs in by_split.items()}
+    if spec.one_test_row_per_group:
+        frames[TEST] = collapse_groups(frames[TEST])
+    return frames
+
+
+def collapse_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per group key (the first), with every response of the group as a JSON list in ``references``."""
+    refs = frame.groupby("group_key", sort=False)[RESPONSE].agg(lambda s: json.dumps(list(s), ensure_ascii=False))
+    first = frame.drop_duplicates("group_key").copy()
+    first.insert(first.columns.get_loc(RESPONSE) + 1, REFERENCES, first["group_key"].map(refs))
+    return first
 
 
 def drop_cross_split_groups(frames: dict[str, pd.DataFrame], report: PrepReport) -> None:
@@ -120,7 +149,7 @@ def drop_cross_split_groups(frames: dict[str, pd.DataFrame], report: PrepReport)
 
 
 def prepare(spec: TaskSpec, source: str, out_dir: str | Path, *, max_rows: int | None = None,
-            progress: Callable[[Any], Any] = lambda it: it) -> PrepReport:
+            progress: Callable[[Any], Any] = lambda it: it, strict: bool = False) -> PrepReport:
     """Read ``source``, write ``<out_dir>/<task>/{train,test}.csv`` and ``report.json``; return the report.
 
     ``train.csv`` carries Ludwig's ``split`` column (0 train, 1 validation); ``test.csv`` is the held-out set.
@@ -129,7 +158,7 @@ def prepare(spec: TaskSpec, source: str, out_dir: str | Path, *, max_rows: int |
     started = time.perf_counter()
     report = PrepReport(task=spec.name, source=str(source))
     rows = list(iter_limited(load_rows(spec, source), max_rows))
-    frames = build_frames(spec, rows, report, progress)
+    frames = build_frames(spec, rows, report, progress, strict)
     drop_cross_split_groups(frames, report)
     task_dir = Path(out_dir) / spec.name
     train = pd.concat([frames[TRAIN].assign(**{SPLIT: LUDWIG_SPLIT_CODE[TRAIN]}),
