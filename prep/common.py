@@ -116,7 +116,7 @@ def read_jsonl_records(path: Path) -> list[SourceRow]:
 
 def read_delimited_records(path: Path, delimiter: str) -> list[SourceRow]:
     """CSV/TSV with a header row; rows are numbered as a spreadsheet would (header = row 1)."""
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True)
     rows = []
     try:
         for i, rec in enumerate(reader, start=2):

@@ -1,0 +1,70 @@
+"""Bring your own data: a task declared in YAML, no Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from prep.__main__ import main as prep_main
+from prep.common import PrepError
+from prep.custom_task import load_spec
+from prep.registry import TASKS
+from prep.task import prepare
+
+SPEC = """
+name: claims
+hub_name: infinite-dataset-hub/TextClaimsDataset
+template: "### Task: Is the text a claim?\\n### Text:\\n{text}\\n### Answer:\\n"
+response: label
+test_fraction: 0.2
+"""
+
+
+def write_claims(path: Path, n: int = 50) -> Path:
+    pd.DataFrame({"text": [f"The moon is made of cheese, says person {i}." for i in range(n)],
+                  "label": ["Claim" if i % 2 else "Not a Claim" for i in range(n)]}).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_yaml_spec_maps_any_file_format(tmp_path: Path, fmt: str) -> None:
+    (tmp_path / "claims.yaml").write_text(SPEC)
+    frame = pd.read_csv(write_claims(tmp_path / "claims.csv"))
+    source = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        frame.to_json(source, orient="records", lines=True)
+    elif fmt == "parquet":
+        frame.to_parquet(source)
+    else:
+        frame.to_csv(source, index=False)
+    spec = load_spec(tmp_path / "claims.yaml")
+    report = prepare(spec, str(source), tmp_path / "out")
+    assert sum(report.rows_out.values()) == 50 and report.rows_out["test"] > 0
+    test = pd.read_csv(tmp_path / "out/claims/test.csv", keep_default_na=False)
+    assert test["prompt"].iloc[0].startswith("### Task: Is the text a claim?\n### Text:\nThe moon")
+    assert set(test["response"]) <= {"Claim", "Not a Claim"}
+
+
+def test_the_shipped_example_is_registered() -> None:
+    assert TASKS["claims"].hub_name == "infinite-dataset-hub/TextClaimsDataset"
+
+
+def test_cli_spec(tmp_path: Path) -> None:
+    (tmp_path / "claims.yaml").write_text(SPEC)
+    code = prep_main(["--spec", str(tmp_path / "claims.yaml"), "--source", str(write_claims(tmp_path / "c.csv")),
+                      "--out", str(tmp_path / "out")])
+    assert code == 0 and (tmp_path / "out/claims/train.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("name: x\ntemplate: '{a}'\n", r"missing key\(s\) response"),
+     ("name: x\ntemplate: '{a}'\nresponse: r\nfields: {b: c}\n", r"fields \['b'\] are not used in the template"),
+     ("name: [x\n", "invalid YAML")],
+)
+def test_bad_specs(tmp_path: Path, spec: str, expected: str) -> None:
+    (tmp_path / "s.yaml").write_text(spec)
+    with pytest.raises(PrepError, match=expected):
+        load_spec(tmp_path / "s.yaml")
