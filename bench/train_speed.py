@@ -1,0 +1,498 @@
+"""Side-by-side training-speed benchmark: plain transformers+peft loop vs raw Ludwig vs the project's tuned Ludwig.
+
+One call measures, for each architecture shape and each mode (QLoRA 4-bit / bf16 LoRA), at equal rows, batch,
+sequence length and LoRA settings:
+
+* ``plain``  - the usual hand-written loop: ``from_pretrained`` (bf16, or nf4 + ``prepare_model_for_kbit_training``),
+  ``get_peft_model``, torch AdamW, right-padded batches, default (SDPA) attention, no gradient checkpointing;
+* ``raw``    - Ludwig 0.17.10 on ``ludwig_configs/sql.yaml`` rendered with the local random-weight model,
+  ``LUDWIG_MT_SPEEDUPS=0`` (the project's correctness fixes stay on; none of them touches training speed);
+* ``tuned``  - the same rendered YAML plus :data:`TUNED_YAML` (the YAML changes proposed to the lead), speed-ups on.
+
+Every path runs in its own subprocess (clean CUDA peak-memory counter, patches applied once). Ludwig's step time
+is measured between its ``on_batch_start`` / ``on_batch_end`` callbacks (after a CUDA sync), so preprocessing, model
+load and evaluation are excluded. Tokens/s counts real (non-pad) tokens; every row has the same length, so no
+path wastes compute on padding and packing cannot help or hurt the comparison.
+
+MFU convention: LoRA leaves the base weights frozen, so a step costs the forward (2N) plus the input-gradient
+half of the backward (2N): 4N FLOPs per token, N = parameters used in matmuls (all linear layers including the
+LM head; the input embedding lookup is not a matmul; attention-score FLOPs are left out, which understates MFU
+by ~10% at 2048 tokens). The denominator is the bf16 rate of a large ``torch.matmul`` measured in the same run.
+
+Run (GPU):  python bench/train_speed.py --out $OUT
+Run (CPU smoke test, tiny shapes, 2 minutes):  python bench/train_speed.py --tiny --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Public config values (hub config.json of meta-llama/Llama-3.2-1B and bigscience/bloom-1b1).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3.2-1b": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                        rope_theta=500000.0, max_position_embeddings=4096),
+    "bloom-1b1": dict(arch="bloom", hidden_size=1536, n_layer=24, n_head=16, vocab_size=250880),
+    # CPU smoke-test shapes (same code paths, seconds per step)
+    "tiny-llama": dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, vocab_size=1024, tie_word_embeddings=True,
+                       max_position_embeddings=4096),
+    "tiny-bloom": dict(arch="bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=1024),
+}
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+# YAML changes the tuned path adds to ludwig_configs/sql.yaml (proposed to the lead in notes/lead_todo_speed.md).
+TUNED_YAML: dict[str, Any] = {"trainer": {"enable_gradient_checkpointing": False}}
+
+
+@dataclass
+class Case:
+    shape: str
+    mode: str  # "qlora" | "lora"
+    path: str  # "plain" | "raw" | "tuned"
+    batch: int
+    prompt_tokens: int
+    response_tokens: int
+    steps: int
+    warmup: int
+    extra_env: dict[str, str] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def seq_len(self) -> int:  # prompt + response + eos
+        return self.prompt_tokens + self.response_tokens + 1
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+def build_model_dir(shape: str, out: Path) -> Path:
+    """Random-weight model of ``shape`` saved in bf16 with the tiny byte-level tokenizer (ids < 512 < vocab)."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ludwig_mt.tiny_model import build_tokenizer
+
+    path = out / f"model-{shape}"
+    if (path / "config.json").exists():
+        return path
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    tok = build_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(**spec, **ids) if arch == "llama" else BloomConfig(**spec, **ids)
+    cls = LlamaForCausalLM if arch == "llama" else BloomForCausalLM
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = cls(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    del model
+    return path
+
+
+def single_token_words(tokenizer) -> list[str]:
+    """Vocabulary entries that are one token with a leading space, so n words encode to exactly n tokens."""
+    words = []
+    for token in tokenizer.get_vocab():
+        if token.startswith("Ġ") and token[1:].isalpha():
+            word = " " + token[1:]
+            if len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1:
+                words.append(word)
+    return sorted(words)
+
+
+def build_rows(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` rows whose prompt/response tokenize to exactly the requested lengths (checked)."""
+    import random
+
+    rng = random.Random(seed)
+    words = single_token_words(tokenizer)
+    rows = []
+    for _ in range(n):
+        prompt = "".join(rng.choice(words) for _ in range(prompt_tokens))
+        response = "".join(rng.choice(words) for _ in range(response_tokens))
+        rows.append({"prompt": prompt, "response": response})
+    for key, want in (("prompt", prompt_tokens), ("response", response_tokens)):
+        got = len(tokenizer(rows[0][key], add_special_tokens=False)["input_ids"])
+        if got != want:
+            raise RuntimeError(f"{key} tokenizes to {got} tokens, expected {want}")
+    return rows
+
+
+def write_dataset(rows: list[dict[str, str]], path: Path, n_val: int) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame["split"] = [0] * (len(rows) - n_val) + [1] * n_val
+    frame.to_csv(path, index=False)
+    return path
+
+
+def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
+    """``ludwig_configs/sql.yaml`` with the local model, the case's mode/batch/lengths (and TUNED_YAML if tuned)."""
+    from ludwig_mt.config import load_yaml, render_overrides
+
+    config = render_overrides(load_yaml(REPO / "ludwig_configs" / "sql.yaml"), base_model=str(model_dir), cpu=cpu)
+    arch = SHAPES[case.shape]["arch"]
+    config["adapter"]["target_modules"] = LORA_TARGETS[arch]
+    if case.mode == "lora":
+        config.pop("quantization", None)
+    config["input_features"][0]["preprocessing"]["max_sequence_length"] = case.prompt_tokens
+    config["output_features"][0]["preprocessing"]["max_sequence_length"] = case.response_tokens
+    config["preprocessing"]["global_max_sequence_length"] = case.seq_len
+    trainer = config["trainer"]
+    trainer.update(batch_size=case.batch, eval_batch_size=case.batch, train_steps=case.steps + case.warmup)
+    trainer.pop("epochs", None)
+    if case.path == "tuned":
+        for key, value in TUNED_YAML.items():
+            if isinstance(value, dict):
+                config.setdefault(key, {}).update(value)
+            else:
+                config[key] = value
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+def matmul_tflops(device: str) -> float:
+    """bf16 (GPU) / fp32 (CPU) dense matmul rate of this device, the MFU denominator."""
+    import torch
+
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 50 if device == "cuda" else 5
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def matmul_params(model_dir: Path) -> int:
+    """N of the 4N convention: every Linear weight (LM head included, tied or not), no embedding lookup."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """The hand-written transformers + peft (+ bitsandbytes) loop, per the peft / QLoRA documentation."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if case.mode == "qlora":
+        kwargs.update(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if case.mode == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)
+    arch = SHAPES[case.shape]["arch"]
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=LORA_TARGETS[arch]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+
+    def batch(i: int):
+        chunk = rows[(i * case.batch) % len(rows):][: case.batch]
+        ids, labels = [], []
+        for r in chunk:
+            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            t = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids.append(p + t)
+            labels.append([-100] * len(p) + t)
+        width = max(map(len, ids))
+        pad = lambda seqs, v: torch.tensor([s + [v] * (width - len(s)) for s in seqs], device=device)  # noqa: E731
+        mask = pad([[1] * len(s) for s in ids], 0)
+        return pad(ids, tok.pad_token_id), mask, pad(labels, -100), sum(map(len, ids))
+
+    times, losses, tokens = [], [], []
+    for step in range(case.warmup + case.steps):
+        input_ids, mask, labels, n_tok = batch(step)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens.append(n_tok)
+    return {"step_times": times, "losses": losses, "tokens_per_step": tokens, "peak_gib": _peak_gib()}
+
+
+def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> dict[str, Any]:
+    """Real ``LudwigModel.train`` on the rendered task YAML; step time between batch callbacks."""
+    import logging
+
+    import torch
+    from ludwig.api import LudwigModel
+    from ludwig.callbacks import Callback
+    from ludwig.trainers.trainer import Trainer
+
+    from ludwig_mt import ludwig_fixes
+
+    ludwig_fixes.apply_all()  # the .pth auto-loader is not installed on the GPU machine's Python
+    cuda = torch.cuda.is_available()
+    losses: list[float] = []
+    original_step = Trainer.train_step
+
+    def train_step(self, inputs, targets, should_step=True, profiler=None):
+        out = original_step(self, inputs, targets, should_step=should_step, profiler=profiler)
+        losses.append(float(out[0].detach()) * self.gradient_accumulation_steps)
+        return out
+
+    Trainer.train_step = train_step
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def on_batch_start(self, trainer, progress_tracker, save_path, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self._t0 = time.perf_counter()
+
+        def on_batch_end(self, trainer, progress_tracker, save_path, sync_step=True, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t0)
+
+    timer = Timer()
+    profile_table: list[str] = []
+    if os.environ.get("BENCH_PROFILE_STEP"):
+        timer = _profiling(Timer, int(os.environ["BENCH_PROFILE_STEP"]), profile_table)
+    config = ludwig_config(case, model_dir, cpu=not cuda)
+    model = LudwigModel(config, callbacks=[timer], logging_level=logging.WARNING)
+    inner = None
+    model.train(dataset=str(dataset), output_directory=str(workdir / "results"), skip_save_processed_input=True,
+                skip_save_model=True, skip_save_progress=True, skip_save_log=True)
+    inner = model.model.model
+    dtypes = sorted({str(p.dtype) for p in inner.parameters()})
+    attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    n = len(timer.times)
+    return {"step_times": timer.times, "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
+            "peak_gib": _peak_gib(), "param_dtypes": dtypes, "attn_implementation": attn,
+            "config_trainer": config["trainer"], "profile": "\n".join(profile_table)}
+
+
+def _profiling(timer_cls, step: int, sink: list[str]):
+    """A Timer that also records a torch.profiler table (CUDA time by op) of training batch ``step``."""
+    import torch
+
+    class ProfilingTimer(timer_cls):
+        def on_batch_start(self, trainer, progress_tracker, save_path, **kwargs):
+            if len(self.times) == step:
+                self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                torch.profiler.ProfilerActivity.CUDA])
+                self._prof.__enter__()
+            super().on_batch_start(trainer, progress_tracker, save_path, **kwargs)
+
+        def on_batch_end(self, trainer, progress_tracker, save_path, sync_step=True, **kwargs):
+            super().on_batch_end(trainer, progress_tracker, save_path, sync_step=sync_step, **kwargs)
+            if len(self.times) == step + 1:
+                self._prof.__exit__(None, None, None)
+                averages = self._prof.key_averages()
+                for key in ("self_cuda_time_total", "cpu_time_total"):
+                    sink.append(averages.table(sort_by=key, row_limit=22, max_name_column_width=50))
+
+    return ProfilingTimer()
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    case = Case(**json.loads(args.case))
+    model_dir, dataset = Path(args.model_dir), Path(args.dataset)
+    import pandas as pd
+
+    if case.path == "plain":
+        rows = pd.read_csv(dataset)
+        rows = rows[rows["split"] == 0][["prompt", "response"]].to_dict("records")
+        result = worker_plain(case, model_dir, rows)
+    else:
+        result = worker_ludwig(case, model_dir, dataset, Path(args.workdir))
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float) -> dict[str, Any]:
+    times = raw["step_times"][case.warmup:]
+    toks = raw["tokens_per_step"][case.warmup:]
+    step = statistics.median(times) if times else float("nan")
+    tok_s = statistics.mean(toks) / step if times else float("nan")
+    return {"case": asdict(case), "step_s": step, "tokens_per_s": tok_s, "peak_gib": raw.get("peak_gib"),
+            "mfu": 4 * n_params * tok_s / (peak_tflops * 1e12), "first_losses": raw["losses"][:5],
+            **{k: raw[k] for k in ("param_dtypes", "attn_implementation") if k in raw}}
+
+
+def launch(case: Case, model_dir: Path, dataset: Path, work: Path, log_dir: Path, timeout: int) -> dict[str, Any]:
+    name = case.label or f"{case.shape}-{case.mode}-{case.path}-b{case.batch}-s{case.seq_len}"
+    result = work / f"{name}.json"
+    env = {**os.environ, "LUDWIG_MT_SPEEDUPS": "0" if case.path == "raw" else "1", **case.extra_env}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, __file__, "--worker", "--case", json.dumps(asdict(case)), "--model-dir", str(model_dir),
+           "--dataset", str(dataset), "--workdir", str(work / name), "--result", str(result)]
+    t0 = time.perf_counter()
+    with open(work / f"{name}.log", "w") as log:
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    if rc != 0 or not result.exists():
+        tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+        return {"name": name, "error": f"exit {rc}: {' | '.join(tail)}", "wall_s": wall}
+    return {"name": name, "raw": json.loads(result.read_text()), "wall_s": wall}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [f"{'case':44s} {'tok/s':>9s} {'step s':>7s} {'peak GiB':>8s} {'MFU':>6s} {'x plain':>7s} {'mem x':>6s}"]
+    plain = {(r["case"]["shape"], r["case"]["mode"], r["case"]["batch"], r["case"]["prompt_tokens"]): r
+             for r in results if "case" in r and r["case"]["path"] == "plain"}
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['name']:44s} ERROR {r['error'][:150]}")
+            continue
+        c = r["case"]
+        base = plain.get((c["shape"], c["mode"], c["batch"], c["prompt_tokens"]))
+        speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        mem = r["peak_gib"] / base["peak_gib"] if base and base["peak_gib"] else float("nan")
+        lines.append(f"{r['name']:44s} {r['tokens_per_s']:9.0f} {r['step_s']:7.3f} {r['peak_gib']:8.2f} "
+                     f"{100 * r['mfu']:5.1f}% {speed:7.2f} {mem:6.2f}")
+    return "\n".join(lines)
+
+
+def plan(args: argparse.Namespace) -> list[Case]:
+    cases = []
+    for shape in args.shapes:
+        for mode in args.modes:
+            for path in args.paths:
+                cases.append(Case(shape, mode, path, args.batch, args.prompt_tokens, args.response_tokens,
+                                  args.steps, args.warmup))
+    for spec in args.extra:  # shape:mode:path:batch:prompt:response[:ENV=V,...][:label]
+        parts = spec.split(":")
+        env = dict(kv.split("=", 1) for kv in parts[6].split(",") if kv) if len(parts) > 6 else {}
+        cases.append(Case(parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]), int(parts[5]),
+                          args.steps, args.warmup, env, parts[7] if len(parts) > 7 else ""))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (models, datasets); default: /tmp")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, few steps, bf16 LoRA only")
+    p.add_argument("--shapes", nargs="+", default=["llama3.2-1b", "bloom-1b1"])
+    p.add_argument("--modes", nargs="+", default=["qlora", "lora"])
+    p.add_argument("--paths", nargs="+", default=["plain", "raw", "tuned"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=190)
+    p.add_argument("--response-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--extra", nargs="*", default=[], help="more cases: shape:mode:path:batch:prompt:response[:ENV=V]")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    p.add_argument("--budget", type=int, default=100000, help="skip the remaining cases after this many seconds")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case"), p.add_argument("--model-dir"), p.add_argument("--dataset")
+    p.add_argument("--workdir"), p.add_argument("--result")
+    args = p.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    if args.tiny:
+        args.shapes = [s for s in args.shapes if s.startswith("tiny")] or ["tiny-llama", "tiny-bloom"]
+        args.modes, args.steps, args.warmup = ["lora"], min(args.steps, 4), 1
+        args.prompt_tokens, args.response_tokens = min(args.prompt_tokens, 40), min(args.response_tokens, 16)
+
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="train_speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_tflops(device)
+    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}): "
+          f"matmul {peak:.0f} TFLOP/s", flush=True)
+    cases = plan(args)
+    models = {s: build_model_dir(s, work) for s in {c.shape for c in cases}}
+    n_params = {s: matmul_params(m) for s, m in models.items()}
+    datasets: dict[tuple, Path] = {}
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for case in cases:
+        if time.perf_counter() - t_start > args.budget:
+            results.append({"name": case.label or case.path, "error": "skipped: time budget spent"})
+            continue
+        key = (case.shape, case.batch, case.prompt_tokens, case.response_tokens)
+        if key not in datasets:
+            tok = AutoTokenizer.from_pretrained(models[case.shape])
+            n_rows = case.batch * (case.steps + case.warmup + 1)
+            rows = build_rows(tok, n_rows + case.batch, case.prompt_tokens, case.response_tokens)
+            datasets[key] = write_dataset(rows, work / f"data-{'-'.join(map(str, key))}.csv", n_val=case.batch)
+        out = launch(case, models[case.shape], datasets[key], work, args.out, args.timeout)
+        if "raw" in out:
+            out = {"name": out["name"], "wall_s": out["wall_s"],
+                   **summarize(case, out["raw"], n_params[case.shape], peak), "step_times": out["raw"]["step_times"],
+                   **{k: out["raw"][k] for k in ("profile",) if out["raw"].get(k)}}
+        results.append(out)
+        print(f"[{time.perf_counter() - t_start:5.0f}s] {out['name']}: "
+              + (f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"
+                 if "error" not in out else out["error"][:300]), flush=True)
+        (args.out / "train_speed.json").write_text(json.dumps(
+            {"device": device, "matmul_tflops": peak, "matmul_params": n_params, "tuned_yaml": TUNED_YAML,
+             "results": results}, indent=1))
+        (args.out / "train_speed.txt").write_text(table(results) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
