@@ -99,12 +99,9 @@ def same_result(a: Execution, b: Execution) -> bool:
     return a.ok and b.ok and Counter(a.rows) == Counter(b.rows)
 
 
-def execution_match_on_context(prediction: str, reference: str, context: str,
-                               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
-    """(prediction executes without error, same result as the reference) on the context's empty tables."""
-    conn = context_database(context)
-    if conn is None:
-        return False, False
+def compare_on(conn: sqlite3.Connection, prediction: str, reference: str,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
+    """(prediction executes without error, same result as the reference) on an open connection; closes it."""
     try:
         pred = run_untrusted(conn, prediction, timeout_s)
         gold = run_untrusted(conn, reference, timeout_s)
@@ -113,19 +110,20 @@ def execution_match_on_context(prediction: str, reference: str, context: str,
         conn.close()
 
 
+def execution_match_on_context(prediction: str, reference: str, context: str,
+                               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
+    """:func:`compare_on` the context's (empty) tables."""
+    conn = context_database(context)
+    return (False, False) if conn is None else compare_on(conn, prediction, reference, timeout_s)
+
+
 def execution_match_on_database(prediction: str, reference: str, database: Path,
                                 timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
     """Like :func:`execution_match_on_context` but on a temporary read-only copy of a real SQLite file."""
     with tempfile.TemporaryDirectory(prefix="sql-eval-") as tmp:
         copy = Path(tmp) / "db.sqlite"
         shutil.copyfile(database, copy)
-        conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
-        try:
-            pred = run_untrusted(conn, prediction, timeout_s)
-            gold = run_untrusted(conn, reference, timeout_s)
-            return pred.ok, same_result(pred, gold)
-        finally:
-            conn.close()
+        return compare_on(sqlite3.connect(f"file:{copy}?mode=ro", uri=True), prediction, reference, timeout_s)
 
 
 def score_sql(predictions: Sequence[str], references: Sequence[str], contexts: Sequence[str],
