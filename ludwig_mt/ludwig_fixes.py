@@ -15,6 +15,11 @@ Known problems (details: the project README, section "Ludwig 0.17.10 fixes"):
    ``fill_value`` with the tokenizer's unknown token (``None``) and saves that. We keep the configured value.
 3. 4-bit quantization on a machine without CUDA trains, then crashes at the best-checkpoint reload. We refuse
    such a run before any work, with one line that says how to run it instead.
+4. Every bitsandbytes optimizer (``paged_adam``, ``paged_adamw``, ``adam_8bit``, ``paged_lion``...) fails to build
+   with bitsandbytes 0.50: ``TypeError: PagedAdam.__init__() got an unexpected keyword argument 'block_wise'``.
+   Ludwig's optimizer schemas pass ``block_wise`` and ``percentile_clipping``, which bitsandbytes removed (its
+   state is always quantized block-wise now, and percentile clipping is gone). We drop the two arguments when the
+   optimizer class does not take them; a ``percentile_clipping`` other than 100 (off) is refused, not ignored.
 """
 
 from __future__ import annotations
@@ -115,6 +120,48 @@ def refuse_quantized_training_without_cuda() -> None:
         setattr(LudwigModel, name, checked)
 
 
+#: Ludwig optimizer arguments that bitsandbytes (0.50.2 here) no longer takes, and the value that means "what
+#: bitsandbytes does anyway" (block-wise state quantization is the only kind left; 100 = no percentile clipping)
+_REMOVED_BNB_ARGUMENTS = {"block_wise": None, "percentile_clipping": 100}
+
+
+def drop_removed_bnb_arguments(optimizer_cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the arguments ``optimizer_cls`` no longer accepts (see :data:`_REMOVED_BNB_ARGUMENTS`).
+
+    Pure; raises :class:`WorkflowError` when a dropped argument asks for something bitsandbytes cannot do any more.
+    """
+    import inspect
+
+    accepted = inspect.signature(optimizer_cls.__init__).parameters
+    out = dict(kwargs)
+    for name, neutral in _REMOVED_BNB_ARGUMENTS.items():
+        if name not in out or name in accepted:
+            continue
+        value = out.pop(name)
+        if neutral is not None and value != neutral:
+            raise WorkflowError(
+                f"trainer.optimizer.{name}: {value} is not supported by the installed bitsandbytes "
+                f"({optimizer_cls.__name__} no longer has this option). Fix: remove {name} from the optimizer config."
+            )
+    return out
+
+
+@_once
+def build_bitsandbytes_optimizers_without_removed_arguments() -> None:
+    """Make Ludwig's optimizer factory stop passing ``block_wise`` / ``percentile_clipping`` to bitsandbytes."""
+    from ludwig.modules import optimization_modules
+
+    original = optimization_modules.get_optimizer_class_and_kwargs
+
+    @functools.wraps(original)
+    def get_optimizer_class_and_kwargs(optimizer_config, learning_rate):
+        optimizer_cls, kwargs = original(optimizer_config, learning_rate)
+        return optimizer_cls, drop_removed_bnb_arguments(optimizer_cls, kwargs)
+
+    # create_optimizer looks the function up in the module's globals at call time
+    optimization_modules.get_optimizer_class_and_kwargs = get_optimizer_class_and_kwargs
+
+
 @_once
 def one_line_errors_in_cli() -> None:
     """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
@@ -141,6 +188,7 @@ def apply_all() -> None:
     allow_null_adapters_schema()
     keep_text_fill_value_when_tokenizer_has_no_unk()
     refuse_quantized_training_without_cuda()
+    build_bitsandbytes_optimizers_without_removed_arguments()
     one_line_errors_in_cli()
 
     from ludwig_mt import distributed, speedups

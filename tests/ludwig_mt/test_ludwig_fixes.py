@@ -83,3 +83,47 @@ def test_quantization_check(cuda: bool) -> None:
     else:
         with pytest.raises(WorkflowError, match=r"4-bit quantization, which needs a CUDA GPU.*--cpu"):
             check_quantization_supported(config, cuda_available=False)
+
+
+BUILD_BNB_OPTIMIZERS = textwrap.dedent(
+    """
+    import torch
+    import ludwig.api
+    from ludwig.modules.optimization_modules import get_optimizer_class_and_kwargs
+    from ludwig.schema.optimizers import optimizer_registry
+    # paged_adam is what every task YAML in ludwig_configs/ asks for; the others share the same schema bug.
+    # create_optimizer refuses paged/8-bit optimizers without CUDA before building them, so build them here the
+    # way it does; the constructors themselves run on CPU.
+    for name in ("paged_adam", "paged_adamw", "adam_8bit", "paged_lion"):
+        optimizer_cls, kwargs = get_optimizer_class_and_kwargs(optimizer_registry[name][1](), 2e-4)
+        optimizer_cls([torch.nn.Parameter(torch.zeros(8))], **kwargs)
+        print("BUILT", name, optimizer_cls.__name__, kwargs["lr"])
+    """
+)
+
+
+def test_bitsandbytes_optimizers_build_only_with_the_fix() -> None:
+    raw = run_python(BUILD_BNB_OPTIMIZERS, fixes=False)
+    assert raw.returncode != 0
+    assert "PagedAdam.__init__() got an unexpected keyword argument 'block_wise'" in raw.stderr
+    fixed = run_python(BUILD_BNB_OPTIMIZERS, fixes=True)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert [line.split()[1] for line in fixed.stdout.splitlines() if line.startswith("BUILT")] == [
+        "paged_adam", "paged_adamw", "adam_8bit", "paged_lion"]
+    assert "BUILT paged_adam PagedAdam 0.0002" in fixed.stdout
+
+
+def test_removed_bnb_arguments_are_dropped_only_when_harmless() -> None:
+    from ludwig_mt.ludwig_fixes import drop_removed_bnb_arguments
+
+    class NewStyle:  # the bitsandbytes 0.50 signature: neither argument exists any more
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999)): ...
+
+    class OldStyle:
+        def __init__(self, params, lr=1e-3, block_wise=True, percentile_clipping=100): ...
+
+    kwargs = {"lr": 1e-4, "block_wise": True, "percentile_clipping": 100}
+    assert drop_removed_bnb_arguments(NewStyle, kwargs) == {"lr": 1e-4}
+    assert drop_removed_bnb_arguments(OldStyle, kwargs) == kwargs
+    with pytest.raises(WorkflowError, match="percentile_clipping: 5 is not supported.*remove percentile_clipping"):
+        drop_removed_bnb_arguments(NewStyle, {**kwargs, "percentile_clipping": 5})
