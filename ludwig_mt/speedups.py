@@ -30,6 +30,12 @@ What Ludwig does without them, and why each change is safe:
     keep the frozen bf16 weights as loaded and only do the rest of the recipe: freeze the base, and make the
     embedding outputs require grad when gradient checkpointing needs it. LayerNorm/RMSNorm already compute
     in fp32 internally in transformers' Llama/Bloom/Qwen implementations.
+``sampled_train_metrics``
+    After every optimizer step Ludwig updates its training-set metrics from the batch (its docstring: "noisy but
+    fast approximation"): for an LLM that recomputes the loss and token metrics over the full
+    ``tokens x vocabulary`` logits (128k-262k columns), in float32. We update them on one step in
+    :data:`TRAIN_METRICS_EVERY`: still a sample of the same batches, so the reported training metrics keep their
+    meaning; the training loss itself is untouched.
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ import logging
 import os
 from typing import Any
 
+# Not circular: ludwig_fixes imports this module only inside its apply_all(), never at import time.
+from ludwig_mt.ludwig_fixes import _once
+
 logger = logging.getLogger(__name__)
 
-SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep")
+SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics")
 
-_APPLIED: set[str] = set()
-
+#: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
+TRAIN_METRICS_EVERY = 8
 
 def enabled(name: str) -> bool:
     """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run)."""
@@ -54,18 +63,6 @@ def enabled(name: str) -> bool:
         return False
     off = {s.strip() for s in os.environ.get("LUDWIG_MT_SPEEDUPS_OFF", "").split(",") if s.strip()}
     return name not in off
-
-
-def _once(fn):
-    """Install a patch at most once per process, however often ``apply_all`` runs."""
-
-    @functools.wraps(fn)
-    def wrapper() -> None:
-        if fn.__name__ not in _APPLIED:
-            fn()
-            _APPLIED.add(fn.__name__)
-
-    return wrapper
 
 
 def _cuda_bf16() -> bool:
@@ -151,7 +148,25 @@ def patch_kbit_preparation() -> None:
     LLM.prepare_for_quantized_training = prepare_for_quantized_training
 
 
+@_once
+def patch_training_metrics() -> None:
+    """Make ``Trainer._update_training_metrics`` run on one step in TRAIN_METRICS_EVERY (``sampled_train_metrics``)."""
+    from ludwig.trainers.trainer import Trainer
+
+    original = Trainer._update_training_metrics
+
+    @functools.wraps(original)
+    def _update_training_metrics(self, model_outputs, targets):
+        count = getattr(self, "_ludwig_mt_metric_steps", 0)
+        self._ludwig_mt_metric_steps = count + 1
+        if not enabled("sampled_train_metrics") or count % TRAIN_METRICS_EVERY == 0:
+            original(self, model_outputs, targets)
+
+    Trainer._update_training_metrics = _update_training_metrics
+
+
 def apply_all() -> None:
     """Install every speed-up patch; safe to call many times. The env switches are honoured at use time."""
     patch_model_loading()
     patch_kbit_preparation()
+    patch_training_metrics()
