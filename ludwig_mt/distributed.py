@@ -1,12 +1,313 @@
-"""Process-per-GPU data-parallel fine-tuning for Ludwig 0.17.10 through accelerate (issue: multi-GPU).
+"""Process-per-GPU data-parallel fine-tuning for Ludwig 0.17.10 through accelerate (GitHub issue #5).
 
-Ludwig 0.17.10 removed its DeepSpeed/DDP/FSDP backends; :func:`apply_all` (called by
-``ludwig_mt.ludwig_fixes.apply_all``) activates the dormant ``AccelerateStrategy`` only when the process was
-started by a distributed launcher, and is a no-op otherwise.
+Ludwig 0.17.10 removed its DeepSpeed/DDP/FSDP backends but kept ``AccelerateStrategy`` (never instantiated: the
+local backend always starts a ``LocalStrategy``) and a trainer and batcher written against the strategy
+interface. :func:`apply_all` (called by ``ludwig_mt.ludwig_fixes.apply_all``) wakes that path up, only in a
+process started by a distributed launcher (``WORLD_SIZE`` > 1, or ``LUDWIG_MT_STRATEGY`` set by
+:mod:`ludwig_mt.launch`); in every other process it changes nothing except the resume fix below.
+
+What each patch fixes (all small, idempotent, applied from the outside):
+
+* the local backend starts :class:`WorkflowAccelerateStrategy` instead of ``LocalStrategy``, answers
+  ``is_coordinator()`` with the real rank (so only rank 0 writes the output directory) and hands the strategy
+  to the trainer (without it the trainer builds its own ``LocalStrategy`` and every rank trains on all rows);
+* 4-bit models are loaded on the process's own GPU (``device_map={"": local_rank}``) instead of ``"auto"``,
+  which would spread every rank's copy over all GPUs;
+* resuming a run killed in the middle of an epoch skips the batches it already trained on (Ludwig restarts the
+  epoch at its first batch, so a resumed run would not end where an uninterrupted one ends). Active always;
+* ``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N`` kills the process right after its N-th checkpoint: a crash drill for the
+  resume tests, off unless set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ludwig_mt.ludwig_fixes import WorkflowError, _once
+
+logger = logging.getLogger(__name__)
+
+ENV_STRATEGY = "LUDWIG_MT_STRATEGY"
+ENV_CRASH_AFTER_CHECKPOINT = "LUDWIG_MT_CRASH_AFTER_CHECKPOINT"
+DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_configs" / "distributed"
+
+# strategy name -> accelerate plugin file in ludwig_configs/distributed/ (None: plain DDP, no plugin)
+STRATEGY_FILES: dict[str, str | None] = {
+    "ddp": None,
+    "zero2": "zero2.json",
+    "zero3": "zero3.json",
+    "fsdp": "fsdp.json",
+}
+
+
+def strategy_name() -> str | None:
+    """The strategy the launcher asked for, or ``ddp`` for a bare ``torchrun``/``accelerate launch`` of N > 1."""
+    name = os.environ.get(ENV_STRATEGY, "").strip().lower()
+    if name:
+        if name not in STRATEGY_FILES:
+            raise WorkflowError(f"{ENV_STRATEGY}={name}: unknown strategy. Fix: use one of {', '.join(STRATEGY_FILES)}")
+        return name
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def is_distributed_launch() -> bool:
+    """True in a worker started by a distributed launcher (or by ``ludwig_mt.launch`` with one process)."""
+    return strategy_name() is not None
+
+
+def check_strategy_compatible(strategy: str, config: dict[str, Any]) -> None:
+    """Refuse known-bad combinations before any work, with one line that says what to use instead."""
+    quant = config.get("quantization")
+    bits = (quant.get("bits", 4) if isinstance(quant, dict) else 4) if quant else None
+    if strategy == "zero3" and bits:
+        raise WorkflowError(
+            f"DeepSpeed ZeRO-3 cannot shard {bits}-bit bitsandbytes weights (Ludwig issue #3783: the quantized "
+            "base model breaks ZeRO-3's parameter partitioning). Fix: use --strategy zero2 (the default for QLoRA) "
+            "or ddp, or render a copy without quantization (--cpu) for ZeRO-3"
+        )
+    if strategy == "fsdp" and bits:
+        raise WorkflowError(
+            f"FSDP with {bits}-bit weights needs bnb_4bit_quant_storage equal to the compute dtype, and Ludwig "
+            "0.17.10's quantization schema has no such key (it always stores uint8, which FSDP cannot flatten with "
+            "the bf16 LoRA weights). Fix: use --strategy zero2 (the default for QLoRA) or ddp"
+        )
+
+
+def deepspeed_config(strategy: str, trainer: Any, world_size: int) -> dict[str, Any]:
+    """The strategy's JSON from ``ludwig_configs/distributed/`` with Ludwig's batch sizes filled in.
+
+    accelerate refuses ``"auto"`` batch sizes when ``prepare`` gets no dataloader (Ludwig has its own batcher),
+    so the trainer's ``batch_size`` and ``gradient_accumulation_steps`` are written in here: one source of truth.
+    """
+    config = plugin_file(strategy)
+    micro, accumulation = int(trainer.batch_size), int(trainer.gradient_accumulation_steps)
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro * accumulation * world_size
+    clipping = getattr(getattr(trainer, "gradient_clipping", None), "clipglobalnorm", None)
+    if clipping:
+        config["gradient_clipping"] = float(clipping)
+    return config
+
+
+def plugin_file(strategy: str) -> dict[str, Any]:
+    """The strategy's file in ``ludwig_configs/distributed/`` without its ``_comment`` keys."""
+    path = DISTRIBUTED_CONFIG_DIR / str(STRATEGY_FILES[strategy])
+    return {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+
+
+def _strategy_class():
+    """Build the subclass lazily: importing Ludwig's accelerate module pulls in torch and accelerate."""
+    from ludwig.distributed.accelerate import AccelerateStrategy
+
+    class WorkflowAccelerateStrategy(AccelerateStrategy):
+        """``AccelerateStrategy`` plus what Ludwig's trainer needs from it under DeepSpeed and DDP."""
+
+        def __init__(self, strategy: str) -> None:
+            import torch
+            from accelerate import Accelerator, DistributedDataParallelKwargs
+
+            self.strategy = strategy
+            self._should_step = True
+            kwargs: dict[str, Any] = {}
+            if strategy == "ddp":
+                # static_graph: gradient checkpointing (use_reentrant=True, as Ludwig sets it) re-runs forward
+                # inside backward, which plain DDP reports as "mark a variable ready only once".
+                kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(static_graph=True)]
+            elif strategy in ("zero2", "zero3"):
+                from accelerate import DeepSpeedPlugin
+
+                # batch sizes are set in prepare(), once the trainer config is known
+                kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=plugin_file(strategy))
+            elif strategy == "fsdp":
+                from accelerate import FullyShardedDataParallelPlugin
+
+                kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**plugin_file(strategy))
+            if not self.uses_deepspeed and not torch.cuda.is_available():
+                kwargs["cpu"] = True  # without it accelerate ignores WORLD_SIZE on CPU: gloo, one world
+            self.accelerator = Accelerator(**kwargs)
+            self._prepared_model = None
+            self._prepared_optimizer = None
+            logger.info("ludwig_mt: %s strategy, rank %d of %d, device %s", strategy, self.rank(), self.size(),
+                        self.accelerator.device)
+
+        @property
+        def uses_deepspeed(self) -> bool:
+            return self.strategy in ("zero2", "zero3")
+
+        def prepare(self, model, trainer_config, base_learning_rate):
+            if self.uses_deepspeed:
+                plugin = self.accelerator.state.deepspeed_plugin
+                plugin.deepspeed_config.update(deepspeed_config(self.strategy, trainer_config, self.size()))
+            dist_model, optimizer = super().prepare(model, trainer_config, base_learning_rate)
+            # FineTuneTrainer.evaluation reads ``self.dist_model.tokenizer``; the DDP/DeepSpeed wrapper hides it.
+            object.__setattr__(dist_model, "tokenizer", getattr(model, "tokenizer", None))
+            return dist_model, optimizer
+
+        @contextlib.contextmanager
+        def prepare_model_update(self, model, should_step: bool):
+            self._should_step = should_step
+            with super().prepare_model_update(model, should_step):
+                yield
+
+        def backward(self, loss, model) -> None:
+            if self.uses_deepspeed:
+                # Ludwig already divided the loss by its accumulation steps and decides when to step: tell
+                # DeepSpeed not to scale again and to step (reduce + update) only on Ludwig's step boundaries.
+                self.accelerator.gradient_state._set_sync_gradients(self._should_step)
+                self.accelerator.backward(loss, scale_wrt_gas=False)
+            else:
+                self.accelerator.backward(loss)
+
+        def allow_clip_gradients(self) -> bool:
+            # DeepSpeed clips inside engine.step (its "gradient_clipping" key); its gradients are partitioned.
+            return not self.uses_deepspeed
+
+        def local_size(self) -> int:
+            return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+        def shutdown(self) -> None:
+            self.accelerator.end_training()
+
+    return WorkflowAccelerateStrategy
+
+
+def current_strategy():
+    from ludwig.distributed import get_current_dist_strategy
+
+    return get_current_dist_strategy()
+
+
+@_once
+def start_accelerate_strategy_under_launcher() -> None:
+    """Local backend: accelerate strategy, real coordinator answer, and the strategy handed to the trainer."""
+    from ludwig import distributed as ludwig_distributed
+    from ludwig.backend.base import LocalBackend, LocalTrainingMixin
+
+    original_create_trainer = LocalBackend.create_trainer
+
+    def initialize() -> None:
+        name = strategy_name()
+        if name is None:
+            ludwig_distributed.init_dist_strategy("local")
+            return
+        strategy = _strategy_class()(name)
+        ludwig_distributed._current_strategy = strategy
+
+    def is_coordinator() -> bool:
+        if strategy_name() is None or ludwig_distributed._current_strategy is None:
+            return True
+        return ludwig_distributed._current_strategy.is_coordinator()
+
+    @functools.wraps(original_create_trainer)
+    def create_trainer(self, config, model, **kwargs):
+        if strategy_name() is not None and kwargs.get("distributed") is None:
+            kwargs["distributed"] = current_strategy()
+        return original_create_trainer(self, config, model, **kwargs)
+
+    LocalTrainingMixin.initialize = staticmethod(initialize)
+    LocalTrainingMixin.is_coordinator = staticmethod(is_coordinator)
+    LocalBackend.create_trainer = create_trainer
+
+
+@_once
+def refuse_incompatible_strategy() -> None:
+    """Stop ZeRO-3/FSDP + 4-bit at ``LudwigModel.train`` (before preprocessing) with one line."""
+    from ludwig.api import LudwigModel
+
+    original = LudwigModel.train
+
+    @functools.wraps(original)
+    def train(self, *args, **kwargs):
+        name = strategy_name()
+        if name is not None:
+            check_strategy_compatible(name, self.config_obj.to_dict())
+        return original(self, *args, **kwargs)
+
+    LudwigModel.train = train
+
+
+class _PerRankPlacement:
+    """Stands in for ``AutoModelForCausalLM`` in Ludwig's loader: ``device_map="auto"`` -> this rank's GPU."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
+
+    def from_pretrained(self, *args, **kwargs):
+        import torch
+
+        if kwargs.get("device_map") == "auto" and strategy_name() is not None and torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        return self._wrapped.from_pretrained(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+@_once
+def place_quantized_model_on_local_rank() -> None:
+    from ludwig.utils import llm_utils
+
+    if not isinstance(llm_utils.AutoModelForCausalLM, _PerRankPlacement):
+        llm_utils.AutoModelForCausalLM = _PerRankPlacement(llm_utils.AutoModelForCausalLM)
+
+
+def batches_done_in_epoch(steps: int, steps_per_epoch: int) -> int:
+    """How many batches of the current epoch a run at global ``steps`` has already trained on."""
+    return steps % steps_per_epoch if steps_per_epoch > 0 else 0
+
+
+@_once
+def resume_mid_epoch_where_it_stopped() -> None:
+    """On resume, skip the batches of the interrupted epoch that the checkpoint already contains."""
+    from ludwig.trainers.trainer import Trainer
+
+    original = Trainer._train_loop
+
+    @functools.wraps(original)
+    def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+        done = batches_done_in_epoch(progress_tracker.steps, self.steps_per_epoch)
+        if done and getattr(batcher, "step", None) == 0:
+            logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
+            for _ in range(done):
+                batcher.next_batch()
+        return original(self, batcher, progress_tracker, *args, **kwargs)
+
+    Trainer._train_loop = _train_loop
+
+
+@_once
+def crash_drill_after_checkpoint() -> None:
+    """``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N``: SIGKILL this process right after its N-th checkpoint is written."""
+    from ludwig.trainers.trainer import Trainer
+
+    original = Trainer.save_checkpoint
+
+    @functools.wraps(original)
+    def save_checkpoint(self, progress_tracker, save_path, checkpoint_manager):
+        original(self, progress_tracker, save_path, checkpoint_manager)
+        target = os.environ.get(ENV_CRASH_AFTER_CHECKPOINT, "")
+        if target and progress_tracker.checkpoint_number >= int(target):
+            logger.warning("ludwig_mt crash drill: killing rank after checkpoint %d", progress_tracker.checkpoint_number)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer.save_checkpoint = save_checkpoint
+
 
 def apply_all() -> None:
-    """Apply the distributed patches when launched with several processes; safe to call many times."""
+    """Apply the distributed patches; safe to call many times. Each patch is inert in a plain process."""
+    resume_mid_epoch_where_it_stopped()
+    if os.environ.get(ENV_CRASH_AFTER_CHECKPOINT):
+        crash_drill_after_checkpoint()
+    if not is_distributed_launch():
+        return
+    start_accelerate_strategy_under_launcher()
+    refuse_incompatible_strategy()
+    place_quantized_model_on_local_rank()
