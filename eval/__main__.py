@@ -1,0 +1,173 @@
+"""``python -m eval`` / ``./run.sh eval``: score the base model and every adapter on every task; write a report.
+
+  python -m eval --base-model Qwen/Qwen2.5-1.5B-Instruct \\
+      --model sql=results/sql/experiment_run/model --model detox=results/detox/experiment_run/model \\
+      --model multitask=results/multitask/experiment_run/model \\
+      --prepared data/prepared --tasks sql,detox --name qwen-sql-detox
+
+Writes reports/<name>/report.md, report.json, retention.png and eval.log. Every (model, task) pair is cached
+under <out>/.cache, so adding one adapter only computes that adapter's pairs.
+
+Which tasks an adapter owns (its "own" tasks in the summary): --owns NAME=t1,t2 when given; else its name when
+that is a task (--model sql=DIR owns sql); else the tasks in its training data's `task` column (the multitask
+mixture has one, found through Ludwig's description.json next to the model folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from eval.report import LOG_FILE, fmt_delta, matrix_table, perplexity_table, summary_table, write_report
+from eval.runner import EvalRequest, EvalResult, ModelSpec, Probe, parse_assignment, read_probe, \
+    require_model_dir, resolve_own_tasks, run_eval, validate_request
+from ludwig_mt.ludwig_fixes import WorkflowError
+from prep.common import PrepError
+
+BUILTIN_PROBE = "builtin"
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--base-model", required=True, help="local model folder or hub name (the adapters' base)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="a trained Ludwig model folder (<output_directory>/<experiment>_run/model); repeat")
+    parser.add_argument("--owns", action="append", default=[], metavar="NAME=TASK,TASK",
+                        help="the tasks model NAME was trained on (default: see the rule below)")
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"),
+                        help="prepared data folder with <task>/test.csv (default: %(default)s)")
+    parser.add_argument("--tasks", required=True, type=split_list, help="comma-separated tasks, e.g. sql,detox")
+    parser.add_argument("--name", required=True, help="report name: writes <out>/<name>/")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
+    parser.add_argument("--max-rows", type=int, help="score only the first N test rows of each task")
+    parser.add_argument("--probe", action="append", default=[], metavar="FILE",
+                        help=f"general-text probe for perplexity (.txt paragraphs, .jsonl/.csv 'text'); "
+                             f"'{BUILTIN_PROBE}' = eval.perplexity's built-in probe (the default); repeat")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity probes")
+    parser.add_argument("--spider-dir", type=Path, help="Spider folder with database/ (execution match)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--batch-size", type=int, help="generation batch size (default: eval.generate's)")
+    parser.add_argument("--max-new-tokens", type=int, help="cap every task's max new tokens (quick runs)")
+    parser.add_argument("--rescore", action="store_true", help="re-score cached predictions (no generation)")
+    parser.add_argument("--lm-eval-tasks", type=split_list, default=(),
+                        help="lm-eval-harness tasks by name, e.g. hellaswag,arc_easy (needs lm-eval installed)")
+    parser.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most N examples per task")
+    return parser
+
+
+def probes_from_args(values: list[str], disabled: bool) -> tuple[Probe, ...]:
+    if disabled:
+        return ()
+    probes = []
+    for value in values or [BUILTIN_PROBE]:
+        if value == BUILTIN_PROBE:
+            from eval.perplexity import BUILTIN_PROBE_NAME, builtin_probe_texts
+
+            probes.append(Probe(BUILTIN_PROBE_NAME, tuple(builtin_probe_texts())))
+        else:
+            probes.append(read_probe(Path(value)))
+    return tuple(probes)
+
+
+def request_from_args(args: argparse.Namespace) -> EvalRequest:
+    """Parse and check every argument; one-line WorkflowError on the first bad one."""
+    from prep.registry import TASKS
+
+    owns = {}
+    for item in args.owns:
+        name, tasks = parse_assignment(item, "--owns")
+        owns[name] = split_list(tasks)
+        unknown = [t for t in owns[name] if t not in TASKS]
+        if unknown:
+            raise WorkflowError(f"--owns {item}: unknown task {unknown[0]}. Fix: use one of: {', '.join(sorted(TASKS))}")
+    models = []
+    for item in args.model:
+        name, value = parse_assignment(item, "--model")
+        path = require_model_dir(name, Path(value))
+        models.append(ModelSpec(name, path, resolve_own_tasks(name, path, list(TASKS), owns)))
+    for number, flag in ((args.max_rows, "--max-rows"), (args.batch_size, "--batch-size"),
+                         (args.max_new_tokens, "--max-new-tokens"), (args.lm_eval_limit, "--lm-eval-limit")):
+        if number is not None and number < 1:
+            raise WorkflowError(f"{flag} {number}: must be at least 1. Fix: pass a positive number")
+    if args.spider_dir is not None and not args.spider_dir.is_dir():
+        raise WorkflowError(f"--spider-dir {args.spider_dir}: folder not found. Fix: pass the Spider folder")
+    return EvalRequest(
+        name=args.name, base_model=args.base_model, models=tuple(models), tasks=args.tasks, prepared=args.prepared,
+        out=args.out, cache_dir=args.cache_dir, max_rows=args.max_rows,
+        probes=probes_from_args(args.probe, args.no_perplexity), spider_dir=args.spider_dir, device=args.device,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, lm_eval_tasks=args.lm_eval_tasks,
+        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore,
+    )
+
+
+def log_to_file(path: Path) -> logging.Handler:
+    """Everything (ours, transformers', Ludwig's, warnings) goes to the report's eval.log, not the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return handler
+
+
+def rich_table(table: tuple[list[str], list[list[str]]], title: str) -> Table:
+    header, rows = table
+    out = Table(title=title, title_justify="left")
+    for i, column in enumerate(header):
+        out.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        out.add_row(*[cell.replace("**", "") for cell in row])
+    return out
+
+
+def print_summary(result: EvalResult, paths: dict[str, Path], console: Console) -> None:
+    """The one screen at the end: the matrix with deltas, the digests, perplexity, where the report is."""
+    ret = result.retention
+    console.print(rich_table(matrix_table(result, bold_own=False), "retention matrix: score (change from base)"))
+    console.print(rich_table(summary_table(result), "summary per adapter"))
+    if result.probes:
+        console.print(rich_table(perplexity_table(result), "general-text perplexity (lower is better)"))
+    cached = sum(p.cached for p in result.pairs)
+    console.print(f"mean own-task gain {fmt_delta(ret.mean_own_gain)}; mean other-task change "
+                  f"{fmt_delta(ret.mean_other_change)}; {len(result.pairs)} pairs ({cached} cached) in "
+                  f"{result.timings.get('total', 0.0):.1f} s")
+    console.print(f"report: {paths['report.md']}  (+ report.json, retention.png, {LOG_FILE})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prep.registry import TASKS
+
+    args = build_parser().parse_args(argv)
+    errors = Console(stderr=True)
+    try:
+        request = request_from_args(args)
+        validate_request(request, list(TASKS))
+        handler = log_to_file(request.report_dir / LOG_FILE)
+        try:
+            result = run_eval(request, notify=lambda message: errors.print(f"[dim]eval[/dim] {message}"))
+            paths = write_report(result)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    except (WorkflowError, PrepError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(result, paths, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

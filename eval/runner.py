@@ -1,0 +1,521 @@
+"""Generate and score every (model, task) pair, each cached on its own, plus perplexity on general-text probes.
+
+The runner owns the bookkeeping only: which model is which, which tasks an adapter owns, which generation
+settings each task uses, and the cache. Loading models and generating (``eval.generate``), perplexity
+(``eval.perplexity``) and metrics (``eval.scoring``) come in through a :class:`Backend`, so the bookkeeping is
+tested with fakes and no model.
+
+Cache: one JSON file per (model, task) pair under ``<cache_dir>/pairs/<key>.json``, holding the predictions and
+their scores. The key is a hash of the model's identity (adapter weight files + its config + the base model),
+the test.csv bytes, the generation settings and ``max_rows``; adding an adapter or a task reuses every pair
+already computed, and changing any of those inputs recomputes exactly the pairs it affects. ``batch_size`` is
+not part of the key (a throughput knob). Perplexities and lm-eval results are cached the same way.
+
+Fair comparison: every model is scored on a task with that task's generation settings (its max input/new
+tokens), read from the single-task adapter trained on it when one is given, else from
+``ludwig_configs/<task>.yaml``; the base model and the multitask adapter therefore generate under the same
+limits as the specialist.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from eval.retention import BASE, Retention, build_retention, perplexity_change
+from ludwig_mt.ludwig_fixes import WorkflowError
+from prep.common import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cached JSON changes shape: old entries are then ignored, never misread
+LM_EVAL_VERSION = "0.4.13"  # the release the lm-eval integration was written against (optional, not a dependency)
+HYPERPARAMETERS = "model_hyperparameters.json"  # Ludwig's saved config inside a trained model folder
+WEIGHTS_DIR = "model_weights"  # Ludwig's adapter weights (PEFT format) inside a trained model folder
+
+
+# ---------------------------------------------------------------------------------------------- what to evaluate
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the matrix: a name, a trained Ludwig model folder (None for the base), the tasks it owns."""
+
+    name: str
+    path: Path | None
+    own_tasks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A named general-text probe set for perplexity (the task-free view of forgetting)."""
+
+    name: str
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Everything one eval run needs; built by the CLI (``python -m eval``) or the demo."""
+
+    name: str
+    base_model: str
+    models: tuple[ModelSpec, ...]
+    tasks: tuple[str, ...]
+    prepared: Path
+    out: Path = Path("reports")
+    cache_dir: Path | None = None  # default: <out>/.cache, shared by every report under <out>
+    max_rows: int | None = None
+    probes: tuple[Probe, ...] = ()
+    spider_dir: Path | None = None
+    device: str | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None  # one cap for every task (quick runs); default: each task's own
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: int | None = None
+    rescore: bool = False  # re-score cached predictions (after a metric changed) without generating again
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out / self.name
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir or self.out / ".cache"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The model-facing functions the runner calls (signatures of eval.generate / perplexity / scoring)."""
+
+    load_base: Callable[..., Any]  # (base_model, settings, *, device) -> LoadedModel
+    load_adapter: Callable[..., Any]  # (model_dir, *, base_model, device) -> LoadedModel
+    generate: Callable[..., list[str]]  # (loaded, prompts, *, max_new_tokens, batch_size, progress) -> texts
+    perplexity: Callable[..., float]  # (loaded, texts) -> perplexity
+    score: Callable[..., dict[str, float]]  # (task, test, predictions, resources) -> metrics
+    settings_from_config: Callable[[dict[str, Any]], Any]  # Ludwig config -> GenerationSettings
+    resources: Callable[..., Any]  # (work_dir=, prepared_dir=, spider_dir=) -> EvalResources
+    primary_metric: Mapping[str, str]
+
+
+def default_backend() -> Backend:
+    """The real backend; imported lazily because torch/transformers take seconds to import."""
+    from eval import generate, perplexity, scoring
+
+    return Backend(
+        load_base=lambda base, settings, *, device: generate.load_base_model(base, settings, device=device),
+        load_adapter=lambda path, *, base_model, device: generate.load_ludwig_model(
+            path, base_model=base_model, device=device),
+        generate=generate.generate,
+        perplexity=perplexity.perplexity,
+        score=scoring.score_task,
+        settings_from_config=generate.settings_from_config,
+        resources=scoring.EvalResources,
+        primary_metric=scoring.PRIMARY_METRIC,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class PairResult:
+    model: str
+    task: str
+    key: str
+    rows: int
+    scores: dict[str, float]
+    cached: bool
+    seconds_generate: float
+    seconds_score: float
+    cache_file: str
+
+
+@dataclass
+class EvalResult:
+    request: EvalRequest
+    own_tasks: dict[str, list[str]]
+    settings: dict[str, dict[str, Any]]  # task -> max_input_tokens, max_new_tokens, batch_size, source
+    rows: dict[str, dict[str, int]]  # task -> test_rows (in test.csv), evaluated
+    pairs: list[PairResult]
+    perplexity: dict[str, dict[str, float]]  # model -> probe -> perplexity
+    probes: dict[str, int]  # probe name -> number of texts
+    lm_eval: dict[str, dict[str, dict[str, float]]]  # model -> lm-eval task -> metric -> value
+    retention: Retention
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def pair(self, model: str, task: str) -> PairResult | None:
+        return next((p for p in self.pairs if p.model == model and p.task == task), None)
+
+    def perplexity_change(self) -> dict[str, dict[str, float | None]]:
+        return perplexity_change(self.perplexity)
+
+
+# ---------------------------------------------------------------------------------------------- parsing inputs
+def parse_assignment(text: str, option: str) -> tuple[str, str]:
+    """``"sql=results/sql/run/model"`` -> ``("sql", "results/sql/run/model")``, or a one-line error."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise WorkflowError(f"{option} {text!r}: expected NAME=VALUE. Fix: e.g. {option} sql=results/sql/run/model")
+    return name.strip(), value.strip()
+
+
+def require_model_dir(name: str, path: Path) -> Path:
+    """A trained Ludwig model folder (``<output_directory>/<experiment>_run/model``), or a one-line error."""
+    if not path.is_dir():
+        raise WorkflowError(f"--model {name}={path}: folder not found. Fix: pass a trained model folder, "
+                            f"e.g. results/{name}/experiment_run/model")
+    if not (path / HYPERPARAMETERS).exists():
+        hint = f"; did you mean {path / 'model'}?" if (path / "model" / HYPERPARAMETERS).exists() else ""
+        raise WorkflowError(f"--model {name}={path}: no {HYPERPARAMETERS}, not a trained Ludwig model folder. "
+                            f"Fix: pass <output_directory>/<experiment>_run/model{hint}")
+    return path
+
+
+def trained_tasks(model_dir: Path) -> tuple[str, ...] | None:
+    """The tasks in the training data's ``task`` column, found through Ludwig's ``description.json``."""
+    description = model_dir.parent / "description.json"
+    try:
+        dataset = Path(json.loads(description.read_text(encoding="utf-8"))["dataset"])
+        tasks = pd.read_csv(dataset, usecols=["task"], keep_default_na=False)["task"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    return tuple(sorted(set(tasks) - {""})) or None
+
+
+def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
+                      owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """Which tasks an adapter was trained on; the rule (documented in the README):
+
+    1. ``--owns NAME=task1,task2`` when given;
+    2. else the model's name when it is a task (``--model sql=DIR`` owns sql);
+    3. else the tasks of the training data's ``task`` column (the multitask mixture has one);
+    4. else a one-line error asking for ``--owns``.
+    """
+    if name in owns:
+        return tuple(owns[name])
+    if name in known_tasks:
+        return (name,)
+    found = trained_tasks(path)
+    if found:
+        return found
+    raise WorkflowError(f"--model {name}={path}: cannot tell which tasks it was trained on (not a task name, "
+                        f"no training data with a 'task' column). Fix: pass --owns {name}=task1,task2")
+
+
+def read_probe(path: Path) -> Probe:
+    """Probe texts from a file: ``.txt`` (paragraphs separated by blank lines), ``.jsonl``/``.csv`` (``text``)."""
+    if not path.is_file():
+        raise WorkflowError(f"--probe {path}: file not found. Fix: pass a .txt/.jsonl/.csv file of general text")
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        frame = pd.read_json(path, lines=True) if path.suffix.lower() == ".jsonl" else pd.read_csv(path)
+        if "text" not in frame.columns:
+            raise WorkflowError(f"--probe {path}: no 'text' column. Fix: one text per row in a 'text' column")
+        texts = [str(t).strip() for t in frame["text"]]
+    else:
+        texts = [" ".join(p.split()) for p in path.read_text(encoding="utf-8").split("\n\n")]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise WorkflowError(f"--probe {path}: no text found. Fix: put a few paragraphs of general text in it")
+    return Probe(name=path.stem, texts=tuple(texts))
+
+
+# ---------------------------------------------------------------------------------------------- identities, data
+def _digest(parts: Sequence[bytes | str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def base_identity(base_model: str) -> str:
+    """A local model folder: its config and the names and sizes of its weight files; a hub name: the name.
+
+    Weights of a multi-GB base are not read in full: a changed checkpoint with the same file sizes would need a
+    new name or ``--cache-dir``; adapters (small) are hashed byte for byte.
+    """
+    path = Path(base_model)
+    if not path.is_dir():
+        return _digest(["hub", base_model])
+    config = path / "config.json"
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    return _digest(["dir", config.read_bytes() if config.exists() else b"",
+                    *[f"{p.name}:{p.stat().st_size}" for p in weights]])
+
+
+def adapter_identity(model_dir: Path, base: str) -> str:
+    """Every byte of the adapter weights and the saved config, plus the base model it is applied to."""
+    files = sorted(p for p in (model_dir / WEIGHTS_DIR).rglob("*") if p.is_file())
+    files.append(model_dir / HYPERPARAMETERS)
+    parts: list[bytes | str] = ["adapter", base]
+    for p in files:
+        parts += [p.relative_to(model_dir).as_posix(), p.read_bytes()]
+    return _digest(parts)
+
+
+def load_test(prepared: Path, task: str, max_rows: int | None) -> tuple[pd.DataFrame, str, int]:
+    """``<prepared>/<task>/test.csv`` (first ``max_rows`` rows: prep sorts them by a hash, so a fair sample),
+    its content hash and its full row count."""
+    path = prepared / task / "test.csv"
+    if not path.is_file():
+        raise WorkflowError(f"{path}: test.csv not found. Fix: run ./run.sh prep {task} --out {prepared}")
+    raw = path.read_bytes()
+    test = pd.read_csv(path, keep_default_na=False)
+    missing = [c for c in ("prompt", "response") if c not in test.columns]
+    if missing:
+        raise WorkflowError(f"{path}: no column {', '.join(missing)}. Fix: re-run ./run.sh prep {task}")
+    if test.empty:
+        raise WorkflowError(f"{path}: no rows. Fix: prepare more data for {task}")
+    total = len(test)
+    if max_rows is not None:
+        test = test.head(max_rows).reset_index(drop=True)
+    return test, hashlib.sha256(raw).hexdigest(), total
+
+
+def task_config(task: str, models: Sequence[ModelSpec]) -> tuple[dict[str, Any], str]:
+    """The Ludwig config that sets a task's generation limits, and where it came from (see module docstring)."""
+    from ludwig_mt.config import load_yaml, task_config_path
+
+    for spec in models:
+        if spec.path is not None and spec.own_tasks == (task,):
+            path = spec.path / HYPERPARAMETERS
+            return json.loads(path.read_text(encoding="utf-8")), str(path)
+    path = task_config_path(task)
+    return load_yaml(path), str(path)
+
+
+def settings_key(settings: Any) -> dict[str, Any]:
+    """The generation settings that change outputs (batch size only changes speed)."""
+    return {k: v for k, v in asdict(settings).items() if k != "batch_size"}
+
+
+def pair_key(model_identity: str, task: str, test_hash: str, settings: Any, max_rows: int | None) -> str:
+    payload = {"format": CACHE_FORMAT, "model": model_identity, "task": task, "test": test_hash,
+               "settings": settings_key(settings), "max_rows": max_rows}
+    return _digest([json.dumps(payload, sort_keys=True)])
+
+
+def read_cache(path: Path) -> dict[str, Any] | None:
+    """A cached entry, or None when absent or unreadable (a damaged entry is recomputed, never trusted)."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("format") == CACHE_FORMAT else None
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval (optional)
+def require_lm_eval() -> None:
+    """lm-eval is optional and not a dependency: one line saying how to install it when it is asked for."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise WorkflowError(f"--lm-eval-tasks needs lm-eval, which is not installed. "
+                            f"Fix: pip install lm-eval=={LM_EVAL_VERSION}") from None
+
+
+def run_lm_eval(base_model: str, model_dir: Path | None, tasks: Sequence[str], *, device: str | None,
+                limit: int | None) -> dict[str, dict[str, float]]:
+    """lm-eval-harness tasks on the base, or on the base + a Ludwig adapter through lm-eval's ``peft=``."""
+    import lm_eval
+
+    model_args = f"pretrained={base_model}"
+    if model_dir is not None:
+        model_args += f",peft={model_dir / WEIGHTS_DIR}"
+    output = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), device=device,
+                                     limit=limit)
+    return {task: {metric: float(value) for metric, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for task, metrics in output["results"].items()}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def validate_request(request: EvalRequest, known_tasks: Sequence[str]) -> None:
+    """Every input checked before any model is loaded: one line naming the bad argument and the fix."""
+    if not request.tasks:
+        raise WorkflowError("--tasks: no task given. Fix: e.g. --tasks sql,detox")
+    for task in request.tasks:
+        if task not in known_tasks:
+            raise WorkflowError(f"--tasks {task}: unknown task. Fix: use one of: {', '.join(sorted(known_tasks))}")
+    names = [m.name for m in request.models]
+    for name in names:
+        if name == BASE:
+            raise WorkflowError(f"--model {BASE}=...: '{BASE}' is the base model's row. Fix: pick another name")
+        if names.count(name) > 1:
+            raise WorkflowError(f"--model {name}: given twice. Fix: give each model its own name")
+    for spec in request.models:
+        require_model_dir(spec.name, spec.path) if spec.path else None
+    if not request.prepared.is_dir():
+        raise WorkflowError(f"--prepared {request.prepared}: folder not found. Fix: run ./run.sh prep first")
+    for task in request.tasks:
+        test = request.prepared / task / "test.csv"
+        if not test.is_file():
+            raise WorkflowError(f"{test}: test.csv not found. Fix: run ./run.sh prep {task} --out {request.prepared}")
+    if request.lm_eval_tasks:
+        require_lm_eval()
+
+
+def _free(loaded: Any) -> None:
+    """Drop a model before loading the next one (one model in memory at a time)."""
+    del loaded
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+class _LazyModel:
+    """Loads a model the first time a pair actually needs it: a fully cached model is never loaded."""
+
+    def __init__(self, load: Callable[[], Any], label: str, timings: dict[str, float]) -> None:
+        self._load, self._label, self._timings, self.value = load, label, timings, None
+
+    def get(self) -> Any:
+        if self.value is None:
+            started = time.perf_counter()
+            self.value = self._load()
+            self._timings[f"load {self._label}"] = time.perf_counter() - started
+            logger.info("loaded %s in %.1f s", self._label, self._timings[f"load {self._label}"])
+        return self.value
+
+
+def run_eval(request: EvalRequest, backend: Backend | None = None,
+             notify: Callable[[str], None] = lambda message: None, progress: bool = True) -> EvalResult:
+    """Every (model, task) pair and every probe, cached; returns everything the report needs."""
+    from prep.registry import TASKS
+
+    started = time.perf_counter()
+    validate_request(request, list(TASKS))
+    tests = {task: load_test(request.prepared, task, request.max_rows) for task in request.tasks}
+    backend = backend or default_backend()
+    for task in request.tasks:
+        if task not in backend.primary_metric:
+            raise WorkflowError(f"--tasks {task}: no metric defined for it in eval.scoring. "
+                                f"Fix: use one of: {', '.join(sorted(backend.primary_metric))}")
+    settings, settings_info = {}, {}
+    for task in request.tasks:
+        config, source = task_config(task, request.models)
+        s = backend.settings_from_config(config)
+        if request.batch_size:
+            s = replace(s, batch_size=request.batch_size)
+        if request.max_new_tokens:
+            s = replace(s, max_new_tokens=request.max_new_tokens)
+        settings[task] = s
+        settings_info[task] = asdict(s) | {"source": source}
+    base = base_identity(request.base_model)
+    identities = {BASE: base} | {m.name: adapter_identity(m.path, base) for m in request.models if m.path}
+    resources = backend.resources(work_dir=request.report_dir / "work", prepared_dir=request.prepared,
+                                  spider_dir=request.spider_dir)
+    first_settings = settings[request.tasks[0]]
+    specs = (ModelSpec(BASE, None, ()), *request.models)
+    timings: dict[str, float] = {}
+    pairs: list[PairResult] = []
+    perplexities: dict[str, dict[str, float]] = {}
+    lm_eval_results: dict[str, dict[str, dict[str, float]]] = {}
+    for spec in specs:
+        if spec.path is None:
+            load = lambda: backend.load_base(request.base_model, first_settings, device=request.device)  # noqa: E731
+        else:
+            load = (lambda p=spec.path: backend.load_adapter(p, base_model=request.base_model,  # noqa: E731
+                                                              device=request.device))
+        model = _LazyModel(load, spec.name, timings)
+        for task in request.tasks:
+            test, test_hash, _ = tests[task]
+            pairs.append(_run_pair(request, backend, spec.name, identities[spec.name], task, test, test_hash,
+                                   settings[task], model, resources, notify, progress))
+        perplexities[spec.name] = {probe.name: _run_probe(request, backend, spec.name, identities[spec.name],
+                                                          probe, model, notify)
+                                   for probe in request.probes}
+        if request.lm_eval_tasks:
+            lm_eval_results[spec.name] = _run_lm_eval(request, spec, identities[spec.name], notify)
+        if model.value is not None:
+            _free(model.value)
+    primary = {task: backend.primary_metric[task] for task in request.tasks}
+    scores = {spec.name: {p.task: p.scores.get(primary[p.task]) for p in pairs if p.model == spec.name}
+              for spec in specs}
+    own = {spec.name: list(spec.own_tasks) for spec in specs}
+    retention = build_retention(scores, request.tasks, {m.name: m.own_tasks for m in request.models}, primary)
+    timings["total"] = time.perf_counter() - started
+    return EvalResult(
+        request=request, own_tasks=own, settings=settings_info,
+        rows={task: {"test_rows": total, "evaluated": len(test)} for task, (test, _, total) in tests.items()},
+        pairs=pairs, perplexity=perplexities, probes={p.name: len(p.texts) for p in request.probes},
+        lm_eval=lm_eval_results, retention=retention, timings=timings,
+    )
+
+
+def _run_pair(request: EvalRequest, backend: Backend, model_name: str, identity: str, task: str,
+              test: pd.DataFrame, test_hash: str, settings: Any, model: _LazyModel, resources: Any,
+              notify: Callable[[str], None], progress: bool) -> PairResult:
+    """One (model, task) pair from the cache, or generated, scored and written to the cache."""
+    key = pair_key(identity, task, test_hash, settings, request.max_rows)
+    path = request.cache / "pairs" / f"{key}.json"
+    entry = read_cache(path)
+    if entry is not None and not request.rescore:
+        notify(f"{model_name} × {task}: cached ({len(entry['predictions'])} rows)")
+        logger.info("cache hit %s x %s: %s", model_name, task, path)
+        return PairResult(model_name, task, key, len(entry["predictions"]), entry["scores"], True,
+                          entry["seconds_generate"], entry["seconds_score"], str(path))
+    if entry is not None:
+        predictions, seconds_generate, cached = entry["predictions"], entry["seconds_generate"], True
+    else:
+        notify(f"{model_name} × {task}: generating {len(test)} rows")
+        started = time.perf_counter()
+        loaded = replace(model.get(), settings=settings)
+        predictions = backend.generate(loaded, test["prompt"].tolist(), max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.batch_size, progress=progress)
+        seconds_generate, cached = time.perf_counter() - started, False
+    if len(predictions) != len(test):
+        raise WorkflowError(f"{model_name} x {task}: {len(predictions)} predictions for {len(test)} rows. "
+                            f"Fix: report this bug in eval.generate")
+    started = time.perf_counter()
+    scores = {k: float(v) for k, v in backend.score(task, test, predictions, resources).items()}
+    seconds_score = time.perf_counter() - started
+    logger.info("%s x %s: %s (generate %.1f s, score %.1f s)", model_name, task, scores, seconds_generate,
+                seconds_score)
+    atomic_write_json(path, {"format": CACHE_FORMAT, "model": model_name, "task": task, "key": key,
+                             "settings": settings_key(settings), "max_rows": request.max_rows,
+                             "predictions": list(predictions), "scores": scores,
+                             "seconds_generate": seconds_generate, "seconds_score": seconds_score})
+    return PairResult(model_name, task, key, len(predictions), scores, cached, seconds_generate, seconds_score,
+                      str(path))
+
+
+def _run_probe(request: EvalRequest, backend: Backend, model_name: str, identity: str, probe: Probe,
+               model: _LazyModel, notify: Callable[[str], None]) -> float:
+    key = _digest([json.dumps({"format": CACHE_FORMAT, "model": identity, "texts": list(probe.texts)})])
+    path = request.cache / "perplexity" / f"{key}.json"
+    entry = read_cache(path)
+    if entry is not None:
+        return float(entry["perplexity"])
+    notify(f"{model_name}: perplexity on probe '{probe.name}' ({len(probe.texts)} texts)")
+    value = float(backend.perplexity(model.get(), list(probe.texts)))
+    logger.info("%s: perplexity on %s = %.4f", model_name, probe.name, value)
+    atomic_write_json(path, {"format": CACHE_FORMAT, "model": model_name, "probe": probe.name, "perplexity": value})
+    return value
+
+
+def _run_lm_eval(request: EvalRequest, spec: ModelSpec, identity: str,
+                 notify: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    key = _digest([json.dumps({"format": CACHE_FORMAT, "model": identity, "tasks": list(request.lm_eval_tasks),
+                               "limit": request.lm_eval_limit})])
+    path = request.cache / "lm_eval" / f"{key}.json"
+    entry = read_cache(path)
+    if entry is not None:
+        return entry["results"]
+    notify(f"{spec.name}: lm-eval {', '.join(request.lm_eval_tasks)}")
+    results = run_lm_eval(request.base_model, spec.path, request.lm_eval_tasks, device=request.device,
+                          limit=request.lm_eval_limit)
+    atomic_write_json(path, {"format": CACHE_FORMAT, "model": spec.name, "results": results})
+    return results
