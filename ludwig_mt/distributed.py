@@ -13,8 +13,12 @@ What each patch fixes (all small, idempotent, applied from the outside):
   to the trainer (without it the trainer builds its own ``LocalStrategy`` and every rank trains on all rows);
 * 4-bit models are loaded on the process's own GPU (``device_map={"": local_rank}``) instead of ``"auto"``,
   which would spread every rank's copy over all GPUs;
-* resuming a run killed in the middle of an epoch skips the batches it already trained on (Ludwig restarts the
-  epoch at its first batch, so a resumed run would not end where an uninterrupted one ends). Active always;
+* resuming a run continues its learning-rate schedule (Ludwig rebuilds the scheduler at step 0 after restoring it)
+  and, killed in the middle of an epoch, skips the batches it already trained on (Ludwig restarts the epoch at
+  its first batch). Without both a resumed run does not end where an uninterrupted one ends. Active always;
+* ``LUDWIG_MT_RANK_REPORT=DIR`` makes every rank write ``DIR/rank<r>.json`` (rows it trained on per epoch, its
+  loss per step) and ``DIR/rank<r>.safetensors`` (its trainable weights after the last step): the evidence that
+  rows are sharded and weights stay in sync, for the tests and for a GPU run. Off unless set;
 * ``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N`` kills the process right after its N-th checkpoint: a crash drill for the
   resume tests, off unless set.
 """
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 ENV_STRATEGY = "LUDWIG_MT_STRATEGY"
 ENV_CRASH_AFTER_CHECKPOINT = "LUDWIG_MT_CRASH_AFTER_CHECKPOINT"
+ENV_RANK_REPORT = "LUDWIG_MT_RANK_REPORT"
 DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_configs" / "distributed"
 
 # strategy name -> accelerate plugin file in ludwig_configs/distributed/ (None: plain DDP, no plugin)
@@ -264,15 +269,34 @@ def batches_done_in_epoch(steps: int, steps_per_epoch: int) -> int:
     return steps % steps_per_epoch if steps_per_epoch > 0 else 0
 
 
+def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
+    """Step a freshly built LR scheduler up to ``steps``; return how many steps that took.
+
+    Ludwig restores the scheduler's state on resume, then builds a new one before the loop (warm-up and decay would
+    start again from step 0). Stepping the new one forward gives the learning rate of an uninterrupted run.
+    """
+    import warnings
+
+    train_scheduler = scheduler._train_scheduler
+    missing = max(0, steps - int(train_scheduler.last_epoch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+        for _ in range(missing):
+            train_scheduler.step()
+    return missing
+
+
 @_once
 def resume_mid_epoch_where_it_stopped() -> None:
-    """On resume, skip the batches of the interrupted epoch that the checkpoint already contains."""
+    """On resume: the learning rate of step N, not of step 0, and skip the batches the checkpoint already holds."""
     from ludwig.trainers.trainer import Trainer
 
     original = Trainer._train_loop
 
     @functools.wraps(original)
     def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+        if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
+            logger.info("ludwig_mt: resumed at step %d, learning-rate schedule moved on to it", progress_tracker.steps)
         done = batches_done_in_epoch(progress_tracker.steps, self.steps_per_epoch)
         if done and getattr(batcher, "step", None) == 0:
             logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
@@ -301,11 +325,62 @@ def crash_drill_after_checkpoint() -> None:
     Trainer.save_checkpoint = save_checkpoint
 
 
+def _rank() -> int:
+    from ludwig import distributed as ludwig_distributed
+
+    strategy = ludwig_distributed._current_strategy
+    return strategy.rank() if strategy is not None else 0
+
+
+@_once
+def write_rank_report() -> None:
+    """``LUDWIG_MT_RANK_REPORT=DIR``: per rank, the rows, losses and final trainable weights (see module doc)."""
+    from ludwig.trainers.trainer import Trainer
+
+    report: dict[str, Any] = {"rows": [], "losses": []}
+    weights: dict[str, Any] = {}
+    original_step, original_loop, original_train = Trainer.train_step, Trainer._train_loop, Trainer.train
+
+    @functools.wraps(original_step)
+    def train_step(self, inputs, targets, *args, **kwargs):
+        result = original_step(self, inputs, targets, *args, **kwargs)
+        report["losses"].append(float(result[0].detach().float().item()))
+        return result
+
+    @functools.wraps(original_loop)
+    def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+        report["rows"].append([int(i) for i in iter(batcher.sampler)])
+        result = original_loop(self, batcher, progress_tracker, *args, **kwargs)
+        weights.clear()
+        weights.update({n: p.detach().float().cpu().clone().contiguous()
+                        for n, p in self.model.named_parameters() if p.requires_grad})
+        return result
+
+    @functools.wraps(original_train)
+    def train(self, *args, **kwargs):
+        try:
+            return original_train(self, *args, **kwargs)
+        finally:
+            from safetensors.torch import save_file
+
+            out = Path(os.environ[ENV_RANK_REPORT])
+            out.mkdir(parents=True, exist_ok=True)
+            rank = _rank()
+            (out / f"rank{rank}.json").write_text(json.dumps(
+                {"rank": rank, "world_size": self.distributed.size(), "steps": len(report["losses"]), **report}))
+            if weights:
+                save_file(weights, str(out / f"rank{rank}.safetensors"))
+
+    Trainer.train_step, Trainer._train_loop, Trainer.train = train_step, _train_loop, train
+
+
 def apply_all() -> None:
     """Apply the distributed patches; safe to call many times. Each patch is inert in a plain process."""
     resume_mid_epoch_where_it_stopped()
     if os.environ.get(ENV_CRASH_AFTER_CHECKPOINT):
         crash_drill_after_checkpoint()
+    if os.environ.get(ENV_RANK_REPORT):
+        write_rank_report()
     if not is_distributed_launch():
         return
     start_accelerate_strategy_under_launcher()
