@@ -103,7 +103,7 @@ def test_train_split_only(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def encoder():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py: a download attempt would fail here
-    return load_encoder("cpu")
+    return load_encoder()  # the same (cached) instance score_task uses
 
 
 def test_similarity_identical_is_one_and_unrelated_is_lower(encoder) -> None:

@@ -1,0 +1,131 @@
+"""eval.scoring: score_task dispatches every registered task to its metrics; missing resources are clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from eval.scoring import PRIMARY_METRIC, EvalResources, primary_metric, score_task
+from ludwig_mt.ludwig_fixes import WorkflowError
+from prep.registry import TASKS
+from tests.eval.test_detox import write_prepared_detox
+
+SINGER_CTX = "CREATE TABLE singer (name VARCHAR, age INTEGER)"
+
+
+def as_test_csv(frame: pd.DataFrame) -> pd.DataFrame:
+    """Round-trip through CSV exactly as the runner reads test.csv."""
+    return pd.read_csv(io.StringIO(frame.to_csv(index=False)), keep_default_na=False, dtype=str)
+
+
+def build_spider(root: Path) -> Path:
+    """A Spider-shaped folder with one real database: database/concert/concert.sqlite."""
+    db = root / "database" / "concert" / "concert.sqlite"
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.executescript(SINGER_CTX + "; INSERT INTO singer VALUES ('Ann', 41), ('Bob', 25), ('Cy', 33);")
+    conn.close()
+    return root
+
+
+def example_test(task: str, prepared: Path) -> pd.DataFrame:
+    """A small test.csv for ``task`` with the columns prep writes for it."""
+    if task == "detox":
+        return as_test_csv(pd.read_csv(prepared / "detox" / "test.csv", dtype=str))
+    if task == "sql":
+        return as_test_csv(pd.DataFrame({"response": ["SELECT name FROM singer", "SELECT count(*) FROM singer"],
+                                         "context": [SINGER_CTX] * 2, "question": ["names?", "how many?"]}))
+    if task == "spider":
+        return as_test_csv(pd.DataFrame({"response": ["SELECT name FROM singer WHERE age > 30"] * 2,
+                                         "context": [SINGER_CTX] * 2, "question": ["old singers?"] * 2,
+                                         "db_id": ["concert", "not_downloaded"], "has_database": ["yes", "no"]}))
+    if task == "banking77":
+        return as_test_csv(pd.DataFrame({"response": ["card_arrival", "Refund_not_showing_up", "age_limit"],
+                                         "text": ["where is my card", "no refund yet", "how old must I be"]}))
+    if task == "commonsense_qa":
+        return as_test_csv(pd.DataFrame({"response": ["A", "C", "E"]}))
+    return as_test_csv(pd.DataFrame({"prompt": ["p1", "p2"],
+                                     "response": ["The meeting moved to Friday.", "Claim"]}))
+
+
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory: pytest.TempPathFactory) -> EvalResources:
+    root = tmp_path_factory.mktemp("eval")
+    return EvalResources(work_dir=root / "work", prepared_dir=write_prepared_detox(root / "prepared"),
+                         spider_dir=build_spider(root / "spider"))
+
+
+def test_every_registered_task_has_a_primary_metric() -> None:
+    assert set(PRIMARY_METRIC) == set(TASKS)
+    assert PRIMARY_METRIC["sql"] == "execution_match" and PRIMARY_METRIC["spider"] == "execution_accuracy"
+    assert PRIMARY_METRIC["detox"] == "J" and PRIMARY_METRIC["banking77"] == "accuracy"
+    assert primary_metric("a_task_nobody_registered") == "rougeL"
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_score_task_for_every_registered_task(task: str, resources: EvalResources) -> None:
+    test = example_test(task, resources.prepared_dir)
+    metric = PRIMARY_METRIC[task]
+    oracle = score_task(task, test, list(test["response"]), resources)
+    empty = score_task(task, test, [""] * len(test), resources)
+    assert oracle["n"] == empty["n"] == len(test)
+    assert empty[metric] == 0.0
+    if task == "detox":  # J = STA x SIM, and a rewrite is never identical in meaning-embedding to its source
+        assert oracle["STA"] == 1.0 and 0.5 < oracle[metric] < 1.0
+    else:
+        assert oracle[metric] == pytest.approx(1.0)
+
+
+def test_custom_and_unknown_tasks_get_the_free_text_default(resources: EvalResources) -> None:
+    test = example_test("my_new_task", resources.prepared_dir)
+    scores = score_task("my_new_task", test, ["the meeting moved to friday.", "Not a claim"], resources)
+    assert set(scores) == {"rougeL", "chrF", "exact_match", "n"}
+    assert scores["exact_match"] == pytest.approx(0.5)
+
+
+def test_spider_runs_on_the_real_database_and_falls_back_to_context(resources: EvalResources) -> None:
+    test = example_test("spider", resources.prepared_dir)
+    wrong_filter = ["SELECT name FROM singer WHERE age > 99"] * 2  # no rows: equals the gold only on empty tables
+    scores = score_task("spider", test, wrong_filter, resources)
+    assert scores["n_real_db"] == 1
+    assert scores["execution_accuracy"] == pytest.approx(1 / 2)  # wrong on the real DB, "right" on the context
+
+
+def test_sql_and_spider_never_count_empty_or_junk_as_executing(resources: EvalResources) -> None:
+    for task in ("sql", "spider"):
+        test = example_test(task, resources.prepared_dir)
+        for junk in ("", "-- just a comment", "I cannot answer that"):
+            scores = score_task(task, test, [junk] * len(test), resources)
+            assert scores["executes"] == 0.0 and scores["exact_match"] == 0.0
+
+
+def test_wrong_number_of_predictions_is_one_clear_error(resources: EvalResources) -> None:
+    test = example_test("instruct", resources.prepared_dir)
+    with pytest.raises(WorkflowError, match="1 predictions for 2 test rows"):
+        score_task("instruct", test, ["only one"], resources)
+
+
+def test_missing_resources_say_what_to_pass(tmp_path: Path, resources: EvalResources) -> None:
+    bare = EvalResources(work_dir=tmp_path)
+    detox = example_test("detox", resources.prepared_dir)
+    with pytest.raises(WorkflowError, match="pass prepared_dir"):
+        score_task("detox", detox, ["x"] * len(detox), bare)
+    with pytest.raises(WorkflowError, match="pass spider_dir"):
+        score_task("spider", example_test("spider", resources.prepared_dir), ["SELECT 1"] * 2, bare)
+    with pytest.raises(WorkflowError, match="pass spider_dir"):
+        score_task("spider", example_test("spider", resources.prepared_dir), ["SELECT 1"] * 2,
+                   EvalResources(work_dir=tmp_path, spider_dir=tmp_path / "nowhere"))
+    with pytest.raises(WorkflowError, match="no 'context' column"):
+        score_task("sql", pd.DataFrame({"response": ["SELECT 1"]}), ["SELECT 1"], bare)
+
+
+def test_detox_references_column_is_multi_reference(resources: EvalResources) -> None:
+    test = example_test("detox", resources.prepared_dir)
+    second_refs = [json.loads(r)[1] for r in test["references"]]  # predictions equal to the 2nd reference only
+    scores = score_task("detox", test, second_refs, resources)
+    assert scores["BLEU"] == pytest.approx(100.0) and scores["chrF"] == pytest.approx(100.0)
