@@ -21,10 +21,25 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ludwig_mt.distributed import ENV_STRATEGY, STRATEGY_FILES
+from ludwig_mt.distributed import ENV_STRATEGY, STRATEGY_FILES, check_strategy_compatible
+from ludwig_mt.ludwig_fixes import WorkflowError
 
 DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How many processes where: one per GPU on this machine, ``num_machines`` machines in all."""
+
+    processes_per_machine: int = 1
+    strategy: str = "zero2"
+    cpu: bool = False
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = "127.0.0.1"
+    main_process_port: int | None = None
 
 
 def free_port() -> int:
@@ -80,6 +95,29 @@ def launcher_env(strategy: str, *, cpu: bool = False, base: dict[str, str] | Non
     return env
 
 
+def config_path_in(ludwig_args: Sequence[str]) -> str | None:
+    """The value of ``--config``/``-c`` in a ``ludwig train`` command line, if any."""
+    args = list(ludwig_args)
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_before_launch(strategy: str, ludwig_args: Sequence[str]) -> None:
+    """Refuse a known-bad strategy/config pair before any process starts (the workers check again)."""
+    path = config_path_in(ludwig_args)
+    if path is not None:
+        from ludwig_mt.config import load_yaml
+
+        try:
+            check_strategy_compatible(strategy, load_yaml(path))
+        except WorkflowError as err:
+            raise WorkflowError(f"{path}: {err}") from None
+
+
 def worker(ludwig_args: Sequence[str]) -> None:
     """One rank: apply the project's Ludwig fixes in this process, then run Ludwig's CLI on ``ludwig_args``."""
     from ludwig_mt import autoload, ludwig_fixes
@@ -92,31 +130,45 @@ def worker(ludwig_args: Sequence[str]) -> None:
     ludwig.cli.main()
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser, *, default_gpus: int | None = 1) -> None:
+    """The launcher's options, shared by ``python -m ludwig_mt.launch`` and ``./run.sh train``."""
+    parser.add_argument("--gpus", type=int, default=default_gpus, help="processes on this machine, one per GPU")
+    parser.add_argument("--strategy", choices=sorted(STRATEGY_FILES),
+                        help="zero2 (default for 4-bit QLoRA), ddp (default without quantization), zero3, fsdp")
+    parser.add_argument("--num-machines", type=int, default=1, help="machines in the job (multi-node)")
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
+    parser.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0, reachable by all")
+    parser.add_argument("--main-process-port", type=int, help=f"port on machine 0 (multi-node default {DEFAULT_PORT})")
+
+
+def default_strategy(config: dict | None) -> str:
+    """ZeRO-2 for quantized (QLoRA) configs, plain DDP otherwise (nothing to shard in a small LoRA)."""
+    return "zero2" if config and config.get("quantization") else "ddp"
+
+
+def spec_from_args(args: argparse.Namespace, config: dict | None, *, cpu: bool = False) -> LaunchSpec:
+    return LaunchSpec(processes_per_machine=args.gpus or 1, strategy=args.strategy or default_strategy(config),
+                      cpu=cpu, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m ludwig_mt.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=1, help="processes on this machine, one per GPU")
-    parser.add_argument("--strategy", choices=sorted(STRATEGY_FILES), default="zero2")
+    add_launch_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU (tests, smoke runs): no CUDA")
-    parser.add_argument("--num-machines", type=int, default=1)
-    parser.add_argument("--machine-rank", type=int, default=0)
-    parser.add_argument("--main-process-ip", default="127.0.0.1")
-    parser.add_argument("--main-process-port", type=int)
     args, rest = parser.parse_known_args(argv)
-    rest = [a for a in rest if a != "--"] if rest[:1] == ["--"] else rest
     if not rest:
         parser.error("give the ludwig command after --, e.g. -- train --config X.yaml --dataset D.csv")
     return args, rest
 
 
-def launch(args: argparse.Namespace, ludwig_args: Sequence[str], *, stdout=None) -> int:
-    """Run the launcher in the foreground; return its exit code (non-zero if any rank failed)."""
-    import subprocess
-
-    cmd = launcher_command(args.gpus, ludwig_args, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                           main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
-    env = launcher_env(args.strategy, cpu=args.cpu)
-    return subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
-                          check=False).returncode
+def command_and_env(spec: LaunchSpec, ludwig_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Check the pair, then the launcher command and the workers' environment for ``spec``."""
+    check_before_launch(spec.strategy, ludwig_args)
+    cmd = launcher_command(spec.processes_per_machine, ludwig_args, num_machines=spec.num_machines,
+                           machine_rank=spec.machine_rank, main_process_ip=spec.main_process_ip,
+                           main_process_port=spec.main_process_port)
+    return cmd, launcher_env(spec.strategy, cpu=spec.cpu)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,8 +176,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         worker(argv[1:])
         return 0
+    import subprocess
+
     args, ludwig_args = parse_args(argv)
-    return launch(args, ludwig_args)
+    try:
+        path = config_path_in(ludwig_args)
+        if path is not None:
+            from ludwig_mt.config import load_yaml
+
+            config = load_yaml(path)
+        else:
+            config = None
+        cmd, env = command_and_env(spec_from_args(args, config, cpu=args.cpu), ludwig_args)
+        return subprocess.run(cmd, env=env, check=False).returncode
+    except WorkflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""``./run.sh train <task> [--cpu] [--base-model M]``: run ``ludwig train`` on a task YAML.
+"""``./run.sh train <task> [--cpu] [--base-model M] [--gpus N --strategy S] [--resume]``: ``ludwig train`` a task YAML.
 
 Without overrides this is exactly ``ludwig train --config ludwig_configs/<task>.yaml --dataset ...``. With
 ``--cpu`` / ``--base-model`` / ``--epochs`` a rendered copy of the YAML is written next to the results and used
 instead (the committed YAML is never edited). Ludwig's own output goes to ``<output-directory>/train.log``.
+``--gpus N`` runs the same command on N processes through :mod:`ludwig_mt.launch` (data parallel; multi-node with
+``--num-machines``/``--machine-rank``/``--main-process-ip``); ``--resume`` continues the newest run in the output
+directory from its last checkpoint (``ludwig train --model_resume_path``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
+from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, spec_from_args
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 
@@ -32,19 +36,35 @@ def model_dir(output_directory: Path) -> Path:
     return runs[-1]
 
 
+def resume_args(output_directory: Path) -> list[str]:
+    """``--model_resume_path`` for the newest run that has a checkpoint; a clear error when there is none."""
+    runs = sorted(output_directory.glob("*/model/training_checkpoints/latest.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise WorkflowError(f"{output_directory}: no run with a checkpoint to resume. Fix: train without --resume")
+    return ["--model_resume_path", str(runs[-1].parents[2])]
+
+
 def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_args: list[str] | None = None,
-          log_name: str = "train.log") -> Path:
-    """Run ``ludwig train`` as a subprocess with its output in a log file; return the trained model folder."""
+          log_name: str = "train.log", launch: LaunchSpec | None = None, resume: bool = False) -> Path:
+    """Run ``ludwig train`` as a subprocess with its output in a log file; return the trained model folder.
+
+    ``launch`` runs it data-parallel through :mod:`ludwig_mt.launch`; ``resume`` continues the newest run.
+    """
     if not dataset.exists():
         raise WorkflowError(f"{dataset}: dataset not found. Fix: run ./run.sh prep first or pass --dataset")
     output_directory.mkdir(parents=True, exist_ok=True)
     log = output_directory / log_name
-    cmd = [ludwig_executable(), "train", "--config", str(config_path), "--dataset", str(dataset),
-           "--output_directory", str(output_directory), "--skip_save_processed_input", *(extra_args or [])]
-    with open(log, "w", encoding="utf-8") as fh:
+    ludwig_args = ["train", "--config", str(config_path), "--dataset", str(dataset),
+                   "--output_directory", str(output_directory), "--skip_save_processed_input",
+                   *(resume_args(output_directory) if resume else []), *(extra_args or [])]
+    if launch is None:
+        cmd, env = [ludwig_executable(), *ludwig_args], os.environ.copy()
+    else:
+        cmd, env = command_and_env(launch, ludwig_args)
+    with open(log, "a" if resume else "w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         raise WorkflowError(f"ludwig train failed (exit {proc.returncode}): {' '.join(tail)}. Fix: see {log}")
@@ -60,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", help="local model folder or hub name instead of the YAML's")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue the newest run here from its checkpoint")
+    add_launch_arguments(parser, default_gpus=None)
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     path = Path(args.task) if args.task.endswith((".yaml", ".yml")) else task_config_path(args.task)
@@ -72,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                                       epochs=args.epochs, batch_size=args.batch_size)
             path = write_yaml(config, out / f"{task}.rendered.yaml",
                               header=f"# Rendered from {path} by ./run.sh train; do not edit.\n")
-        model = train(path, dataset, out, extra_args=extra)
+        distributed = args.gpus is not None or args.strategy is not None or args.num_machines > 1
+        launch = spec_from_args(args, load_yaml(path), cpu=args.cpu) if distributed else None
+        model = train(path, dataset, out, extra_args=extra, launch=launch, resume=args.resume)
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
