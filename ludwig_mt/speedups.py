@@ -36,6 +36,23 @@ What Ludwig does without them, and why each change is safe:
     ``tokens x vocabulary`` logits (128k-262k columns), in float32. We update them on one step in
     :data:`TRAIN_METRICS_EVERY`: still a sample of the same batches, so the reported training metrics keep their
     meaning; the training loss itself is untouched.
+``target_only_logits``
+    Ludwig's LLM forward computes the logits of every position (``tokens x vocabulary``), then per token an fp32
+    copy, a softmax (``probabilities``) and an argmax, and the loss over all of it, although the loss only counts
+    the response tokens (the prompt's targets are -100). On training steps whose outputs feed nothing but the loss
+    (every step except the 1 in :data:`TRAIN_METRICS_EVERY` that updates training metrics) we run the model's
+    backbone, apply the LM head only to the positions that predict a response token, and take the same mean
+    next-token cross-entropy in fp32: the same loss value and gradients with a fraction of the LM-head matmul and
+    none of the full-vocabulary fp32 tensors (the head is 20-40% of a 1B model's FLOPs at a 128k-256k vocabulary).
+    It also makes ``trainer.packing: true`` work (below).
+
+``trainer.packing: true`` (Ludwig's own switch, off by default) is made correct and fast on those steps: Ludwig
+0.17.10 builds its block-diagonal mask with a Python loop over every (i, j) token pair of every pack and then
+aligns the targets with the unpacked batch, not the packs. We pack whole rows (prompt + response + EOS) first-fit
+into rows of at most ``preprocessing.global_max_sequence_length`` tokens, restart ``position_ids`` at 0 for each
+sequence and pass no attention mask, so transformers builds the block-diagonal causal mask itself (its
+packed-sequence support); rows never attend to each other and the loss is the same mean over response tokens.
+Models without ``position_ids`` (ALiBi models such as Bloom) are not packed (logged once).
 """
 
 from __future__ import annotations
@@ -50,7 +67,7 @@ from ludwig_mt.ludwig_fixes import _once
 
 logger = logging.getLogger(__name__)
 
-SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics")
+SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits")
 
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
@@ -148,6 +165,12 @@ def patch_kbit_preparation() -> None:
     LLM.prepare_for_quantized_training = prepare_for_quantized_training
 
 
+def training_metrics_due(trainer) -> bool:
+    """Whether the trainer's next optimizer step updates training-set metrics (``sampled_train_metrics``)."""
+    count = getattr(trainer, "_ludwig_mt_metric_steps", 0)
+    return not enabled("sampled_train_metrics") or count % TRAIN_METRICS_EVERY == 0
+
+
 @_once
 def patch_training_metrics() -> None:
     """Make ``Trainer._update_training_metrics`` run on one step in TRAIN_METRICS_EVERY (``sampled_train_metrics``)."""
@@ -157,12 +180,209 @@ def patch_training_metrics() -> None:
 
     @functools.wraps(original)
     def _update_training_metrics(self, model_outputs, targets):
-        count = getattr(self, "_ludwig_mt_metric_steps", 0)
-        self._ludwig_mt_metric_steps = count + 1
-        if not enabled("sampled_train_metrics") or count % TRAIN_METRICS_EVERY == 0:
+        due = training_metrics_due(self)
+        self._ludwig_mt_metric_steps = getattr(self, "_ludwig_mt_metric_steps", 0) + 1
+        if due:
             original(self, model_outputs, targets)
 
     Trainer._update_training_metrics = _update_training_metrics
+
+
+# ------------------------------------------------------------------------------------------ target_only_logits
+
+#: key of the precomputed loss in the outputs of a lean training forward (read by the patched ``train_loss``)
+LEAN_LOSS = "ludwig_mt_target_only_loss"
+IGNORE = -100  # ludwig.constants.IGNORE_INDEX_TOKEN_ID, torch's cross-entropy default
+
+
+def merged_rows(input_ids, target_ids, tokenizer, max_length: int | None) -> list[tuple[Any, int]]:
+    """Each row as Ludwig merges it (prompt without padding + response without padding + EOS, cut to
+    ``max_length``) and the number of prompt tokens in it; the same rule as ``llm_utils.generate_merged_ids``."""
+    import torch
+    from ludwig.utils.llm_utils import remove_left_padding
+
+    eos = torch.tensor([tokenizer.eos_token_id], device=target_ids[0].device)
+    rows = []
+    for prompt, target in zip(input_ids, target_ids):
+        prompt = remove_left_padding(prompt, tokenizer)[0]
+        merged = torch.cat((prompt, remove_left_padding(target, tokenizer)[0], eos))
+        if max_length and merged.shape[0] > max_length:
+            merged = merged[:max_length]
+        rows.append((merged, min(prompt.shape[0], merged.shape[0])))
+    return rows
+
+
+def padded_labels(rows: list[tuple[Any, int]], width: int):
+    """Labels for the rows left-padded to ``width`` (Ludwig's layout): the response tokens, -100 elsewhere."""
+    import torch
+
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long, device=rows[0][0].device)
+    for i, (ids, n_prompt) in enumerate(rows):
+        start = width - ids.shape[0]
+        labels[i, start + n_prompt:] = ids[n_prompt:]
+    return labels
+
+
+def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int) -> dict[str, Any]:
+    """First-fit-decreasing packing of whole rows into packs of at most ``pack_length`` tokens.
+
+    Returns ``input_ids``, ``position_ids`` (restarting at 0 for every row, and for the tail padding, which thus
+    forms its own segment that no real token attends to) and ``labels`` (-100 on prompts and padding), all of
+    shape ``[packs, longest pack]``.
+    """
+    import torch
+
+    order = sorted(range(len(rows)), key=lambda i: -rows[i][0].shape[0])
+    packs: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = rows[i][0].shape[0]
+        slot = next((p for p, room in enumerate(free) if room >= n), None)
+        if slot is None:
+            packs.append([]), free.append(pack_length)
+            slot = len(packs) - 1
+        packs[slot].append(i)
+        free[slot] -= n
+    width = max(pack_length - room for room in free)
+    device = rows[0][0].device
+    ids = torch.full((len(packs), width), pad_id, dtype=torch.long, device=device)
+    pos = torch.zeros((len(packs), width), dtype=torch.long, device=device)
+    labels = torch.full((len(packs), width), IGNORE, dtype=torch.long, device=device)
+    for p, members in enumerate(packs):
+        at = 0
+        for i in members:
+            seq, n_prompt = rows[i]
+            n = seq.shape[0]
+            ids[p, at:at + n] = seq
+            pos[p, at:at + n] = torch.arange(n, device=device)
+            labels[p, at + n_prompt:at + n] = seq[n_prompt:]
+            at += n
+        pos[p, at:] = torch.arange(width - at, device=device)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def target_only_loss(causal_lm, batch: dict[str, Any]):
+    """Mean next-token cross-entropy over the response tokens, with the LM head applied only where it counts.
+
+    ``causal_lm`` is the (peft-wrapped) ``*ForCausalLM``; ``batch`` holds ``input_ids``, ``labels`` and either
+    ``attention_mask`` or ``position_ids``. Equal to the full-logits loss (the same positions, fp32 softmax).
+    """
+    import torch.nn.functional as F
+
+    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    model_kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = base.base_model(**model_kwargs, use_cache=False)[0]
+    shifted = batch["labels"][:, 1:]
+    keep = shifted != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), shifted[keep])
+
+
+def lean_forward_supported(llm) -> bool:
+    """The lean path covers a text output trained with Ludwig's plain next-token cross-entropy on a causal LM
+    whose logits are ``lm_head(hidden)`` (no logit scaling or soft-capping)."""
+    from ludwig.constants import TEXT
+    from ludwig.modules.loss_modules import NextTokenSoftmaxCrossEntropyLoss
+
+    if llm.output_feature_type != TEXT or len(llm.output_features) != 1:
+        return False
+    (feature,) = llm.output_features.values()
+    if type(feature.train_loss_function) is not NextTokenSoftmaxCrossEntropyLoss:
+        return False
+    config = getattr(llm.model, "config", None)
+    return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
+def packing_supported(causal_lm) -> bool:
+    """Packing needs per-row ``position_ids`` (rotary models); ALiBi models (Bloom) take none."""
+    import inspect
+
+    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return "position_ids" in inspect.signature(base.base_model.forward).parameters
+
+
+def lean_training_batch(llm, input_ids, target_ids) -> dict[str, Any]:
+    """The model inputs and labels of a lean step: packed if ``trainer.packing`` is on and the model allows it,
+    else exactly Ludwig's left-padded merge (``generate_merged_ids``) with labels on the response tokens."""
+    from ludwig.utils.llm_utils import generate_merged_ids
+
+    max_length = llm.global_max_sequence_length
+    rows = merged_rows(input_ids, target_ids, llm.tokenizer, max_length)
+    n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
+    if getattr(llm.config_obj.trainer, "packing", False):
+        if packing_supported(llm.model):
+            pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
+            longest = max(ids.shape[0] for ids, _ in rows)
+            return {**pack_rows(rows, max(max_length or 0, longest), pad), "n_tokens": n_tokens}
+        logger.warning("ludwig_mt: trainer.packing ignored, %s takes no position_ids", type(llm.model).__name__)
+    merged, mask = generate_merged_ids(input_ids, target_ids, llm.tokenizer, max_length)
+    return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),
+            "n_tokens": n_tokens}
+
+
+@_once
+def patch_llm_training_forward() -> None:
+    """Lean training forward for ``LLM`` (``target_only_logits``), and Ludwig's packing made correct on it.
+
+    ``Trainer._forward_pass`` marks the model lean for the steps whose outputs only feed the loss; ``LLM.forward``
+    then returns the loss itself and ``LLM.train_loss`` passes it on.
+    """
+    from ludwig.constants import USED_TOKENS
+    from ludwig.models.llm import LLM
+    from ludwig.trainers.trainer import Trainer
+    from ludwig.utils.torch_utils import reg_loss
+
+    original_pass, original_forward, original_loss = Trainer._forward_pass, LLM.forward, LLM.train_loss
+
+    @functools.wraps(original_pass)
+    def _forward_pass(self, inputs, targets, should_step):
+        lean = (enabled("target_only_logits") and isinstance(self.model, LLM) and lean_forward_supported(self.model)
+                and not (should_step and training_metrics_due(self)))
+        self.model._ludwig_mt_lean = lean
+        try:
+            return original_pass(self, inputs, targets, should_step)
+        finally:
+            self.model._ludwig_mt_lean = False
+
+    @functools.wraps(original_forward)
+    def forward(self, inputs, mask=None):
+        if not (self.training and getattr(self, "_ludwig_mt_lean", False) and isinstance(inputs, tuple)):
+            if self.training and getattr(self.config_obj.trainer, "packing", False):
+                with _packing_off(self.config_obj.trainer):  # Ludwig's own packing misaligns the targets
+                    return original_forward(self, inputs, mask)
+            return original_forward(self, inputs, mask)
+        input_ids, target_ids = self._unpack_inputs(inputs)
+        batch = lean_training_batch(self, input_ids, target_ids)
+        return {LEAN_LOSS: target_only_loss(self.model, batch), USED_TOKENS: batch["n_tokens"]}
+
+    @functools.wraps(original_loss)
+    def train_loss(self, targets, predictions, regularization_type=None, regularization_lambda=None):
+        if LEAN_LOSS not in predictions:
+            return original_loss(self, targets, predictions, regularization_type, regularization_lambda)
+        (name, feature), = self.output_features.items()
+        of_loss = predictions[LEAN_LOSS]
+        loss = feature.loss.weight * of_loss
+        additional = self.losses()
+        if additional:
+            loss = loss + sum(additional)
+        if regularization_type is not None and regularization_lambda != 0:
+            loss = loss + reg_loss(self, regularization_type, l1=regularization_lambda, l2=regularization_lambda)
+        return loss, {name: of_loss}
+
+    Trainer._forward_pass, LLM.forward, LLM.train_loss = _forward_pass, forward, train_loss
+
+
+class _packing_off:
+    """Context manager: ``trainer.packing`` reads False inside (for the steps that run Ludwig's own forward)."""
+
+    def __init__(self, trainer_config) -> None:
+        self._config = trainer_config
+
+    def __enter__(self) -> None:
+        self._config.packing = False
+
+    def __exit__(self, *exc) -> None:
+        self._config.packing = True
 
 
 def apply_all() -> None:
@@ -170,3 +390,4 @@ def apply_all() -> None:
     patch_model_loading()
     patch_kbit_preparation()
     patch_training_metrics()
+    patch_llm_training_forward()

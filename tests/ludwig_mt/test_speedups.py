@@ -1,0 +1,258 @@
+"""Correctness guards for ludwig_mt/speedups.py: each speed-up that applies on CPU leaves the loss unchanged.
+
+Speed itself is measured by bench/train_speed.py (GPU), never here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ludwig_mt import speedups
+
+TOLERANCE = 1e-5  # fp32 on CPU: the lean loss sums the same terms in another order
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model: Path):
+    """A Ludwig ``LLM`` (tiny Llama + LoRA without dropout, so two forwards are comparable) in training mode."""
+    import ludwig.api  # noqa: F401  (the import hook applies ludwig_fixes + speedups)
+    from ludwig.models.llm import LLM
+    from ludwig.schema.model_types.base import ModelConfig
+
+    from ludwig_mt import ludwig_fixes
+
+    ludwig_fixes.apply_all()
+    config = {"model_type": "llm", "base_model": str(tiny_model),
+              "input_features": [{"name": "prompt", "type": "text"}],
+              "output_features": [{"name": "response", "type": "text"}],
+              "adapter": {"type": "lora", "dropout": 0.0},
+              "trainer": {"type": "finetune", "packing": False},
+              "preprocessing": {"global_max_sequence_length": 64}}
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_dict(config))
+    model.prepare_for_training()
+    model.train()
+    return model
+
+
+def ludwig_batch(tokenizer, prompt_lengths, response_lengths, seed=1):
+    """Left-padded prompt/response id tensors shaped like Ludwig's training batches."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def left_padded(lengths, width):
+        rows = [torch.randint(3, 500, (n,), generator=gen) for n in lengths]
+        return torch.stack([torch.cat([torch.full((width - len(r),), tokenizer.pad_token_id), r]) for r in rows])
+
+    return ({"prompt": left_padded(prompt_lengths, max(prompt_lengths) + 3)},
+            {"response": left_padded(response_lengths, max(response_lengths) + 2)})
+
+
+def loss_and_grads(llm, batch, *, lean: bool, packing: bool):
+    inputs, targets = batch
+    llm.zero_grad(set_to_none=True)
+    llm.config_obj.trainer.packing = packing
+    llm._ludwig_mt_lean = lean
+    try:
+        outputs = llm((inputs, {k: v.clone() for k, v in targets.items()}))
+        loss, _ = llm.train_loss({k: v.clone() for k, v in targets.items()}, outputs)
+    finally:
+        llm._ludwig_mt_lean, llm.config_obj.trainer.packing = False, False
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in llm.named_parameters() if p.grad is not None}
+    return float(loss), grads, outputs
+
+
+def test_target_only_logits_gives_ludwigs_loss_and_gradients(llm) -> None:
+    batch = ludwig_batch(llm.tokenizer, [12, 20, 7, 15], [5, 9, 3, 11])
+    full, full_grads, full_out = loss_and_grads(llm, batch, lean=False, packing=False)
+    lean, lean_grads, lean_out = loss_and_grads(llm, batch, lean=True, packing=False)
+    assert "logits" in full_out and speedups.LEAN_LOSS in lean_out and "logits" not in lean_out
+    assert abs(full - lean) < TOLERANCE, (full, lean)
+    assert full_grads.keys() == lean_grads.keys() and len(full_grads) > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert lean_out["used_tokens"] == sum(p + r + 1 for p, r in zip([12, 20, 7, 15], [5, 9, 3, 11]))
+
+
+def per_row_loss(llm, batch) -> float:
+    """Ground truth: every row through the model on its own (no padding, no neighbours), token-weighted mean."""
+    inputs, targets = batch
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, n_prompt in speedups.merged_rows(inputs["prompt"], targets["response"], llm.tokenizer, 64):
+            labels = ids.clone()
+            labels[:n_prompt] = speedups.IGNORE
+            n = int((labels[1:] != speedups.IGNORE).sum())
+            total += n * float(speedups.target_only_loss(llm.model, {"input_ids": ids[None], "labels": labels[None]}))
+            count += n
+    return total / count
+
+
+def test_packed_loss_is_each_rows_own_loss(llm) -> None:
+    """Packed rows see only themselves: the loss is that of every row run alone."""
+    batch = ludwig_batch(llm.tokenizer, [12, 20, 7, 15], [5, 9, 3, 11])
+    packed, _, _ = loss_and_grads(llm, batch, lean=True, packing=True)
+    assert abs(packed - per_row_loss(llm, batch)) < TOLERANCE
+
+
+def test_packed_loss_equals_ludwigs_when_rows_need_no_padding(llm) -> None:
+    batch = ludwig_batch(llm.tokenizer, [10, 10, 10, 10], [6, 6, 6, 6])
+    full, full_grads, _ = loss_and_grads(llm, batch, lean=False, packing=False)
+    packed, packed_grads, _ = loss_and_grads(llm, batch, lean=True, packing=True)
+    assert abs(full - packed) < TOLERANCE, (full, packed)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ludwig_unpacked_rows_attend_to_their_left_padding(llm) -> None:
+    """Why packed and Ludwig's padded losses differ when rows have unequal lengths (a Ludwig 0.17.10 quirk, left
+    as is): ``generate_merged_ids`` left-pads with token id 0 but masks only ``pad_token_id``, so a short row
+    attends to its padding. Packing has no padding inside a sequence and gives each row's own loss."""
+    from ludwig.utils.llm_utils import generate_merged_ids
+
+    inputs, targets = ludwig_batch(llm.tokenizer, [12, 4], [5, 3])
+    merged, mask = generate_merged_ids(inputs["prompt"], targets["response"], llm.tokenizer, 64)
+    assert llm.tokenizer.pad_token_id != 0
+    assert merged[1, :10].tolist() == [0] * 10 and mask[1, :10].tolist() == [1] * 10
+    full, _, _ = loss_and_grads(llm, (inputs, targets), lean=False, packing=False)
+    assert abs(full - per_row_loss(llm, (inputs, targets))) > 1e-3
+
+
+def test_packing_puts_several_rows_in_one_row_of_the_model(llm) -> None:
+    inputs, targets = ludwig_batch(llm.tokenizer, [12, 20, 7, 15], [5, 9, 3, 11])
+    llm.config_obj.trainer.packing = True
+    try:
+        packed = speedups.lean_training_batch(llm, inputs["prompt"], targets["response"])
+    finally:
+        llm.config_obj.trainer.packing = False
+    assert packed["input_ids"].shape[0] == 2  # rows of 30, 27, 18, 11 tokens into packs of at most 64
+    assert int((packed["labels"] != speedups.IGNORE).sum()) == 5 + 9 + 3 + 11 + 4  # responses + EOS
+
+
+def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
+    rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1), (torch.arange(30, 35), 2)]  # 6, 3, 5 tokens
+    packed = speedups.pack_rows(rows, pack_length=9, pad_id=0)
+    assert packed["input_ids"].tolist() == [[10, 11, 12, 13, 14, 15, 20, 21, 22], [30, 31, 32, 33, 34, 0, 0, 0, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert packed["labels"].tolist() == [[-100, -100, -100, -100, 14, 15, -100, 21, 22],
+                                         [-100, -100, 32, 33, 34, -100, -100, -100, -100]]
+
+
+def test_raw_ludwig_packing_crashes_on_this_stack(llm) -> None:
+    """Why packing goes through the lean path: Ludwig 0.17.10's own packed forward hands transformers a 3-D mask."""
+    from ludwig.models.llm import LLM
+
+    raw_forward = LLM.forward.__wrapped__
+    inputs, targets = ludwig_batch(llm.tokenizer, [12, 20], [5, 9])
+    llm.config_obj.trainer.packing = True
+    try:
+        with pytest.raises(RuntimeError, match="number of sizes provided"):
+            raw_forward(llm, (inputs, targets))
+    finally:
+        llm.config_obj.trainer.packing = False
+
+
+def test_sdpa_and_eager_attention_give_the_same_loss(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for impl in ("eager", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl)
+        losses[impl] = float(model(input_ids=ids, labels=ids).loss)
+    assert abs(losses["eager"] - losses["sdpa"]) < TOLERANCE, losses
+
+
+def test_load_kwargs_bf16_only_on_cuda_unquantized_and_eager_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LUDWIG_MT_SPEEDUPS", raising=False)
+    monkeypatch.delenv("LUDWIG_MT_SPEEDUPS_OFF", raising=False)
+    ludwig_kwargs = {"torch_dtype": torch.float32, "attn_implementation": "eager"}
+    assert speedups.adjust_load_kwargs(ludwig_kwargs, cuda_bf16=True) == {"dtype": torch.bfloat16}
+    assert speedups.adjust_load_kwargs(ludwig_kwargs, cuda_bf16=False) == {"torch_dtype": torch.float32}
+    quantized = {"quantization_config": object(), "attn_implementation": "eager"}
+    assert "dtype" not in speedups.adjust_load_kwargs(quantized, cuda_bf16=True)
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "sdpa_attention")
+    assert speedups.adjust_load_kwargs(ludwig_kwargs, cuda_bf16=False) == ludwig_kwargs
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS", "0")
+    assert speedups.adjust_load_kwargs(ludwig_kwargs, cuda_bf16=True) == ludwig_kwargs
+
+
+def test_training_metrics_are_due_on_one_step_in_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LUDWIG_MT_SPEEDUPS", raising=False)
+    monkeypatch.delenv("LUDWIG_MT_SPEEDUPS_OFF", raising=False)
+
+    class Trainer:
+        pass
+
+    trainer, due = Trainer(), []
+    for _ in range(2 * speedups.TRAIN_METRICS_EVERY):
+        due.append(speedups.training_metrics_due(trainer))
+        trainer._ludwig_mt_metric_steps = getattr(trainer, "_ludwig_mt_metric_steps", 0) + 1
+    assert due == ([True] + [False] * (speedups.TRAIN_METRICS_EVERY - 1)) * 2
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "sampled_train_metrics")
+    assert speedups.training_metrics_due(trainer)
+
+
+def test_unknown_speedup_name_is_an_error() -> None:
+    with pytest.raises(KeyError, match="unknown speed-up"):
+        speedups.enabled("flash_everything")
+
+
+TRAIN_AND_RECORD_LOSSES = textwrap.dedent(
+    """
+    import logging, sys
+    import pandas as pd
+    from ludwig.api import LudwigModel
+    from ludwig.trainers.trainer import Trainer
+    model_dir, work, packing = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    words = "select name from head where age order by count group table the of".split()
+    rows = [{"prompt": " ".join(words[(i + j) % len(words)] for j in range(5 + i % 7)),
+             "response": " ".join(words[(3 * i + j) % len(words)] for j in range(2 + i % 4)),
+             "split": 0 if i < 40 else 1} for i in range(44)]
+    pd.DataFrame(rows).to_csv(f"{work}/data.csv", index=False)
+    losses = []
+    original = Trainer.train_step
+    def train_step(self, inputs, targets, should_step=True, profiler=None):
+        out = original(self, inputs, targets, should_step=should_step, profiler=profiler)
+        losses.append(float(out[0].detach()))
+        return out
+    Trainer.train_step = train_step
+    config = {"model_type": "llm", "base_model": model_dir,
+              "input_features": [{"name": "prompt", "type": "text"}],
+              "output_features": [{"name": "response", "type": "text"}],
+              "adapter": {"type": "lora", "dropout": 0.0},
+              "trainer": {"type": "finetune", "batch_size": 4, "epochs": 1, "learning_rate": 0.01,
+                          "packing": packing},
+              "preprocessing": {"global_max_sequence_length": 32, "split": {"type": "fixed", "column": "split"}}}
+    LudwigModel(config, logging_level=logging.WARNING).train(
+        dataset=f"{work}/data.csv", output_directory=f"{work}/results", skip_save_model=True,
+        skip_save_progress=True, skip_save_log=True, skip_save_processed_input=True)
+    print("LOSSES", *losses)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ludwig_train_losses_match_with_and_without_speedups(tiny_model: Path, tmp_path: Path) -> None:
+    """End to end through Ludwig's trainer (10 optimizer steps, lr 0.01 so the steps move the weights): the
+    per-step training losses with every speed-up on equal those of raw Ludwig's path. (Packing is compared with
+    each row's own loss above: on rows of unequal length Ludwig's padded loss is not the reference.)"""
+    losses = {}
+    for name, speed, packing in (("raw", "0", "0"), ("tuned", "1", "0")):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run([sys.executable, "-c", TRAIN_AND_RECORD_LOSSES, str(tiny_model), str(tmp_path / name),
+                               packing], env={**os.environ, "LUDWIG_MT_SPEEDUPS": speed},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("LOSSES"))
+        losses[name] = [float(x) for x in line.split()[1:]]
+    assert len(losses["raw"]) == len(losses["tuned"]) == 10, losses
+    for raw, tuned in zip(losses["raw"], losses["tuned"]):
+        assert abs(raw - tuned) < 1e-4, losses
