@@ -205,7 +205,7 @@ def _bitsandbytes_config(quantization: Mapping[str, Any]):
 
 
 def load_causal_lm(path: str, *, device: str, quantization: Mapping[str, Any] | None = None):
-    """A causal LM in eval mode: bitsandbytes-quantized if asked (CUDA only), else bf16 on CUDA, float32 on CPU.
+    """A causal LM in eval mode: bitsandbytes-quantized if asked, else bf16 on CUDA, float32 on CPU.
 
     float32 on CPU is what Ludwig loads unquantized models in; bf16 on CUDA matches the project's ``bf16_weights``
     speed-up and the QLoRA compute dtype.
@@ -214,10 +214,10 @@ def load_causal_lm(path: str, *, device: str, quantization: Mapping[str, Any] | 
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
-    if quantization and device.startswith("cuda"):
+    if quantization:
         kwargs["quantization_config"] = _bitsandbytes_config(quantization)
         kwargs["dtype"] = getattr(torch, quantization.get("bnb_4bit_compute_dtype", "bfloat16"))
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
+        kwargs["device_map"] = {"": torch.device(device).index or 0} if device.startswith("cuda") else {"": device}
     else:
         kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -231,35 +231,23 @@ def load_causal_lm(path: str, *, device: str, quantization: Mapping[str, Any] | 
 
 
 def dequantize_to_bf16(model):
-    """Replace every bitsandbytes 4/8-bit linear layer by a bf16 ``nn.Linear`` holding the same (dequantized)
-    weights: the function the quantized model computes, at bf16 matmul speed (used before merging LoRA)."""
+    """The bitsandbytes-quantized ``model`` with its quantized linear layers replaced by bf16 ``nn.Linear`` layers
+    holding the same dequantized weights: the function the 4-bit model computes, at bf16 matmul speed. Done before
+    merging LoRA, so the merged model is the adapter on the 4-bit base it was trained on, not on the original base.
+
+    transformers' ``dequantize`` (meant for merging QLoRA adapters) also drops the quantization state. Call it
+    right after loading: bitsandbytes' CPU backend repacks 4-bit weights on the first forward pass, after which
+    dequantization reads them wrongly (seen on CPU with bitsandbytes 0.50.2).
+    """
     import torch
-    from peft.utils.integrations import dequantize_bnb_weight
 
-    import bitsandbytes as bnb
-
-    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, quantized):
-            continue
-        state = getattr(module, "state", None) if isinstance(module, bnb.nn.Linear8bitLt) else None
-        weight = dequantize_bnb_weight(module.weight, state=state).to(torch.bfloat16)
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                 device=weight.device, dtype=torch.bfloat16)
-        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if module.bias is not None:
-            linear.bias = torch.nn.Parameter(module.bias.data.to(torch.bfloat16), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    model.to(torch.bfloat16)
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if hasattr(model, flag):
-            setattr(model, flag, False)
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    return model
+    try:
+        model = model.dequantize(dtype=torch.bfloat16)
+    except TypeError:  # transformers versions whose dequantize() takes no dtype
+        model = model.dequantize()
+    if any(p.dtype != torch.bfloat16 for p in model.parameters()):
+        model = model.to(torch.bfloat16)
+    return model.eval()
 
 
 def context_length(model) -> int:
@@ -385,6 +373,8 @@ def generation_config(loaded: LoadedModel, max_new_tokens: int):
     if requested.get("do_sample") or (requested.get("num_beams") or 1) > 1:
         logger.warning("%s: the config asks for sampling/beam search; eval decodes greedily", loaded.name)
     kept = {k: v for k, v in requested.items() if k not in _INERT_WHEN_GREEDY}
+    if (kept.get("min_new_tokens") or 0) > max_new_tokens:  # a smaller max_new_tokens override wins
+        kept["min_new_tokens"] = max_new_tokens
     config = GenerationConfig(**{**kept, **_GREEDY, "max_new_tokens": max_new_tokens})
     config.pad_token_id = loaded.tokenizer.pad_token_id
     return config
