@@ -1,0 +1,280 @@
+"""Data-parallel training through ludwig_mt.launch on CPU (gloo), with real Ludwig, on the tiny model (issue #5).
+
+Every rank writes a report (``LUDWIG_MT_RANK_REPORT``): the rows it trained on, its loss per step and its trainable
+weights after the last step. The fast tests cover the pure helpers; the slow ones launch real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ludwig_mt import distributed
+from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
+from ludwig_mt.demo import predict
+from ludwig_mt.launch import free_port
+from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.samples import write_sql_sample
+from ludwig_mt.train import ludwig_executable
+from prep.registry import get_task
+from prep.task import prepare
+
+TRAIN_ROWS, VALIDATION_ROWS, BATCH = 64, 8, 4
+EPOCHS, STEPS_PER_CHECKPOINT = 2, 5  # 2 ranks: 8 steps per epoch, so checkpoint 1 (step 5) is mid-epoch
+
+
+# ---------------------------------------------------------------------------------------------- fast: pure helpers
+def test_4bit_with_zero3_or_fsdp_is_refused_with_the_fix_named() -> None:
+    config = load_yaml(task_config_path("sql"))
+    for strategy, fix in (("zero3", "--strategy zero2"), ("fsdp", "--strategy zero2")):
+        with pytest.raises(WorkflowError, match=fix) as err:
+            distributed.check_strategy_compatible(strategy, config)
+        assert "4-bit" in str(err.value) and "\n" not in str(err.value)
+    distributed.check_strategy_compatible("zero2", config)
+    distributed.check_strategy_compatible("ddp", config)
+    distributed.check_strategy_compatible("zero3", render_overrides(config, cpu=True))
+
+
+def test_deepspeed_config_takes_batch_sizes_and_clipping_from_the_trainer() -> None:
+    class Clip:
+        clipglobalnorm = 0.5
+
+    class Trainer:
+        batch_size, gradient_accumulation_steps, gradient_clipping = 8, 2, Clip()
+
+    config = distributed.deepspeed_config("zero2", Trainer(), world_size=4)
+    assert config["zero_optimization"]["stage"] == 2
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (8, 2)
+    assert config["train_batch_size"] == 64 and config["gradient_clipping"] == 0.5
+    assert not any(key.startswith("_") for key in config)
+
+
+def test_every_strategy_file_exists_and_is_named_in_the_readme() -> None:
+    readme = (distributed.DISTRIBUTED_CONFIG_DIR / "README.md").read_text(encoding="utf-8")
+    for name, file in distributed.STRATEGY_FILES.items():
+        assert f"--strategy {name}" in readme
+        if file:
+            assert (distributed.DISTRIBUTED_CONFIG_DIR / file).exists() and file in readme
+
+
+def test_strategy_comes_from_the_launcher_switch_or_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(distributed.ENV_STRATEGY, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.strategy_name() is None and not distributed.is_distributed_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.strategy_name() == "ddp"
+    monkeypatch.setenv(distributed.ENV_STRATEGY, "zero2")
+    assert distributed.strategy_name() == "zero2"
+    monkeypatch.setenv(distributed.ENV_STRATEGY, "horovod")
+    with pytest.raises(WorkflowError, match="unknown strategy"):
+        distributed.strategy_name()
+
+
+def test_batches_done_in_epoch() -> None:
+    assert [distributed.batches_done_in_epoch(s, 8) for s in (0, 5, 8, 13, 16)] == [0, 5, 0, 5, 0]
+    assert distributed.batches_done_in_epoch(3, 0) == 0
+
+
+def test_fast_forward_scheduler_reaches_the_uninterrupted_learning_rate() -> None:
+    from ludwig.modules.lr_scheduler import LRScheduler
+    from ludwig.schema.lr_scheduler import LRSchedulerConfig
+
+    def scheduler() -> LRScheduler:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return LRScheduler(LRSchedulerConfig(decay="cosine", warmup_fraction=0.2), optimizer, 5, 20)
+
+    uninterrupted, resumed = scheduler(), scheduler()
+    for _ in range(7):
+        uninterrupted.optimizer.step()
+        uninterrupted.step()
+    assert distributed.fast_forward_scheduler(resumed, 7) == 7
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted.optimizer.param_groups[0]["lr"])
+    assert distributed.fast_forward_scheduler(resumed, 7) == 0  # already there: a no-op
+
+
+@pytest.mark.slow  # a fresh interpreter importing Ludwig: ~20 s on 2 shared cores
+def test_plain_process_keeps_the_local_strategy() -> None:
+    code = ("import ludwig.api; from ludwig.backend import initialize_backend; from ludwig import distributed as d; "
+            "b = initialize_backend('local'); print(type(d.get_current_dist_strategy()).__name__, b.is_coordinator())")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", distributed.ENV_STRATEGY)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip().splitlines()[-1:] == ["LocalStrategy True"], out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- slow: real launches
+@pytest.fixture(scope="module")
+def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The SQL slice on the tiny model: an even number of training rows, dropout 0 (runs are comparable)."""
+    root = tmp_path_factory.mktemp("distributed")
+    report = prepare(get_task("sql"), str(write_sql_sample(root / "v4.json", 120)), root / "prepared")
+    rows = pd.read_csv(report.files["train"], keep_default_na=False)
+    rows = pd.concat([rows[rows.split == 0].head(TRAIN_ROWS), rows[rows.split == 1].head(VALIDATION_ROWS)])
+    assert (rows.split == 0).sum() == TRAIN_ROWS
+    rows.to_csv(root / "train.csv", index=False)
+    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny_model), cpu=True,
+                              epochs=EPOCHS, batch_size=BATCH, max_sequence_length=48, max_new_tokens=4)
+    config["adapter"]["dropout"] = 0.0
+    config["trainer"].update(learning_rate=0.01, steps_per_checkpoint=STEPS_PER_CHECKPOINT)
+    write_yaml(config, root / "sql.yaml")
+    # one optimizer step, no shuffling, SGD (its update is linear in the gradient), no world-size LR scaling
+    config["trainer"].update(train_steps=1, should_shuffle=False, learning_rate=0.5, learning_rate_scaling="constant",
+                             optimizer={"type": "sgd"}, learning_rate_scheduler={"decay": None, "warmup_fraction": 0.0})
+    config["trainer"].pop("steps_per_checkpoint")
+    for batch in (BATCH, 2 * BATCH):
+        config["trainer"].update(batch_size=batch, eval_batch_size=batch)
+        write_yaml(config, root / f"one_step_b{batch}.yaml")
+    return {"root": root, "test": Path(report.files["test"])}
+
+
+def ludwig_train(work: dict[str, Path], name: str, *, config: str = "sql.yaml", processes: int = 0,
+                 env: dict[str, str] | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+    """``ludwig train`` (processes=0) or ``python -m ludwig_mt.launch --cpu --gpus N``; output under root/name."""
+    with open(work["root"] / f"{name}.log", "a", encoding="utf-8") as log:
+        return subprocess.run(train_command(work, name, config, processes, (), resume), timeout=600, stdout=log,
+                              stderr=subprocess.STDOUT, env=train_env(work, name, env))
+
+
+def train_command(work: dict[str, Path], name: str, config: str, processes: int, launch_args: tuple[str, ...],
+                  resume: bool) -> list[str]:
+    root = work["root"]
+    args = ["train", "--config", str(root / config), "--dataset", str(root / "train.csv"), "--skip_save_processed_input"]
+    args += ["--model_resume_path", str(root / name / "experiment_run")] if resume else [
+        "--output_directory", str(root / name)]
+    if processes:
+        cmd = [sys.executable, "-m", "ludwig_mt.launch", "--cpu", "--strategy", "ddp", "--gpus", str(processes),
+               *launch_args, "--", *args]
+    else:
+        cmd = [ludwig_executable(), *args]
+    return cmd
+
+
+def train_env(work: dict[str, Path], name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", distributed.ENV_STRATEGY)}
+    return {**env, distributed.ENV_RANK_REPORT: str(work["root"] / f"{name}.report"), **(extra or {})}
+
+
+def rank_report(work: dict[str, Path], name: str, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = work["root"] / f"{name}.report"
+    return json.loads((folder / f"rank{rank}.json").read_text()), load_file(str(folder / f"rank{rank}.safetensors"))
+
+
+def log_tail(work: dict[str, Path], name: str) -> str:
+    return (work["root"] / f"{name}.log").read_text(errors="replace")[-3000:]
+
+
+def run_files(run: Path) -> set[str]:
+    """The run folder's layout: relative paths, without the names that carry a time stamp or a step number."""
+    skip = ("events.out.tfevents", "llm_eval_examples/")
+    return {str(p.relative_to(run)) for p in run.rglob("*") if not any(s in str(p) for s in skip)}
+
+
+@pytest.fixture(scope="module")
+def single(work: dict[str, Path]) -> str:
+    proc = ludwig_train(work, "single")
+    assert proc.returncode == 0, log_tail(work, "single")
+    return "single"
+
+
+@pytest.fixture(scope="module")
+def ddp(work: dict[str, Path]) -> str:
+    proc = ludwig_train(work, "ddp", processes=2)
+    assert proc.returncode == 0, log_tail(work, "ddp")
+    return "ddp"
+
+
+@pytest.mark.slow
+def test_two_ranks_train_disjoint_halves_of_the_rows(work: dict[str, Path], ddp: str) -> None:
+    reports = [rank_report(work, ddp, rank)[0] for rank in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert [r["steps"] for r in reports] == [EPOCHS * TRAIN_ROWS // (2 * BATCH)] * 2
+    for epoch in range(EPOCHS):
+        rows = [set(r["rows"][epoch]) for r in reports]
+        assert not rows[0] & rows[1] and len(rows[0]) == len(rows[1]) == TRAIN_ROWS // 2
+        assert rows[0] | rows[1] == set(range(TRAIN_ROWS))
+
+
+@pytest.mark.slow
+def test_two_ranks_end_with_identical_adapter_weights_and_falling_loss(work: dict[str, Path], ddp: str) -> None:
+    (report0, weights0), (report1, weights1) = (rank_report(work, ddp, rank) for rank in (0, 1))
+    assert weights0.keys() == weights1.keys() and any("lora_B" in k for k in weights0)
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)
+    assert any(weights0[k].abs().sum() > 0 for k in weights0 if "lora_B" in k)  # trained (B starts at zero)
+    for losses in (report0["losses"], report1["losses"]):
+        half = len(losses) // 2
+        assert sum(losses[half:]) / (len(losses) - half) < sum(losses[:half]) / half
+
+
+@pytest.mark.slow
+def test_launch_writes_the_single_process_layout_once(work: dict[str, Path], single: str, ddp: str) -> None:
+    ddp_runs, single_runs = sorted((work["root"] / ddp).iterdir()), sorted((work["root"] / single).iterdir())
+    assert [p.name for p in ddp_runs] == [p.name for p in single_runs] == ["experiment_run"]
+    assert run_files(ddp_runs[0]) == run_files(single_runs[0])
+    assert rank_report(work, single, 0)[0]["steps"] == 2 * rank_report(work, ddp, 0)[0]["steps"]
+
+
+@pytest.mark.slow
+def test_ludwig_predict_loads_the_launched_model(work: dict[str, Path], ddp: str) -> None:
+    model = work["root"] / ddp / "experiment_run" / "model"
+    predictions = pd.read_parquet(predict(model, work["test"], work["root"] / "pred", work["root"] / "pred.log"))
+    assert len(predictions) == len(pd.read_csv(work["test"])) and "response_response" in predictions.columns
+
+
+@pytest.mark.slow
+def test_one_step_on_two_ranks_of_b_equals_one_step_on_one_process_of_2b(work: dict[str, Path]) -> None:
+    one = ludwig_train(work, "one_b8", config=f"one_step_b{2 * BATCH}.yaml")
+    two = ludwig_train(work, "two_b4", config=f"one_step_b{BATCH}.yaml", processes=2)
+    assert one.returncode == 0 and two.returncode == 0, log_tail(work, "two_b4")
+    (r1, w1), (r2, w2) = rank_report(work, "one_b8", 0), rank_report(work, "two_b4", 0)
+    assert r1["steps"] == r2["steps"] == 1
+    assert sorted(r1["rows"][0][: 2 * BATCH]) == sorted(r2["rows"][0][:BATCH] + rank_report(
+        work, "two_b4", 1)[0]["rows"][0][:BATCH])  # the same 2b rows in that one step
+    updated = [k for k in w1 if "lora_B" in k]
+    step = max(w1[k].abs().max().item() for k in updated)  # B starts at 0: w1[B] is the SGD update itself
+    gap = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert step > 1e-4 and gap <= 1e-5 * step, (step, gap)
+
+
+@pytest.mark.slow
+def test_two_machine_launch_on_localhost_matches_one_machine(work: dict[str, Path], ddp: str) -> None:
+    port = str(free_port())
+    with open(work["root"] / "two_machines.log", "a", encoding="utf-8") as log:
+        machines = [subprocess.Popen(train_command(work, "two_machines", "sql.yaml", 1, (
+            "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
+            "--main-process-port", port), False), stdout=log, stderr=subprocess.STDOUT,
+            env=train_env(work, "two_machines")) for rank in (0, 1)]
+        codes = [m.wait(timeout=600) for m in machines]
+    assert codes == [0, 0], log_tail(work, "two_machines")
+    reports = [rank_report(work, "two_machines", rank) for rank in (0, 1)]
+    assert [r[0]["world_size"] for r in reports] == [2, 2]
+    _, reference = rank_report(work, ddp, 0)
+    assert all(torch.equal(reports[1][1][k], reference[k]) for k in reference)  # same world, same result
+    assert [p.name for p in (work["root"] / "two_machines").iterdir()] == ["experiment_run"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [0, 2], ids=["single-process", "launcher"])
+def test_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(
+        work: dict[str, Path], processes: int, request: pytest.FixtureRequest) -> None:
+    reference = request.getfixturevalue("ddp" if processes else "single")
+    name = f"killed_{processes}"
+    crashed = ludwig_train(work, name, processes=processes, env={distributed.ENV_CRASH_AFTER_CHECKPOINT: "1"})
+    assert crashed.returncode != 0
+    progress = json.loads((work["root"] / name / "experiment_run/model/training_progress.json").read_text())
+    assert progress["checkpoint_number"] == 1 and 0 < progress["steps"] < progress["total_steps"]
+    resumed = ludwig_train(work, name, processes=processes, resume=True)
+    assert resumed.returncode == 0, log_tail(work, name)
+    assert "Resuming training from previous run" in (work["root"] / f"{name}.log").read_text(errors="replace")
+    report, weights = rank_report(work, name, 0)
+    total = rank_report(work, reference, 0)[0]["steps"]
+    assert report["steps"] == total - progress["steps"]  # only the steps the checkpoint did not hold
+    _, expected = rank_report(work, reference, 0)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert (work["root"] / name / "experiment_run/model/model_weights/adapter_model.safetensors").exists()
