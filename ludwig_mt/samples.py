@@ -57,3 +57,34 @@ def write_sql_sample(path: str | Path, n: int = 60, seed: int = 0) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(sql_rows(n, seed), indent=1), encoding="utf-8")
     return p
+
+
+_DETOX_SUBJECTS = ["this movie", "your plan", "the new law", "that referee", "my neighbour's dog", "the bus service",
+                   "this phone", "the weather app", "our manager", "the final episode", "this restaurant", "the game"]
+_DETOX_PAIRS = [
+    ("{s} is a stupid piece of crap", "{s} is not good", "I do not like {s}"),
+    ("only an idiot would defend {s}", "I do not see how anyone can defend {s}", ""),
+    ("{s} is damn useless, shut up about it", "{s} is not useful, please stop talking about it", ""),
+    ("who the hell thought {s} was a good idea", "who thought {s} was a good idea", "{s} was not a good idea"),
+]
+
+
+def detox_rows(n: int, seed: int = 0) -> list[list[str]]:
+    """``n`` distinct rows (toxic, neutral1, neutral2, neutral3) in ParaDetox's published TSV layout."""
+    rng = random.Random(seed)
+    rows: dict[str, list[str]] = {}
+    while len(rows) < n:
+        toxic, *neutral = rng.choice(_DETOX_PAIRS)
+        subject = f"{rng.choice(_DETOX_SUBJECTS)} number {rng.randint(1, 999)}"
+        fill = [t.format(s=subject) for t in (toxic, *neutral)]
+        rows.setdefault(fill[0], [fill[0], fill[1], fill[2], ""])
+    return list(rows.values())
+
+
+def write_detox_sample(path: str | Path, n: int = 60, seed: int = 0) -> Path:
+    """Write the rows as the published ``paradetox.tsv`` (header toxic, neutral1, neutral2, neutral3)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["toxic\tneutral1\tneutral2\tneutral3", *("\t".join(row) for row in detox_rows(n, seed))]
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
