@@ -157,6 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     add_launch_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU (tests, smoke runs): no CUDA")
     args, rest = parser.parse_known_args(argv)
+    rest = rest[1:] if rest[:1] == ["--"] else rest
     if not rest:
         parser.error("give the ludwig command after --, e.g. -- train --config X.yaml --dataset D.csv")
     return args, rest
