@@ -38,7 +38,8 @@ def model_dir(output_directory: Path) -> Path:
 
 def resume_args(output_directory: Path) -> list[str]:
     """``--model_resume_path`` for the newest run that has a checkpoint; a clear error when there is none."""
-    runs = sorted(output_directory.glob("*/model/training_checkpoints/latest.ckpt"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(output_directory.glob("*/model/training_checkpoints/latest.ckpt"),
+                  key=lambda p: (p.stat().st_mtime, len(str(p)), str(p)))  # ties: experiment_run_N, highest N
     if not runs:
         raise WorkflowError(f"{output_directory}: no run with a checkpoint to resume. Fix: train without --resume")
     return ["--model_resume_path", str(runs[-1].parents[2])]
