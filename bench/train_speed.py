@@ -1,26 +1,36 @@
 """Side-by-side training-speed benchmark: plain transformers+peft loop vs raw Ludwig vs the project's tuned Ludwig.
 
-One call measures, for each architecture shape and each mode (QLoRA 4-bit / bf16 LoRA), at equal rows, batch,
-sequence length and LoRA settings:
+One call measures, for each architecture shape (random weights, public config values) and each mode (QLoRA 4-bit /
+bf16 LoRA), at equal rows, batch, sequence length and LoRA settings (r 16, alpha 32, dropout 0.05, all linear
+layers of attention and MLP):
 
 * ``plain``  - the usual hand-written loop: ``from_pretrained`` (bf16, or nf4 + ``prepare_model_for_kbit_training``),
   ``get_peft_model``, torch AdamW, right-padded batches, default (SDPA) attention, no gradient checkpointing;
 * ``raw``    - Ludwig 0.17.10 on ``ludwig_configs/sql.yaml`` rendered with the local random-weight model,
-  ``LUDWIG_MT_SPEEDUPS=0`` (the project's correctness fixes stay on; none of them touches training speed);
-* ``tuned``  - the same rendered YAML plus :data:`TUNED_YAML` (the YAML changes proposed to the lead), speed-ups on.
+  ``LUDWIG_MT_SPEEDUPS=0`` (the project's correctness fixes stay on: without the paged-optimizer fix the YAML's
+  ``paged_adam`` does not even build);
+* ``tuned``  - the same rendered YAML plus :data:`TUNED_YAML` (gradient checkpointing off), speed-ups on;
+* ``tuned-packed`` - tuned with ``trainer.packing: true`` at ``global_max_sequence_length`` 2048 and a micro-batch
+  of 32 rows (4 packs of 2,040 tokens), where the model takes ``position_ids`` (not Bloom: there, 32 rows unpacked);
+* ``ablate-*`` - tuned with one speed-up (or YAML change) undone, so each change is measured on its own.
 
 Every path runs in its own subprocess (clean CUDA peak-memory counter, patches applied once). Ludwig's step time
 is measured between its ``on_batch_start`` / ``on_batch_end`` callbacks (after a CUDA sync), so preprocessing, model
-load and evaluation are excluded. Tokens/s counts real (non-pad) tokens; every row has the same length, so no
-path wastes compute on padding and packing cannot help or hurt the comparison.
+load and evaluation are excluded; the median of the steps after warm-up is reported. Tokens/s counts real
+(non-pad) tokens; every row has the same length, so no path wastes compute on padding.
 
-MFU convention: LoRA leaves the base weights frozen, so a step costs the forward (2N) plus the input-gradient
-half of the backward (2N): 4N FLOPs per token, N = parameters used in matmuls (all linear layers including the
-LM head; the input embedding lookup is not a matmul; attention-score FLOPs are left out, which understates MFU
-by ~10% at 2048 tokens). The denominator is the bf16 rate of a large ``torch.matmul`` measured in the same run.
+MFU, as issue #6 defines it: 4N FLOPs per token over the bf16 rate of a large ``torch.matmul`` measured in the
+same run, N = parameters of all linear layers (LM head included, tied or not; the embedding lookup is not a
+matmul). 4N is forward (2N) + the input-gradient half of the backward (2N): LoRA leaves the base weights frozen.
+It leaves out attention-score FLOPs (understates by ~10% at 2048 tokens) and LoRA's own FLOPs, and counts the
+LM head on every token although ``target_only_logits`` applies it to response tokens only (overstates then).
+
+Correctness guard: the first training losses of each Ludwig case are recorded; ``loss_check`` compares the first
+step (LoRA B = 0, so it is the base model's loss on the same rows) with raw Ludwig at the same batch, relative
+tolerance :data:`LOSS_TOLERANCE` (bf16 vs fp32 weights differ in the 3rd digit).
 
 Run (GPU):  python bench/train_speed.py --out $OUT
-Run (CPU smoke test, tiny shapes, 2 minutes):  python bench/train_speed.py --tiny --out /tmp/bench
+Run (CPU smoke test, tiny shapes, a few minutes):  python bench/train_speed.py --smoke --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -55,8 +65,10 @@ LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
-# YAML changes the tuned path adds to ludwig_configs/sql.yaml (proposed to the lead in notes/lead_todo_speed.md).
+# YAML changes the tuned path adds to ludwig_configs/sql.yaml (a proposal for the task YAMLs: bench/NOTES-speed.md).
 TUNED_YAML: dict[str, Any] = {"trainer": {"enable_gradient_checkpointing": False}}
+PACKED_YAML: dict[str, Any] = {"trainer": {"packing": True}, "preprocessing": {"global_max_sequence_length": 2048}}
+LOSS_TOLERANCE = 0.01  # relative, first-step loss of a tuned case vs raw Ludwig at the same batch
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Case:
     warmup: int
     extra_env: dict[str, str] = field(default_factory=dict)
     label: str = ""
+    yaml: dict[str, Any] = field(default_factory=dict)  # merged into the rendered YAML after TUNED_YAML
 
     @property
     def seq_len(self) -> int:  # prompt + response + eos
@@ -159,8 +172,8 @@ def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
     trainer = config["trainer"]
     trainer.update(batch_size=case.batch, eval_batch_size=case.batch, train_steps=case.steps + case.warmup)
     trainer.pop("epochs", None)
-    if case.path == "tuned":
-        for key, value in TUNED_YAML.items():
+    for overrides in ([TUNED_YAML] if case.path == "tuned" else []) + [case.yaml]:
+        for key, value in overrides.items():
             if isinstance(value, dict):
                 config.setdefault(key, {}).update(value)
             else:
@@ -370,8 +383,12 @@ def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float
             **{k: raw[k] for k in ("param_dtypes", "attn_implementation") if k in raw}}
 
 
-def launch(case: Case, model_dir: Path, dataset: Path, work: Path, log_dir: Path, timeout: int) -> dict[str, Any]:
-    name = case.label or f"{case.shape}-{case.mode}-{case.path}-b{case.batch}-s{case.seq_len}"
+def case_name(case: Case) -> str:
+    return case.label or f"{case.shape}-{case.mode}-{case.path}-b{case.batch}"
+
+
+def launch(case: Case, model_dir: Path, dataset: Path, work: Path, timeout: int) -> dict[str, Any]:
+    name = case_name(case)
     result = work / f"{name}.json"
     env = {**os.environ, "LUDWIG_MT_SPEEDUPS": "0" if case.path == "raw" else "1", **case.extra_env}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -387,39 +404,72 @@ def launch(case: Case, model_dir: Path, dataset: Path, work: Path, log_dir: Path
     wall = time.perf_counter() - t0
     if rc != 0 or not result.exists():
         tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
-        return {"name": name, "error": f"exit {rc}: {' | '.join(tail)}", "wall_s": wall}
+        return {"name": name, "case": asdict(case), "error": f"exit {rc}: {' | '.join(tail)}", "wall_s": wall}
     return {"name": name, "raw": json.loads(result.read_text()), "wall_s": wall}
 
 
+def add_comparisons(results: list[dict[str, Any]]) -> None:
+    """Speed and memory relative to the plain loop (same shape, mode, batch 8 reference) and the loss check."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["case"]["shape"], r["case"]["mode"]
+
+    ok = [r for r in results if "error" not in r]
+    plain = {key(r): r for r in ok if r["case"]["path"] == "plain"}
+    raw = {(*key(r), r["case"]["batch"]): r for r in ok if r["case"]["path"] == "raw"}
+    for r in ok:
+        base = plain.get(key(r))
+        if base and base is not r:
+            r["x_plain_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["x_plain_peak_gib"] = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else None
+        ref = raw.get((*key(r), r["case"]["batch"]))
+        if r["case"]["path"] == "tuned" and ref and r["first_losses"] and ref["first_losses"]:
+            delta = abs(r["first_losses"][0] - ref["first_losses"][0]) / abs(ref["first_losses"][0])
+            r["loss_check"] = {"first_loss": r["first_losses"][0], "raw_first_loss": ref["first_losses"][0],
+                               "rel_delta": delta, "tolerance": LOSS_TOLERANCE, "ok": delta <= LOSS_TOLERANCE}
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'case':44s} {'tok/s':>9s} {'step s':>7s} {'peak GiB':>8s} {'MFU':>6s} {'x plain':>7s} {'mem x':>6s}"]
-    plain = {(r["case"]["shape"], r["case"]["mode"], r["case"]["batch"], r["case"]["prompt_tokens"]): r
-             for r in results if "case" in r and r["case"]["path"] == "plain"}
+    """Markdown table, one row per case."""
+    lines = ["| case | tokens/s | step s | peak GiB | MFU | x plain tok/s | x plain mem | loss step 1 (vs raw) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['name']:44s} ERROR {r['error'][:150]}")
+            lines.append(f"| {r['name']} | ERROR: {r['error'][:160].replace('|', '/')} | | | | | | |")
             continue
-        c = r["case"]
-        base = plain.get((c["shape"], c["mode"], c["batch"], c["prompt_tokens"]))
-        speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        mem = r["peak_gib"] / base["peak_gib"] if base and base["peak_gib"] else float("nan")
-        lines.append(f"{r['name']:44s} {r['tokens_per_s']:9.0f} {r['step_s']:7.3f} {r['peak_gib']:8.2f} "
-                     f"{100 * r['mfu']:5.1f}% {speed:7.2f} {mem:6.2f}")
+        fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else ""  # noqa: E731
+        check = r.get("loss_check")
+        loss = fmt(r["first_losses"][0], ".4f") if r["first_losses"] else ""
+        if check:
+            loss += f" ({100 * check['rel_delta']:.2f}% {'ok' if check['ok'] else 'OUT OF TOLERANCE'})"
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | "
+                     f"{100 * r['mfu']:.1f}% | {fmt(r.get('x_plain_tokens_per_s'), '.2f')} | "
+                     f"{fmt(r.get('x_plain_peak_gib'), '.2f')} | {loss} |")
     return "\n".join(lines)
 
 
-def plan(args: argparse.Namespace) -> list[Case]:
+def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response: int, steps: int, warmup: int,
+         packed_batch: int, ablations: bool) -> list[Case]:
+    """The side-by-side cases (plain, raw, tuned at equal batch; tuned packed/larger batch) and the ablations."""
     cases = []
-    for shape in args.shapes:
-        for mode in args.modes:
-            for path in args.paths:
-                cases.append(Case(shape, mode, path, args.batch, args.prompt_tokens, args.response_tokens,
-                                  args.steps, args.warmup))
-    for spec in args.extra:  # shape:mode:path:batch:prompt:response[:ENV=V,...][:label]
-        parts = spec.split(":")
-        env = dict(kv.split("=", 1) for kv in parts[6].split(",") if kv) if len(parts) > 6 else {}
-        cases.append(Case(parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]), int(parts[5]),
-                          args.steps, args.warmup, env, parts[7] if len(parts) > 7 else ""))
+    for shape in shapes:
+        packable = SHAPES[shape]["arch"] == "llama"
+        for mode in modes:
+            common = dict(shape=shape, mode=mode, prompt_tokens=prompt, response_tokens=response, steps=steps,
+                          warmup=warmup)
+            for path in ("plain", "raw", "tuned"):
+                cases.append(Case(path=path, batch=batch, **common))
+            big = f"{shape}-{mode}-tuned-{'packed2048' if packable else 'unpacked'}-b{packed_batch}"
+            cases.append(Case(path="tuned", batch=packed_batch, label=big,
+                              yaml=PACKED_YAML if packable else {}, **common))
+            if not ablations:
+                continue
+            undo = ["target_only_logits", "liger_kernels"] + (["lean_kbit_prep", "sdpa_attention"] if mode == "qlora"
+                                             else ["bf16_weights"])
+            for name in undo:
+                cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-{name}",
+                                  extra_env={"LUDWIG_MT_SPEEDUPS_OFF": name}, **common))
+            cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-gradient-checkpointing-on",
+                              yaml={"trainer": {"enable_gradient_checkpointing": True}}, **common))
     return cases
 
 
@@ -427,16 +477,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--work", type=Path, default=None, help="scratch folder (models, datasets); default: /tmp")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, few steps, bf16 LoRA only")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, few steps, bf16 LoRA only")
     p.add_argument("--shapes", nargs="+", default=["llama3.2-1b", "bloom-1b1"])
     p.add_argument("--modes", nargs="+", default=["qlora", "lora"])
-    p.add_argument("--paths", nargs="+", default=["plain", "raw", "tuned"])
+    p.add_argument("--only", nargs="*", default=[], help="keep only cases whose name contains one of these")
+    p.add_argument("--ablations", action="store_true", help="also tuned with each speed-up undone (batch 8)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--packed-batch", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=190)
     p.add_argument("--response-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--extra", nargs="*", default=[], help="more cases: shape:mode:path:batch:prompt:response[:ENV=V]")
     p.add_argument("--timeout", type=int, default=300, help="seconds per case")
     p.add_argument("--budget", type=int, default=100000, help="skip the remaining cases after this many seconds")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -445,10 +496,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         return run_worker(args)
-    if args.tiny:
+    if args.smoke:
         args.shapes = [s for s in args.shapes if s.startswith("tiny")] or ["tiny-llama", "tiny-bloom"]
-        args.modes, args.steps, args.warmup = ["lora"], min(args.steps, 4), 1
+        args.modes, args.steps, args.warmup = ["lora"], min(args.steps, 3), 1
         args.prompt_tokens, args.response_tokens = min(args.prompt_tokens, 40), min(args.response_tokens, 16)
+        args.packed_batch = min(args.packed_batch, 16)
 
     import tempfile
 
@@ -462,23 +514,26 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_tflops(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}): "
           f"matmul {peak:.0f} TFLOP/s", flush=True)
-    cases = plan(args)
-    models = {s: build_model_dir(s, work) for s in {c.shape for c in cases}}
+    cases = plan(args.shapes, args.modes, args.batch, args.prompt_tokens, args.response_tokens, args.steps,
+                 args.warmup, args.packed_batch, args.ablations)
+    if args.only:
+        cases = [c for c in cases if any(o in case_name(c) for o in args.only)]
+    models = {s: build_model_dir(s, work) for s in sorted({c.shape for c in cases})}
     n_params = {s: matmul_params(m) for s, m in models.items()}
     datasets: dict[tuple, Path] = {}
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for case in cases:
         if time.perf_counter() - t_start > args.budget:
-            results.append({"name": case.label or case.path, "error": "skipped: time budget spent"})
+            results.append({"name": case_name(case), "case": asdict(case), "error": "skipped: time budget spent"})
             continue
         key = (case.shape, case.batch, case.prompt_tokens, case.response_tokens)
         if key not in datasets:
             tok = AutoTokenizer.from_pretrained(models[case.shape])
             n_rows = case.batch * (case.steps + case.warmup + 1)
-            rows = build_rows(tok, n_rows + case.batch, case.prompt_tokens, case.response_tokens)
-            datasets[key] = write_dataset(rows, work / f"data-{'-'.join(map(str, key))}.csv", n_val=case.batch)
-        out = launch(case, models[case.shape], datasets[key], work, args.out, args.timeout)
+            rows = build_rows(tok, n_rows + 2, case.prompt_tokens, case.response_tokens)
+            datasets[key] = write_dataset(rows, work / f"data-{'-'.join(map(str, key))}.csv", n_val=2)
+        out = launch(case, models[case.shape], datasets[key], work, args.timeout)
         if "raw" in out:
             out = {"name": out["name"], "wall_s": out["wall_s"],
                    **summarize(case, out["raw"], n_params[case.shape], peak), "step_times": out["raw"]["step_times"],
@@ -487,11 +542,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t_start:5.0f}s] {out['name']}: "
               + (f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"
                  if "error" not in out else out["error"][:300]), flush=True)
+        add_comparisons(results)
         (args.out / "train_speed.json").write_text(json.dumps(
-            {"device": device, "matmul_tflops": peak, "matmul_params": n_params, "tuned_yaml": TUNED_YAML,
-             "results": results}, indent=1))
-        (args.out / "train_speed.txt").write_text(table(results) + "\n")
+            {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+             "matmul_tflops": peak, "matmul_params": n_params, "tuned_yaml": TUNED_YAML, "packed_yaml": PACKED_YAML,
+             "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 matmul FLOP/s",
+             "versions": versions(), "results": results}, indent=1))
+        (args.out / "train_speed.md").write_text(table(results) + "\n")
     print(table(results))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "ludwig", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 if __name__ == "__main__":

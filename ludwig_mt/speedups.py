@@ -46,6 +46,13 @@ What Ludwig does without them, and why each change is safe:
     none of the full-vocabulary fp32 tensors (the head is 20-40% of a 1B model's FLOPs at a 128k-256k vocabulary).
     It also makes ``trainer.packing: true`` work (below).
 
+``liger_kernels``
+    When ``liger-kernel`` is installed (the optional extra ``gpu``: ``pip install -e .[gpu]``) and the model runs on
+    CUDA: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE patched into the loaded model instance (fewer, fused
+    memory-bound kernels; same maths), and on lean steps Liger's fused linear cross-entropy, which computes the
+    LM head and the loss chunk by chunk without materialising the ``tokens x vocabulary`` logits. Off without
+    liger-kernel or CUDA (nothing changes on CPU).
+
 ``trainer.packing: true`` (Ludwig's own switch, off by default) is made correct and fast on those steps: Ludwig
 0.17.10 builds its block-diagonal mask with a Python loop over every (i, j) token pair of every pack and then
 aligns the targets with the unpacked batch, not the packs. We pack whole rows (prompt + response + EOS) first-fit
@@ -67,7 +74,8 @@ from ludwig_mt.ludwig_fixes import _once
 
 logger = logging.getLogger(__name__)
 
-SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits")
+SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits",
+            "liger_kernels")
 
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
@@ -121,10 +129,36 @@ class _AutoModelShim:
         if new != kwargs:
             changed = {k: new.get(k) for k in set(new) | set(kwargs) if new.get(k) != kwargs.get(k)}
             logger.info("ludwig_mt speed-ups: from_pretrained %s", changed)
-        return self._real.from_pretrained(*args, **new)
+        model = self._real.from_pretrained(*args, **new)
+        apply_liger_kernels(model)
+        return model
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
+
+
+def liger_usable() -> bool:
+    """``liger_kernels`` is on, liger-kernel is installed and CUDA is visible (its kernels are Triton, GPU only)."""
+    import importlib.util
+
+    import torch
+
+    return enabled("liger_kernels") and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_liger_kernels(model) -> bool:
+    """Patch Liger's RMSNorm / SwiGLU / RoPE kernels into a loaded ``*ForCausalLM`` instance (its model type
+    permitting); the loss stays ours (see :func:`target_only_loss`). Returns whether anything was applied."""
+    if not liger_usable():
+        return False
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    if getattr(model.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    logger.info("ludwig_mt speed-ups: Liger kernels (RMSNorm, SwiGLU, RoPE) applied to %s", type(model).__name__)
+    return True
 
 
 @_once
@@ -267,6 +301,7 @@ def target_only_loss(causal_lm, batch: dict[str, Any]):
     ``causal_lm`` is the (peft-wrapped) ``*ForCausalLM``; ``batch`` holds ``input_ids``, ``labels`` and either
     ``attention_mask`` or ``position_ids``. Equal to the full-logits loss (the same positions, fp32 softmax).
     """
+    import torch
     import torch.nn.functional as F
 
     base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
@@ -274,8 +309,13 @@ def target_only_loss(causal_lm, batch: dict[str, Any]):
     hidden = base.base_model(**model_kwargs, use_cache=False)[0]
     shifted = batch["labels"][:, 1:]
     keep = shifted != IGNORE
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), shifted[keep])
+    head = base.get_output_embeddings()
+    selected, targets = hidden[:, :-1][keep], shifted[keep]
+    if type(head) is torch.nn.Linear and head.bias is None and hidden.is_cuda and liger_usable():
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss()(head.weight, selected.to(head.weight.dtype), targets)
+    return F.cross_entropy(head(selected).float(), targets)
 
 
 def lean_forward_supported(llm) -> bool:

@@ -256,3 +256,13 @@ def test_ludwig_train_losses_match_with_and_without_speedups(tiny_model: Path, t
     assert len(losses["raw"]) == len(losses["tuned"]) == 10, losses
     for raw, tuned in zip(losses["raw"], losses["tuned"]):
         assert abs(raw - tuned) < 1e-4, losses
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour; GPU evidence: bench/train_speed.py")
+def test_liger_kernels_change_nothing_without_cuda(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not speedups.liger_usable()
+    assert speedups.apply_liger_kernels(model) is False
+    assert "forward" not in vars(model.model.norm) and "forward" not in vars(model.model.layers[0].mlp)
