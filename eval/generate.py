@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 LUDWIG_DEFAULT_MAX_NEW_TOKENS = 32
 #: Ludwig's default ``max_sequence_length`` of a text input feature (``schema/features/preprocessing/text.py``).
 LUDWIG_DEFAULT_INPUT_MAX_SEQUENCE_LENGTH = 256
+#: Ludwig's default ``quantization.bnb_4bit_compute_dtype`` (``schema/llms/quantization.py``).
+LUDWIG_DEFAULT_COMPUTE_DTYPE = "float16"
 #: Ludwig's fallback context length when the model config names none (``utils/llm_utils.py``).
 FALLBACK_CONTEXT_LEN = 2048
 #: Generation settings that would make decoding non-greedy; we force them to greedy (the issue asks for greedy).
@@ -152,6 +154,9 @@ def _check_supported(hyper: Mapping[str, Any], model_dir: Path) -> None:
     if (hyper.get("prompt") or {}).get("template"):
         raise WorkflowError(f"{model_dir}: prompt.template is set; eval expects prompts formatted by prep. "
                             "Fix: train with prompts formatted by ./run.sh prep and no prompt.template")
+    if (hyper.get("quantization") or {}).get("backend", "bitsandbytes") != "bitsandbytes":
+        raise WorkflowError(f"{model_dir}: quantization backend {hyper['quantization']['backend']!r}; only "
+                            "bitsandbytes is supported. Fix: train with quantization.backend: bitsandbytes")
     if hyper.get("adapters"):
         raise WorkflowError(f"{model_dir}: several named adapters (adapters:) are not supported. "
                             "Fix: train one adapter (adapter:) per model")
@@ -198,7 +203,7 @@ def _bitsandbytes_config(quantization: Mapping[str, Any]):
         load_in_8bit=bits == 8,
         llm_int8_threshold=float(quantization.get("llm_int8_threshold", 6.0)),
         llm_int8_has_fp16_weight=bool(quantization.get("llm_int8_has_fp16_weight", False)),
-        bnb_4bit_compute_dtype=quantization.get("bnb_4bit_compute_dtype", "float16"),
+        bnb_4bit_compute_dtype=quantization.get("bnb_4bit_compute_dtype", LUDWIG_DEFAULT_COMPUTE_DTYPE),
         bnb_4bit_use_double_quant=bool(quantization.get("bnb_4bit_use_double_quant", True)),
         bnb_4bit_quant_type=quantization.get("bnb_4bit_quant_type", "nf4"),
     )
@@ -216,7 +221,7 @@ def load_causal_lm(path: str, *, device: str, quantization: Mapping[str, Any] | 
     kwargs: dict[str, Any] = {}
     if quantization:
         kwargs["quantization_config"] = _bitsandbytes_config(quantization)
-        kwargs["dtype"] = getattr(torch, quantization.get("bnb_4bit_compute_dtype", "bfloat16"))
+        kwargs["dtype"] = getattr(torch, quantization.get("bnb_4bit_compute_dtype", LUDWIG_DEFAULT_COMPUTE_DTYPE))
         kwargs["device_map"] = {"": torch.device(device).index or 0} if device.startswith("cuda") else {"": device}
     else:
         kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
