@@ -127,7 +127,8 @@ def ludwig_config(base: Path, *, cuda: bool, new_tokens: int, prompt_tokens: int
                     "learning_rate": 0.0002, "gradient_accumulation_steps": 1,
                     "enable_gradient_checkpointing": False,
                     "optimizer": {"type": "paged_adam" if cuda else "adamw"}},
-        "preprocessing": {"split": {"type": "fixed", "column": "split"}, "global_max_sequence_length": 4 * prompt_tokens},
+        "preprocessing": {"split": {"type": "fixed", "column": "split"},
+                          "global_max_sequence_length": 4 * prompt_tokens},
         "backend": {"type": "local"},
     }
     if cuda:
