@@ -25,7 +25,9 @@ identical to ``ludwig predict``'s on a trained model):
 One deliberate difference: Ludwig right-pads the new tokens with id 0 up to ``max_new_tokens`` before decoding
 (``decoders/utils.py`` ``extract_generated_tokens``). For tokenizers whose id 0 is a special token (Llama 2,
 SentencePiece models) that decodes to nothing; for those where id 0 is an ordinary token (Qwen2.5 and Llama 3:
-``!``) Ludwig's response after an early eos ends in a run of ``!``. We decode only what the model generated.
+``!``) Ludwig's response after an early eos ends in a run of ``!`` (reproduced with a word-level tokenizer whose
+id 0 is an ordinary word: ``ludwig predict`` gave ``"w23 w173 w0 w0 ... w0"`` where the model generated
+``w23 w173 </s>``). We decode only what the model generated.
 """
 
 from __future__ import annotations
