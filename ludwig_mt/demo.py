@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
 from ludwig_mt.ludwig_fixes import WorkflowError
-from ludwig_mt.samples import write_sql_sample
+from ludwig_mt.samples import write_detox_sample, write_sql_sample
 from ludwig_mt.tiny_model import build_tiny_llama
 from ludwig_mt.train import ludwig_executable, train
 from prep.registry import get_task
@@ -77,7 +77,27 @@ def run_demo(workdir: Path, *, rows: int = 200, epochs: int = 2, base_model: str
                   "train log": str(results / "train.log")})
     scores = step("score sql", lambda: score(predictions, test_csv, workdir))
     paths.update(scores.pop("paths", {}))
-    return {"rows": report.as_dict(), "timings": timings, "paths": paths, "scores": scores}
+    detox = workdir / "raw" / "paradetox" / "paradetox.tsv"
+    step("prep detox", lambda: prepare(get_task("detox"), str(write_detox_sample(detox, rows // 2)),
+                                       workdir / "prepared"))
+    evaluation = step("eval: base vs sql adapter on sql, detox", lambda: retention_report(model_dir, model, workdir))
+    paths["eval report"] = str(evaluation.request.report_dir / "report.md")
+    return {"rows": report.as_dict(), "timings": timings, "paths": paths, "scores": scores, "eval": evaluation}
+
+
+def retention_report(base_model: Path, sql_model: Path, workdir: Path) -> Any:
+    """``python -m eval`` in-process: the base and the sql adapter on sql and detox, report under reports/."""
+    from eval.perplexity import DEFAULT_PROBE
+    from eval.report import LOG_FILE, logging_to, write_report
+    from eval.runner import EvalRequest, ModelSpec, read_probe, run_eval
+
+    request = EvalRequest(name="demo", base_model=str(base_model), models=(ModelSpec("sql", sql_model, ("sql",)),),
+                          tasks=("sql", "detox"), prepared=workdir / "prepared", out=workdir / "reports",
+                          probes=(read_probe(DEFAULT_PROBE),), device="cpu")
+    with logging_to(request.report_dir / LOG_FILE):
+        result = run_eval(request, progress=False)
+        write_report(result)
+    return result
 
 
 def score(predictions: Path, test_csv: Path, workdir: Path) -> dict[str, Any]:
@@ -97,6 +117,7 @@ def _as_text(value: Any) -> str:
 
 
 def summary(result: dict[str, Any]) -> Table:
+    """The one screen: rows, timings, scores, the retention matrix (score and change from base) and the paths."""
     table = Table(title="ludwig-multitask offline demo (sql, tiny model, CPU)", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -108,6 +129,13 @@ def summary(result: dict[str, Any]) -> Table:
     table.add_row("time: total", f"{sum(result['timings'].values()):.1f} s")
     for name, value in result["scores"].items():
         table.add_row(f"score: {name}", f"{value:.3f}" if isinstance(value, float) else str(value))
+    if "eval" in result:
+        from eval.report import matrix_table
+
+        header, rows = matrix_table(result["eval"], bold_own=False)
+        table.add_row("retention matrix", "  |  ".join(header[1:]))
+        for row in rows:
+            table.add_row(f"  {row[0]}", "  |  ".join(row[1:]))
     for name, path in result["paths"].items():
         table.add_row(name, path)
     return table
