@@ -16,14 +16,13 @@ mixture has one, found through Ludwig's description.json next to the model folde
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from eval.report import LOG_FILE, fmt_delta, matrix_table, perplexity_table, summary_table, write_report
+from eval.report import LOG_FILE, fmt_delta, logging_to, matrix_table, perplexity_table, summary_table, write_report
 from eval.runner import EvalRequest, EvalResult, ModelSpec, Probe, parse_assignment, read_probe, \
     require_model_dir, resolve_own_tasks, run_eval, validate_request
 from ludwig_mt.ludwig_fixes import WorkflowError
@@ -72,9 +71,9 @@ def probes_from_args(values: list[str], disabled: bool) -> tuple[Probe, ...]:
     probes = []
     for value in values or [BUILTIN_PROBE]:
         if value == BUILTIN_PROBE:
-            from eval.perplexity import BUILTIN_PROBE_NAME, builtin_probe_texts
+            from eval.perplexity import DEFAULT_PROBE
 
-            probes.append(Probe(BUILTIN_PROBE_NAME, tuple(builtin_probe_texts())))
+            probes.append(read_probe(DEFAULT_PROBE))
         else:
             probes.append(read_probe(Path(value)))
     return tuple(probes)
@@ -111,18 +110,6 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
     )
 
 
-def log_to_file(path: Path) -> logging.Handler:
-    """Everything (ours, transformers', Ludwig's, warnings) goes to the report's eval.log, not the terminal."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    return handler
-
-
 def rich_table(table: tuple[list[str], list[list[str]]], title: str) -> Table:
     header, rows = table
     out = Table(title=title, title_justify="left")
@@ -155,13 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = request_from_args(args)
         validate_request(request, list(TASKS))
-        handler = log_to_file(request.report_dir / LOG_FILE)
-        try:
+        with logging_to(request.report_dir / LOG_FILE):
             result = run_eval(request, notify=lambda message: errors.print(f"[dim]eval[/dim] {message}"))
             paths = write_report(result)
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
     except (WorkflowError, PrepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,12 +7,14 @@ as Markdown here and as the terminal summary of ``python -m eval``, so the two n
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import math
 import os
 import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -298,6 +300,27 @@ def write_heatmap(result: EvalResult, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- all three
+@contextlib.contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """Everything logged meanwhile (ours, transformers', warnings) goes to the report's eval.log, not the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
+
+
+
 def write_report(result: EvalResult, generated_at: str | None = None) -> dict[str, Path]:
     """Write report.md, report.json and retention.png into the report folder; return their paths."""
     stamp = generated_at or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

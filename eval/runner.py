@@ -267,7 +267,7 @@ def load_test(prepared: Path, task: str, max_rows: int | None) -> tuple[pd.DataF
     if not path.is_file():
         raise WorkflowError(f"{path}: test.csv not found. Fix: run ./run.sh prep {task} --out {prepared}")
     raw = path.read_bytes()
-    test = pd.read_csv(path, keep_default_na=False)
+    test = pd.read_csv(path, keep_default_na=False, dtype=str)  # as eval.scoring expects: text stays text
     missing = [c for c in ("prompt", "response") if c not in test.columns]
     if missing:
         raise WorkflowError(f"{path}: no column {', '.join(missing)}. Fix: re-run ./run.sh prep {task}")
@@ -415,7 +415,7 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         settings_info[task] = asdict(s) | {"source": source}
     base = base_identity(request.base_model)
     identities = {BASE: base} | {m.name: adapter_identity(m.path, base) for m in request.models if m.path}
-    resources = backend.resources(work_dir=request.report_dir / "work", prepared_dir=request.prepared,
+    resources = backend.resources(work_dir=request.cache / "resources", prepared_dir=request.prepared,
                                   spider_dir=request.spider_dir)
     first_settings = settings[request.tasks[0]]
     specs = (ModelSpec(BASE, None, ()), *request.models)
