@@ -16,7 +16,8 @@ Random weights rarely emit eos, and might emit special tokens that decode to not
 sets ``min_new_tokens = max_new_tokens`` and suppresses the special tokens: every method generates exactly
 ``new_tokens`` per prompt. Tokens are counted, not assumed: Ludwig's responses are re-tokenized (a word-level
 tokenizer round-trips exactly) and ours are the returned ids. Texts of the two are compared on Ludwig's subset.
-Timings exclude model loading (reported separately); ours exclude one tiny warm-up call.
+Timings exclude model loading (reported separately); ours exclude one tiny warm-up call and are the second of
+two passes over the prompts (the first is in the JSON as ``first_seconds``).
 
 Run on the GPU (one device call, about 5 minutes; Ludwig + bitsandbytes from .gpu-site, see ../shared/gpu):
     python3 bench/eval_speed.py --out $OUT
@@ -68,6 +69,7 @@ class Row:
     load_seconds: float
     peak_gib: float | None
     matches_ludwig: str  # "k/n" identical texts on Ludwig's subset, or "-"
+    first_seconds: float | None = None  # ours: the first of two timed passes (compilation, allocator warm-up)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -215,39 +217,47 @@ def measure_ludwig(model_dir: Path, prompts: list[str], tokenizer, *, speedups: 
 
 
 def measure_ours(model_dir: Path, prompts: list[str], batch_sizes: list[int], *, merge: bool, label: str,
-                 ludwig_texts: list[str]) -> list[Row]:
-    """``eval.generate`` at each batch size on one loaded model (merged or not)."""
+                 ludwig_texts: list[str], static_cache: bool = False) -> list[Row]:
+    """``eval.generate`` at each batch size on one loaded model (merged or not); two passes, the second timed
+    (the first is reported as ``first_seconds``: with a static cache it includes torch.compile)."""
+    from dataclasses import replace
+
     from eval.generate import decode, generate_ids, load_ludwig_model, new_token_count
 
     _reset_peak()
     started = time.perf_counter()
     loaded = load_ludwig_model(model_dir, merge=merge)
     load_seconds = time.perf_counter() - started
+    if static_cache:  # transformers compiles the decoding step for a static KV cache on CUDA
+        generation = {**loaded.settings.generation, "cache_implementation": "static"}
+        loaded.settings = replace(loaded.settings, generation=generation)
     generate_ids(loaded, prompts[:2], max_new_tokens=2, batch_size=2, progress=False)  # warm-up (kernels, caches)
     subset = len(ludwig_texts)
     rows = []
     for batch_size in batch_sizes:
-        _sync()
-        started = time.perf_counter()
-        results = generate_ids(loaded, prompts, batch_size=batch_size, progress=False)
-        _sync()
-        seconds = time.perf_counter() - started
+        passes = []
+        for _ in range(2):
+            _sync()
+            started = time.perf_counter()
+            results = generate_ids(loaded, prompts, batch_size=batch_size, progress=False)
+            _sync()
+            passes.append(time.perf_counter() - started)
         tokens = new_token_count(results)
         same = sum(decode(loaded, ids) == text for ids, text in zip(results[:subset], ludwig_texts))
-        rows.append(Row(label, batch_size, len(prompts), tokens, seconds, tokens / seconds, load_seconds,
-                        _peak_gib(), f"{same}/{subset}" if subset else "-"))
+        rows.append(Row(label, batch_size, len(prompts), tokens, passes[1], tokens / passes[1], load_seconds,
+                        _peak_gib(), f"{same}/{subset}" if subset else "-", first_seconds=passes[0]))
     del loaded
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ report
 def table(rows: list[Row], baseline: float) -> str:
-    head = (f"{'method':<44} {'batch':>5} {'prompts':>7} {'tokens':>6} {'seconds':>8} {'tok/s':>9} "
+    head = (f"{'method':<52} {'batch':>5} {'prompts':>7} {'tokens':>6} {'seconds':>8} {'tok/s':>9} "
             f"{'x ludwig':>8} {'load s':>7} {'peak GiB':>8} {'= ludwig':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
-        lines.append(f"{r.method:<44} {r.batch_size:>5} {r.prompts:>7} {r.new_tokens:>6} {r.seconds:>8.2f} "
+        lines.append(f"{r.method:<52} {r.batch_size:>5} {r.prompts:>7} {r.new_tokens:>6} {r.seconds:>8.2f} "
                      f"{r.tokens_per_s:>9.1f} {r.tokens_per_s / baseline:>8.1f} {r.load_seconds:>7.1f} {peak:>8} "
                      f"{r.matches_ludwig:>8}")
     return "\n".join(lines)
@@ -264,6 +274,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, help="new tokens per prompt (default 48; smoke 8)")
     parser.add_argument("--batch-sizes", help="comma-separated (default 32,64; smoke 4,8)")
     parser.add_argument("--no-raw-ludwig", action="store_true", help="skip the LUDWIG_MT_SPEEDUPS=0 Ludwig run")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="also measure the merged model with a static KV cache (compiled decoding on CUDA)")
     return parser.parse_args(argv)
 
 
@@ -312,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     merged = "eval.generate LoRA merged into bf16 (dequantized)" if cuda else "eval.generate fp32 LoRA merged"
     rows += measure_ours(model_dir, prompts, batch_sizes, merge=False, label=unmerged, ludwig_texts=ludwig_texts)
     rows += measure_ours(model_dir, prompts, batch_sizes, merge=True, label=merged, ludwig_texts=ludwig_texts)
+    if args.static_cache:
+        try:
+            rows += measure_ours(model_dir, prompts, batch_sizes, merge=True, label=merged + " static cache",
+                                 ludwig_texts=ludwig_texts, static_cache=True)
+        except Exception as err:  # an optional experiment must not cost the measured rows above
+            print(f"static cache run failed: {type(err).__name__}: {err}", file=sys.stderr)
 
     expected = {r.method: r.prompts * new_tokens for r in rows}
     short = [r.method for r in rows if r.new_tokens != expected[r.method]]
