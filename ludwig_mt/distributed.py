@@ -17,7 +17,7 @@ What each patch fixes (all small, idempotent, applied from the outside):
   and, killed in the middle of an epoch, skips the batches it already trained on (Ludwig restarts the epoch at
   its first batch). Without both a resumed run does not end where an uninterrupted one ends. Active always;
 * ``LUDWIG_MT_RANK_REPORT=DIR`` makes every rank write ``DIR/rank<r>.json`` (rows it trained on per epoch, its
-  loss per step) and ``DIR/rank<r>.safetensors`` (its trainable weights after the last step): the evidence that
+  loss, tokens and end time per step, peak GPU memory) and ``DIR/rank<r>.safetensors`` (its trainable weights after the last step): the evidence that
   rows are sharded and weights stay in sync, for the tests and for a GPU run. Off unless set;
 * ``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N`` kills the process right after its N-th checkpoint: a crash drill for the
   resume tests, off unless set.
@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -335,16 +336,19 @@ def _rank() -> int:
 @_once
 def write_rank_report() -> None:
     """``LUDWIG_MT_RANK_REPORT=DIR``: per rank, the rows, losses and final trainable weights (see module doc)."""
+    import torch
     from ludwig.trainers.trainer import Trainer
 
-    report: dict[str, Any] = {"rows": [], "losses": []}
+    report: dict[str, Any] = {"rows": [], "losses": [], "tokens": [], "step_end_seconds": []}
     weights: dict[str, Any] = {}
     original_step, original_loop, original_train = Trainer.train_step, Trainer._train_loop, Trainer.train
 
     @functools.wraps(original_step)
     def train_step(self, inputs, targets, *args, **kwargs):
         result = original_step(self, inputs, targets, *args, **kwargs)
-        report["losses"].append(float(result[0].detach().float().item()))
+        report["losses"].append(float(result[0].detach().float().item()))  # .item() waits for the GPU
+        report["step_end_seconds"].append(time.perf_counter())
+        report["tokens"].append(int(torch.as_tensor(result[2]).sum().item()))
         return result
 
     @functools.wraps(original_loop)
@@ -366,8 +370,10 @@ def write_rank_report() -> None:
             out = Path(os.environ[ENV_RANK_REPORT])
             out.mkdir(parents=True, exist_ok=True)
             rank = _rank()
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
             (out / f"rank{rank}.json").write_text(json.dumps(
-                {"rank": rank, "world_size": self.distributed.size(), "steps": len(report["losses"]), **report}))
+                {"rank": rank, "world_size": self.distributed.size(), "steps": len(report["losses"]),
+                 "peak_gpu_gib": peak, **report}))
             if weights:
                 save_file(weights, str(out / f"rank{rank}.safetensors"))
 
