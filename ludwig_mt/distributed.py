@@ -204,8 +204,10 @@ def start_accelerate_strategy_under_launcher() -> None:
         if name is None:
             ludwig_distributed.init_dist_strategy("local")
             return
-        strategy = _strategy_class()(name)
-        ludwig_distributed._current_strategy = strategy
+        current = ludwig_distributed._current_strategy
+        if getattr(current, "strategy", None) == name:
+            return  # Ludwig initializes the backend more than once; accelerate allows one Accelerator per plugin
+        ludwig_distributed._current_strategy = _strategy_class()(name)
 
     def is_coordinator() -> bool:
         if strategy_name() is None or ludwig_distributed._current_strategy is None:

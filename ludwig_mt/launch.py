@@ -123,8 +123,9 @@ def worker(ludwig_args: Sequence[str]) -> None:
     from ludwig_mt import autoload, ludwig_fixes
 
     autoload.install_hook()
+    import ludwig.cli  # first: the hook patches ludwig.cli.main as it loads
+
     ludwig_fixes.apply_all()  # idempotent: a no-op where the .pth hook already applied them
-    import ludwig.cli
 
     sys.argv = ["ludwig", *ludwig_args]
     ludwig.cli.main()
