@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,8 @@ def train_mode(mode: str, config: Path, dataset: Path, work: Path, smoke: bool, 
         env.pop(ENV_STRATEGY)
     else:
         cmd = launcher_command(1, ludwig_args, python=sys.executable)
+    for stale in (work / f"results-{mode}", work / f"report-{mode}"):
+        shutil.rmtree(stale, ignore_errors=True)  # a rerun must not read the previous run's files
     env[ENV_RANK_REPORT] = str(work / f"report-{mode}")
     code, seconds = run_logged(cmd, env, work / f"train-{mode}.log", timeout)
     result: dict[str, Any] = {"mode": mode, "exit_code": code, "wall_seconds": round(seconds, 1),
@@ -140,6 +143,7 @@ def predict_check(model: str, test: Path, work: Path, smoke: bool, timeout: int)
     import pandas as pd
 
     out = work / "predict-zero2"
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "ludwig_mt.launch", "worker", "predict", "--model_path", model, "--dataset",
            str(test), "--output_directory", str(out)]
     code, seconds = run_logged(cmd, base_env(smoke), work / "predict-zero2.log", timeout)
@@ -172,7 +176,7 @@ def table(results: list[dict[str, Any]], predicted: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON (and the work files)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny model, no quantization, gloo")
     parser.add_argument("--steps", type=int, help="training steps per mode (default 40; smoke 8)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zero2_single_gpu",
