@@ -6,6 +6,8 @@
 #   ./run.sh setup                                   create/refresh .venv (idempotent)
 #   ./run.sh prep <task|all> --source S --out DIR    prepare instruction CSVs (python -m prep --help)
 #   ./run.sh train <task> [--cpu] [--base-model M] [--dataset CSV] [--output-directory DIR] [-- ludwig args]
+#                  [--gpus N [--strategy zero2|ddp|zero3|fsdp] [--num-machines M --machine-rank R
+#                  --main-process-ip IP]] [--resume]       (ludwig_configs/distributed/README.md)
 #   ./run.sh predict --model_path RUN/model --dataset test.csv   (plain `ludwig predict`, fixes applied)
 #   ./run.sh eval ...                                score models on held-out sets (python -m eval --help)
 #   ./run.sh demo                                    the offline demo (same as no argument)
@@ -66,5 +68,5 @@ case "$cmd" in
   train) setup; exec "$PY" -m ludwig_mt.train "$@" ;;
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
-  *) sed -n '2,12p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
 esac
