@@ -472,7 +472,7 @@ def _run_pair(request: EvalRequest, backend: Backend, model_name: str, identity:
     else:
         notify(f"{model_name} × {task}: generating {len(test)} rows")
         started = time.perf_counter()
-        loaded = replace(model.get(), settings=settings)
+        loaded = replace(model.get(), settings=settings, name=model_name)  # name: progress-bar label
         predictions = backend.generate(loaded, test["prompt"].tolist(), max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.batch_size, progress=progress)
         seconds_generate, cached = time.perf_counter() - started, False
