@@ -20,13 +20,21 @@ Known problems (details: the project README, section "Ludwig 0.17.10 fixes"):
    Ludwig's optimizer schemas pass ``block_wise`` and ``percentile_clipping``, which bitsandbytes removed (its
    state is always quantized block-wise now, and percentile clipping is gone). We drop the two arguments when the
    optimizer class does not take them; a ``percentile_clipping`` other than 100 (off) is refused, not ignored.
+5. Every response that ends before ``max_new_tokens`` gets garbage appended: Ludwig pads each generated sequence
+   with token id 0 up to ``max_new_tokens`` and decodes the padding with the response. In Qwen2.5 and Llama 3
+   id 0 is the ordinary token ``!``, so "SELECT 1" comes back as "SELECT 1!!!!!!!!". Greedy generation of one
+   sample stops at the first end-of-sequence token, so everything after it is padding: we overwrite it with that
+   end-of-sequence token, which decoding skips as a special token.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +170,36 @@ def build_bitsandbytes_optimizers_without_removed_arguments() -> None:
     optimization_modules.get_optimizer_class_and_kwargs = get_optimizer_class_and_kwargs
 
 
+def blank_after_first_eos(predictions: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``predictions`` (batch x new tokens) with every token after a row's first ``eos_token_id`` set to it.
+
+    Pure (returns a new tensor). Rows without an end-of-sequence token ran to ``max_new_tokens``: no padding there.
+    """
+    is_eos = (predictions == eos_token_id).long()
+    eos_strictly_before = (is_eos.cumsum(dim=-1) - is_eos) > 0
+    return predictions.masked_fill(eos_strictly_before, eos_token_id)
+
+
+@_once
+def stop_responses_at_eos() -> None:
+    """Wrap ``LLM.generate`` so Ludwig's id-0 padding after an early end of sequence decodes to nothing."""
+    from ludwig.constants import PREDICTIONS
+    from ludwig.models.llm import LLM
+
+    original = LLM.generate
+
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        predictions = outputs.get(PREDICTIONS) if isinstance(outputs, dict) else None
+        if eos is not None and predictions is not None and predictions.dim() == 2:
+            outputs[PREDICTIONS] = blank_after_first_eos(predictions, int(eos))
+        return outputs
+
+    LLM.generate = generate
+
+
 @_once
 def one_line_errors_in_cli() -> None:
     """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
@@ -189,6 +227,7 @@ def apply_all() -> None:
     keep_text_fill_value_when_tokenizer_has_no_unk()
     refuse_quantized_training_without_cuda()
     build_bitsandbytes_optimizers_without_removed_arguments()
+    stop_responses_at_eos()
     one_line_errors_in_cli()
 
     from ludwig_mt import distributed, speedups

@@ -6,6 +6,7 @@ removing a fix makes its test fail.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,14 @@ SAVED_CONFIG_CHECK = textwrap.dedent(
 def run_python(code: str, *, fixes: bool) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LUDWIG_MT_NO_FIXES="0" if fixes else "1")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_python_script(code: str, work_dir, *, fixes: bool) -> subprocess.CompletedProcess[str]:
+    """Like :func:`run_python`, with ``work_dir`` (created) as the script's first argument."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, LUDWIG_MT_NO_FIXES="0" if fixes else "1")
+    return subprocess.run([sys.executable, "-c", code, str(work_dir)], capture_output=True, text=True, env=env,
+                          timeout=600)
 
 
 def test_saved_llm_config_with_null_adapters_validates_only_with_the_fix() -> None:
@@ -127,3 +136,79 @@ def test_removed_bnb_arguments_are_dropped_only_when_harmless() -> None:
     assert drop_removed_bnb_arguments(OldStyle, kwargs) == kwargs
     with pytest.raises(WorkflowError, match="percentile_clipping: 5 is not supported.*remove percentile_clipping"):
         drop_removed_bnb_arguments(NewStyle, {**kwargs, "percentile_clipping": 5})
+
+
+def test_blank_after_first_eos_keeps_everything_up_to_the_first_eos() -> None:
+    import torch
+
+    from ludwig_mt.ludwig_fixes import blank_after_first_eos
+
+    eos = 2
+    predictions = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 0], [2, 0, 0, 0, 0], [5, 2, 3, 2, 0]])
+    assert blank_after_first_eos(predictions, eos).tolist() == [
+        [5, 6, 2, 2, 2], [5, 6, 7, 8, 0], [2, 2, 2, 2, 2], [5, 2, 2, 2, 2]]
+    assert predictions[0, 3] == 0, "pure: the input is left as it was"
+
+
+# A word-level model whose id 0 is the ordinary word "w0" (as id 0 is "!" in Qwen2.5 and Llama 3), with an
+# end-of-sequence token made likely, so greedy generation stops early on most prompts.
+EARLY_EOS_PREDICT = textwrap.dedent(
+    """
+    import json, logging, sys, random, torch, pandas as pd
+    from pathlib import Path
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, LlamaConfig, LlamaForCausalLM
+    from ludwig.api import LudwigModel
+    work, V = Path(sys.argv[1]), 300
+    vocab = {f"w{i}": i for i in range(V - 3)}
+    vocab.update({"<s>": V - 3, "</s>": V - 2, "<pad>": V - 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", V - 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="w1",
+                            pad_token="<pad>").save_pretrained(work / "base")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, bos_token_id=V - 3,
+                                         eos_token_id=V - 2, pad_token_id=V - 1, max_position_embeddings=256))
+    with torch.no_grad():
+        model.lm_head.weight[V - 2] *= 3.0
+    model.save_pretrained(work / "base")
+    rng = random.Random(0)
+    words = lambda n, k: [" ".join(f"w{rng.randrange(1, V - 3)}" for _ in range(rng.randint(k // 2, k)))
+                          for _ in range(n)]
+    frame = pd.DataFrame({"prompt": words(12, 20), "response": words(12, 5), "split": [0] * 10 + [1, 1]})
+    config = {"model_type": "llm", "base_model": str(work / "base"),
+              "input_features": [{"name": "prompt", "type": "text"}],
+              "output_features": [{"name": "response", "type": "text"}],
+              "adapter": {"type": "lora"}, "generation": {"max_new_tokens": 16, "do_sample": False},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 4, "learning_rate": 1e-4},
+              "preprocessing": {"split": {"type": "fixed", "column": "split"}}}
+    ludwig_model = LudwigModel(config, logging_level=logging.WARNING)
+    ludwig_model.train(dataset=frame, output_directory=str(work / "results"), skip_save_processed_input=True,
+                       skip_save_progress=True, skip_save_log=True, skip_save_model=True)
+    predictions, _ = ludwig_model.predict(pd.DataFrame({"prompt": words(10, 20)}), skip_save_predictions=True,
+                                          skip_save_unprocessed_output=True)
+    for response in predictions["response_response"]:
+        print("RESPONSE", json.dumps(response))
+    """
+)
+
+
+@pytest.mark.slow
+def test_responses_that_stop_early_carry_no_padding_only_with_the_fix(tmp_path) -> None:
+    raw = run_python_script(EARLY_EOS_PREDICT, tmp_path / "raw", fixes=False)
+    fixed = run_python_script(EARLY_EOS_PREDICT, tmp_path / "fixed", fixes=True)
+    for run in (raw, fixed):
+        assert run.returncode == 0, run.stderr[-2000:]
+    raw_rows, fixed_rows = ([json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines()
+                             if line.startswith("RESPONSE ")] for run in (raw, fixed))
+    assert len(raw_rows) == len(fixed_rows) == 10
+    padded = 0
+    for raw_text, fixed_text in zip(raw_rows, fixed_rows, strict=True):
+        # the same greedy generation; raw Ludwig only appends its id-0 padding ("w0") after an early eos
+        assert raw_text.startswith(fixed_text), (raw_text, fixed_text)
+        tail = raw_text[len(fixed_text):].split()
+        assert set(tail) <= {"w0"}, (raw_text, fixed_text)
+        padded += bool(tail)
+    assert padded >= 5, "the model should stop early on most prompts, or this test shows nothing"
