@@ -215,15 +215,29 @@ def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- retention.png
-def _colour_values(deltas: Sequence[float | None]) -> list[float | None]:
-    """Deltas scaled to [-1, 1] by the column's largest change, so each task's colours use the full range."""
-    scale = max((abs(d) for d in deltas if d is not None), default=0.0)
-    return [None if d is None else (d / scale if scale else 0.0) for d in deltas]
+# Smallest colour ranges: a change this large is drawn at full colour at most, so noise never looks dramatic.
+MIN_SCORE_RANGE = 0.10  # primary metrics are rates/scores in [0, 1] (eval.scoring)
+MIN_PERPLEXITY_RANGE = 0.20  # relative perplexity change (20 %)
+
+
+def _colour_values(changes: Sequence[float | None], scale: float) -> list[float | None]:
+    """Changes scaled to [-1, 1] by ``scale`` (one scale shared by all task columns, one by all probes)."""
+    return [None if c is None else max(-1.0, min(1.0, c / scale)) for c in changes]
+
+
+def colour_scales(result: EvalResult) -> tuple[float, float]:
+    """The change drawn at full colour: the largest task delta and the largest perplexity change, at least the
+    minimum ranges."""
+    deltas = [abs(c.delta) for row in result.retention.cells.values() for c in row.values() if c.delta is not None]
+    changes = [abs(v) for row in result.perplexity_change().values() for v in row.values() if v is not None]
+    return max([MIN_SCORE_RANGE, *deltas]), max([MIN_PERPLEXITY_RANGE, *changes])
 
 
 def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
     """One column per task, then one per perplexity probe: label, texts per row, colour values, own flags."""
     ret, models = result.retention, result.retention.models
+    change = result.perplexity_change()
+    task_scale, probe_scale = colour_scales(result)
     columns = []
     for task in ret.tasks:
         cells = [ret.cells[m][task] for m in models]
@@ -231,17 +245,16 @@ def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
             "label": f"{task}\n{ret.metric[task]}",
             "texts": [fmt(c.score) if m == BASE else f"{fmt(c.score)}\n{fmt_delta(c.delta)}"
                       for m, c in zip(models, cells)],
-            "colours": _colour_values([c.delta for c in cells]),
+            "colours": _colour_values([c.delta for c in cells], task_scale),
             "own": [task in result.own_tasks.get(m, []) for m in models],
         })
-    change = result.perplexity_change()
     for probe in result.probes:
         values = [result.perplexity.get(m, {}).get(probe) for m in models]
         rel = [change.get(m, {}).get(probe) for m in models]
         columns.append({
             "label": f"perplexity\n{probe} (lower better)",
             "texts": [fmt(v) if m == BASE else f"{fmt(v)}\n{fmt_percent(r)}" for m, v, r in zip(models, values, rel)],
-            "colours": _colour_values([None if r is None else -r for r in rel]),
+            "colours": _colour_values([None if r is None else -r for r in rel], probe_scale),
             "own": [False] * len(models),
         })
     return columns
@@ -281,8 +294,9 @@ def write_heatmap(result: EvalResult, path: Path) -> None:
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.set_title(f"Retention: {result.request.name}", fontsize=13, fontweight="bold", pad=12, loc="left")
-    note = ("cell: score and change from base · colour: change from base, scaled per column (green better, "
-            "red worse) · boxed: the adapter's own task")
+    task_scale, probe_scale = colour_scales(result)
+    note = (f"cell: score and change from base · colour: change from base, green better, red worse (full colour at "
+            f"±{task_scale:.2f} for tasks, ±{probe_scale:.0%} for perplexity) · boxed: the adapter's own task")
     width_chars = int(fig.get_figwidth() * 15)  # about 15 characters of 8-pt text per inch
     fig.text(0.01, 0.01, textwrap.fill(note, width_chars), fontsize=8, color="#444444", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.03 * (len(note) // width_chars), 1, 1))
