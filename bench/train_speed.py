@@ -54,6 +54,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama3.2-1b": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                         rope_theta=500000.0, max_position_embeddings=4096),
+    "llama3.1-8b": dict(arch="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                        rope_theta=500000.0, max_position_embeddings=4096),  # bench/scaling.py's larger point
     "bloom-1b1": dict(arch="bloom", hidden_size=1536, n_layer=24, n_head=16, vocab_size=250880),
     # CPU smoke-test shapes (same code paths, seconds per step)
     "tiny-llama": dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -66,7 +69,10 @@ LORA_TARGETS = {
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
 # YAML changes the tuned path adds to ludwig_configs/sql.yaml (a proposal for the task YAMLs: bench/NOTES-speed.md).
-TUNED_YAML: dict[str, Any] = {"trainer": {"enable_gradient_checkpointing": False}}
+# Gradient checkpointing off (memory allows at batch 8); torch AdamW (foreach kernels) instead of bitsandbytes'
+# paged Adam, which steps each of the ~200 LoRA tensors in its own Python loop iteration and whose paging only pays
+# off for optimizer states that do not fit (full fine-tuning), not for LoRA's ~100 MB.
+TUNED_YAML: dict[str, Any] = {"trainer": {"enable_gradient_checkpointing": False, "optimizer": {"type": "adamw"}}}
 PACKED_YAML: dict[str, Any] = {"trainer": {"packing": True}, "preprocessing": {"global_max_sequence_length": 2048}}
 LOSS_TOLERANCE = 0.01  # relative, first-step loss of a tuned case vs raw Ludwig at the same batch
 
@@ -458,9 +464,12 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
                           warmup=warmup)
             for path in ("plain", "raw", "tuned"):
                 cases.append(Case(path=path, batch=batch, **common))
-            big = f"{shape}-{mode}-tuned-{'packed2048' if packable else 'unpacked'}-b{packed_batch}"
-            cases.append(Case(path="tuned", batch=packed_batch, label=big,
-                              yaml=PACKED_YAML if packable else {}, **common))
+            layout = "packed2048" if packable else "unpacked"
+            for rows, checkpointing in ((packed_batch, False), (packed_batch, True), (packed_batch // 2, True)):
+                label = f"{shape}-{mode}-tuned-{layout}-b{rows}" + ("-gc" if checkpointing else "")
+                yaml = {**(PACKED_YAML if packable else {}), "trainer": {
+                    **(PACKED_YAML["trainer"] if packable else {}), "enable_gradient_checkpointing": checkpointing}}
+                cases.append(Case(path="tuned", batch=rows, label=label, yaml=yaml, **common))
             if not ablations:
                 continue
             undo = ["target_only_logits", "liger_kernels"] + (["lean_kbit_prep", "sdpa_attention"] if mode == "qlora"
@@ -470,6 +479,8 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
                                   extra_env={"LUDWIG_MT_SPEEDUPS_OFF": name}, **common))
             cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-gradient-checkpointing-on",
                               yaml={"trainer": {"enable_gradient_checkpointing": True}}, **common))
+            cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-paged-adam",
+                              yaml={"trainer": {"optimizer": {"type": "paged_adam"}}}, **common))
     return cases
 
 
@@ -486,8 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--packed-batch", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=190)
     p.add_argument("--response-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--timeout", type=int, default=300, help="seconds per case")
     p.add_argument("--budget", type=int, default=100000, help="skip the remaining cases after this many seconds")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -346,6 +346,14 @@ def lean_training_batch(llm, input_ids, target_ids) -> dict[str, Any]:
     else exactly Ludwig's left-padded merge (``generate_merged_ids``) with labels on the response tokens."""
     from ludwig.utils.llm_utils import generate_merged_ids
 
+    # The per-row slicing below is cheap on the CPU and costs a device sync per row on the GPU: build the batch
+    # on the CPU and move it once.
+    device = input_ids.device
+    batch = _lean_training_batch_on_cpu(llm, input_ids.cpu(), target_ids.cpu(), generate_merged_ids)
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def _lean_training_batch_on_cpu(llm, input_ids, target_ids, generate_merged_ids) -> dict[str, Any]:
     max_length = llm.global_max_sequence_length
     rows = merged_rows(input_ids, target_ids, llm.tokenizer, max_length)
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
