@@ -99,11 +99,15 @@ def labelled_sentences(toxic: Sequence[str], neutral: Sequence[str]) -> tuple[li
     return texts, labels
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise WorkflowError(f"{path}: not found; the detox metrics train their toxicity classifier on the prepared "
                             "ParaDetox data: pass prepared_dir (--prepared) with detox/train.csv and detox/test.csv "
                             "from `python -m prep detox`")
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    _require_file(path)
     frame = pd.read_csv(path, keep_default_na=False, dtype=str)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -157,7 +161,7 @@ def load_or_train_classifier(detox_dir: Path, cache_path: Path) -> ToxicityClass
     """
     train_csv, test_csv = detox_dir / "train.csv", detox_dir / "test.csv"
     for path in (train_csv, test_csv):
-        _read_csv(path, ())  # one clear error if missing
+        _require_file(path)
     fingerprint = _fingerprint(train_csv, test_csv)
     if cache_path.is_file():
         try:
