@@ -44,21 +44,25 @@ ENV_CRASH_AFTER_CHECKPOINT = "LUDWIG_MT_CRASH_AFTER_CHECKPOINT"
 ENV_RANK_REPORT = "LUDWIG_MT_RANK_REPORT"
 DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_configs" / "distributed"
 
-# strategy name -> accelerate plugin file in ludwig_configs/distributed/ (None: plain DDP, no plugin)
-STRATEGY_FILES: dict[str, str | None] = {
-    "ddp": None,
-    "zero2": "zero2.json",
-    "zero3": "zero3.json",
-    "fsdp": "fsdp.json",
+# strategy name -> DeepSpeed file in ludwig_configs/distributed/ (None: accelerate's plain DDP, no file)
+STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json"}
+# asked for by name in issue #5, refused with the reason (measured or known), so the user learns what to use instead
+REFUSED_STRATEGIES: dict[str, str] = {
+    "zero3": "DeepSpeed ZeRO-3 is not supported with Ludwig 0.17.10: Ludwig saves checkpoints and the model from the "
+             "module's own state_dict, which under ZeRO-3 holds empty partitions (a 2-rank run saved 0-element LoRA "
+             "tensors)",
+    "fsdp": "FSDP is not supported with Ludwig 0.17.10: like ZeRO-3 it shards the weights that Ludwig saves from the "
+            "module's own state_dict, and accelerate's FSDP needs a GPU, so it cannot be tested here",
 }
+STRATEGIES = (*STRATEGY_FILES, *REFUSED_STRATEGIES)
 
 
 def strategy_name() -> str | None:
     """The strategy the launcher asked for, or ``ddp`` for a bare ``torchrun``/``accelerate launch`` of N > 1."""
     name = os.environ.get(ENV_STRATEGY, "").strip().lower()
     if name:
-        if name not in STRATEGY_FILES:
-            raise WorkflowError(f"{ENV_STRATEGY}={name}: unknown strategy. Fix: use one of {', '.join(STRATEGY_FILES)}")
+        if name not in STRATEGIES:
+            raise WorkflowError(f"{ENV_STRATEGY}={name}: unknown strategy. Fix: use one of {', '.join(STRATEGIES)}")
         return name
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
@@ -69,21 +73,18 @@ def is_distributed_launch() -> bool:
 
 
 def check_strategy_compatible(strategy: str, config: dict[str, Any]) -> None:
-    """Refuse known-bad combinations before any work, with one line that says what to use instead."""
+    """Refuse known-bad strategies and combinations before any work, with one line that says what to use instead."""
     quant = config.get("quantization")
     bits = (quant.get("bits", 4) if isinstance(quant, dict) else 4) if quant else None
+    fix = "Fix: use --strategy zero2 (the default for QLoRA: shards optimizer state and gradients) or ddp"
     if strategy == "zero3" and bits:
-        raise WorkflowError(
-            f"DeepSpeed ZeRO-3 cannot shard {bits}-bit bitsandbytes weights (Ludwig issue #3783: the quantized "
-            "base model breaks ZeRO-3's parameter partitioning). Fix: use --strategy zero2 (the default for QLoRA) "
-            "or ddp, or render a copy without quantization (--cpu) for ZeRO-3"
-        )
+        raise WorkflowError(f"DeepSpeed ZeRO-3 cannot shard {bits}-bit bitsandbytes weights (Ludwig issue #3783). {fix}")
     if strategy == "fsdp" and bits:
         raise WorkflowError(
             f"FSDP with {bits}-bit weights needs bnb_4bit_quant_storage equal to the compute dtype, and Ludwig "
-            "0.17.10's quantization schema has no such key (it always stores uint8, which FSDP cannot flatten with "
-            "the bf16 LoRA weights). Fix: use --strategy zero2 (the default for QLoRA) or ddp"
-        )
+            f"0.17.10's quantization schema has no such key (it always stores uint8). {fix}")
+    if strategy in REFUSED_STRATEGIES:
+        raise WorkflowError(f"{REFUSED_STRATEGIES[strategy]}. {fix}")
 
 
 def deepspeed_config(strategy: str, trainer: Any, world_size: int) -> dict[str, Any]:
@@ -118,8 +119,9 @@ def _strategy_class():
 
         def __init__(self, strategy: str) -> None:
             import torch
-            from accelerate import Accelerator, DistributedDataParallelKwargs
+            from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+            check_strategy_compatible(strategy, {})
             self.strategy = strategy
             self._should_step = True
             kwargs: dict[str, Any] = {}
@@ -127,17 +129,16 @@ def _strategy_class():
                 # static_graph: gradient checkpointing (use_reentrant=True, as Ludwig sets it) re-runs forward
                 # inside backward, which plain DDP reports as "mark a variable ready only once".
                 kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(static_graph=True)]
-            elif strategy in ("zero2", "zero3"):
+            elif self.uses_deepspeed:
                 from accelerate import DeepSpeedPlugin
 
                 # batch sizes are set in prepare(), once the trainer config is known
                 kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=plugin_file(strategy))
-            elif strategy == "fsdp":
-                from accelerate import FullyShardedDataParallelPlugin
-
-                kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**plugin_file(strategy))
-            if not self.uses_deepspeed and not torch.cuda.is_available():
-                kwargs["cpu"] = True  # without it accelerate ignores WORLD_SIZE on CPU: gloo, one world
+            if not torch.cuda.is_available():  # CPU (tests, smoke runs): without these accelerate sees a world of 1
+                if self.uses_deepspeed:
+                    kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(backend="gloo"))
+                else:
+                    kwargs["cpu"] = True
             self.accelerator = Accelerator(**kwargs)
             self._prepared_model = None
             self._prepared_optimizer = None
@@ -146,7 +147,7 @@ def _strategy_class():
 
         @property
         def uses_deepspeed(self) -> bool:
-            return self.strategy in ("zero2", "zero3")
+            return self.strategy == "zero2"
 
         def prepare(self, model, trainer_config, base_learning_rate):
             if self.uses_deepspeed:
@@ -160,6 +161,11 @@ def _strategy_class():
         @contextlib.contextmanager
         def prepare_model_update(self, model, should_step: bool):
             self._should_step = should_step
+            if self.uses_deepspeed:
+                # ZeRO-2 partitions gradients, and its engine refuses ``no_sync`` (what Ludwig's strategy uses to
+                # skip synchronisation between accumulation steps); backward() below marks the step boundaries.
+                yield
+                return
             with super().prepare_model_update(model, should_step):
                 yield
 
@@ -172,6 +178,11 @@ def _strategy_class():
             else:
                 self.accelerator.backward(loss)
 
+        def create_checkpoint_handle(self, dist_model, model, optimizer=None, scheduler=None):
+            if self.uses_deepspeed:
+                return _zero_checkpoint_class()(self, model, optimizer, scheduler)
+            return super().create_checkpoint_handle(dist_model, model, optimizer, scheduler)
+
         def allow_clip_gradients(self) -> bool:
             # DeepSpeed clips inside engine.step (its "gradient_clipping" key); its gradients are partitioned.
             return not self.uses_deepspeed
@@ -183,6 +194,64 @@ def _strategy_class():
             self.accelerator.end_training()
 
     return WorkflowAccelerateStrategy
+
+
+def zero_partition_path(checkpoint_path: str, rank: int, world_size: int) -> str:
+    """Where rank ``rank`` of ``world_size`` keeps its ZeRO optimizer partition next to a Ludwig checkpoint."""
+    return f"{checkpoint_path}.zero-rank{rank}-of{world_size}.pt"
+
+
+def _zero_checkpoint_class():
+    from ludwig.utils.checkpoint_utils import MultiNodeCheckpoint
+
+    class ZeroCheckpoint(MultiNodeCheckpoint):
+        """Ludwig's checkpoint, plus each rank's ZeRO optimizer partition in its own file.
+
+        Under ZeRO-2 every rank holds only its slice of the optimizer state, so Ludwig's rank-0 file cannot restore
+        it (and its restricted unpickler refuses DeepSpeed's state). Weights, schedule and step stay in Ludwig's file.
+        """
+
+        def _partition(self, save_path: str) -> str:
+            return zero_partition_path(save_path, self.distributed.rank(), self.distributed.size())
+
+        def save(self, save_path: str, global_step: int) -> None:
+            import torch
+
+            optimizer, self.optimizer = self.optimizer, None
+            try:
+                super().save(save_path, global_step)
+            finally:
+                self.optimizer = optimizer
+            if optimizer is not None:
+                os.makedirs(os.path.dirname(save_path) or ".", exist_ok=True)
+                tmp = self._partition(save_path) + ".tmp"
+                torch.save(optimizer.state_dict(), tmp)
+                os.replace(tmp, self._partition(save_path))
+            self.distributed.barrier()
+
+        def load(self, save_path: str, device=None) -> bool:
+            import torch
+
+            optimizer, self.optimizer = self.optimizer, None
+            try:
+                loaded = super().load(save_path, device)
+            finally:
+                self.optimizer = optimizer
+            if loaded and optimizer is not None:
+                partition = self._partition(save_path)
+                if not os.path.exists(partition):
+                    # ValueError, not RuntimeError: Ludwig would swallow the latter and silently start afresh
+                    raise ValueError(f"{partition}: no ZeRO optimizer partition for this rank. Fix: resume with the "
+                                     f"number of processes the run was started with (found: "
+                                     f"{sorted(os.listdir(os.path.dirname(partition)))})")
+                # written by this project, one file per rank; DeepSpeed's state holds objects (loss scaler)
+                state = torch.load(partition, map_location=device, weights_only=False)
+                per_rank = [None] * self.distributed.size()
+                per_rank[self.distributed.rank()] = state
+                optimizer.load_state_dict(per_rank)
+            return loaded
+
+    return ZeroCheckpoint
 
 
 def current_strategy():

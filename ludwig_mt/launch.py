@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ludwig_mt.distributed import ENV_STRATEGY, STRATEGY_FILES, check_strategy_compatible
+from ludwig_mt.distributed import ENV_STRATEGY, STRATEGIES, check_strategy_compatible
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 DEFAULT_PORT = 29500
@@ -83,8 +83,8 @@ def launcher_command(
 
 def launcher_env(strategy: str, *, cpu: bool = False, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for the workers: the strategy switch, and on CPU no CUDA and DeepSpeed's CPU accelerator."""
-    if strategy not in STRATEGY_FILES:
-        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGY_FILES)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     env = dict(os.environ if base is None else base)
     env[ENV_STRATEGY] = strategy
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,8 +134,9 @@ def worker(ludwig_args: Sequence[str]) -> None:
 def add_launch_arguments(parser: argparse.ArgumentParser, *, default_gpus: int | None = 1) -> None:
     """The launcher's options, shared by ``python -m ludwig_mt.launch`` and ``./run.sh train``."""
     parser.add_argument("--gpus", type=int, default=default_gpus, help="processes on this machine, one per GPU")
-    parser.add_argument("--strategy", choices=sorted(STRATEGY_FILES),
-                        help="zero2 (default for 4-bit QLoRA), ddp (default without quantization), zero3, fsdp")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="zero2 (default for 4-bit QLoRA), ddp (default without quantization); zero3 and fsdp "
+                             "are refused with the reason")
     parser.add_argument("--num-machines", type=int, default=1, help="machines in the job (multi-node)")
     parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
     parser.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0, reachable by all")
