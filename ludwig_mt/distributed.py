@@ -17,8 +17,9 @@ What each patch fixes (all small, idempotent, applied from the outside):
   and, killed in the middle of an epoch, skips the batches it already trained on (Ludwig restarts the epoch at
   its first batch). Without both a resumed run does not end where an uninterrupted one ends. Active always;
 * ``LUDWIG_MT_RANK_REPORT=DIR`` makes every rank write ``DIR/rank<r>.json`` (rows it trained on per epoch, its
-  loss, tokens and end time per step, peak GPU memory) and ``DIR/rank<r>.safetensors`` (its trainable weights after the last step): the evidence that
-  rows are sharded and weights stay in sync, for the tests and for a GPU run. Off unless set;
+  loss, tokens and end time per step, peak GPU memory) and ``DIR/rank<r>.safetensors`` (its trainable weights
+  after the last step): the evidence that rows are sharded and weights stay in sync, for the tests and for a GPU
+  run. Off unless set;
 * ``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N`` kills the process right after its N-th checkpoint: a crash drill for the
   resume tests, off unless set.
 """
@@ -94,7 +95,12 @@ def deepspeed_config(strategy: str, trainer: Any, world_size: int) -> dict[str, 
     so the trainer's ``batch_size`` and ``gradient_accumulation_steps`` are written in here: one source of truth.
     """
     config = plugin_file(strategy)
-    micro, accumulation = int(trainer.batch_size), int(trainer.gradient_accumulation_steps)
+    accumulation = 1 if trainer.gradient_accumulation_steps == "auto" else trainer.gradient_accumulation_steps
+    micro = trainer.batch_size
+    if not isinstance(micro, int) or not isinstance(accumulation, int):
+        raise WorkflowError(f"--strategy {strategy} needs numbers for trainer.batch_size and "
+                            f"trainer.gradient_accumulation_steps, got {micro!r} and {accumulation!r}. Fix: set them "
+                            "in the YAML (DeepSpeed fixes its batch size when it starts; Ludwig tunes 'auto' later)")
     config["train_micro_batch_size_per_gpu"] = micro
     config["gradient_accumulation_steps"] = accumulation
     config["train_batch_size"] = micro * accumulation * world_size

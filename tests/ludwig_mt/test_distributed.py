@@ -56,6 +56,9 @@ def test_deepspeed_config_takes_batch_sizes_and_clipping_from_the_trainer() -> N
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (8, 2)
     assert config["train_batch_size"] == 64 and config["gradient_clipping"] == 0.5
     assert not any(key.startswith("_") for key in config)
+    Trainer.batch_size = "auto"
+    with pytest.raises(WorkflowError, match="trainer.batch_size"):
+        distributed.deepspeed_config("zero2", Trainer(), world_size=4)
 
 
 def test_every_strategy_is_documented_and_its_file_exists() -> None:
