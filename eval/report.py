@@ -162,7 +162,8 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
         markdown(summary_table(result)),
     ]
     if result.probes:
-        names = ", ".join(f"`{p}` ({n} texts)" for p, n in result.probes.items())
+        names = ", ".join(f"`{p.name}` ({len(p.texts)} texts from `{p.source or 'memory'}`)"
+                          for p in req.probes)
         parts += ["## General-text perplexity",
                   f"Perplexity of each model on the probe sets {names} (lower is better; change relative to the "
                   "base in parentheses): how much general language modelling each fine-tune cost.",
@@ -195,7 +196,7 @@ def _jsonable(value: Any) -> Any:
 
 def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
     req = asdict(result.request)
-    req["probes"] = [{"name": p.name, "texts": len(p.texts)} for p in result.request.probes]
+    req["probes"] = [{"name": p.name, "texts": len(p.texts), "source": p.source} for p in result.request.probes]
     return _jsonable({
         "name": result.request.name,
         "generated_at": generated_at,

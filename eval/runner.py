@@ -59,6 +59,7 @@ class Probe:
 
     name: str
     texts: tuple[str, ...]
+    source: str = ""  # the file it was read from, named in the report
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def read_probe(path: Path) -> Probe:
     texts = [t for t in texts if t]
     if not texts:
         raise WorkflowError(f"--probe {path}: no text found. Fix: put a few paragraphs of general text in it")
-    return Probe(name=path.stem, texts=tuple(texts))
+    return Probe(name=path.stem, texts=tuple(texts), source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------- identities, data

@@ -35,7 +35,7 @@ def test_report_json_holds_every_number(result: EvalResult) -> None:
     assert data["rows"]["sql"] == {"test_rows": 4, "evaluated": 4}
     assert data["own_tasks"]["multitask"] == ["sql", "detox"]
     assert data["retention"]["mean_own_gain"] == 1.0 and data["retention"]["mean_other_change"] == 0.0
-    assert data["request"]["probes"] == [{"name": "story", "texts": 1}]
+    assert data["request"]["probes"] == [{"name": "story", "texts": 1, "source": ""}]
     assert data["settings"]["sql"]["max_new_tokens"] == 7
     assert len(data["pairs"]) == 8 and "total" in data["timings"]
 
@@ -48,7 +48,7 @@ def test_report_md_has_the_matrix_with_deltas_and_sections(result: EvalResult) -
     for section in ("## Retention matrix", "## Summary", "## General-text perplexity", "## All metrics per task",
                     "### detox", "## Settings and rows", "## Timings", "![retention matrix](retention.png)"):
         assert section in text
-    assert "`story` (1 texts)" in text
+    assert "`story` (1 texts from `memory`)" in text
 
 
 def test_png_is_a_readable_image_of_reasonable_size(result: EvalResult) -> None:

@@ -260,7 +260,7 @@ def test_own_tasks_rule(tmp_path: Path) -> None:
 def test_read_probe_txt_paragraphs_and_errors(tmp_path: Path) -> None:
     probe = tmp_path / "stories.txt"
     probe.write_text("Once upon a time\nthere was a cat.\n\n\nThe end.\n")
-    assert read_probe(probe) == Probe("stories", ("Once upon a time there was a cat.", "The end."))
+    assert read_probe(probe) == Probe("stories", ("Once upon a time there was a cat.", "The end."), str(probe))
     with pytest.raises(WorkflowError, match="--probe .*missing.txt: file not found"):
         read_probe(tmp_path / "missing.txt")
     bad = tmp_path / "bad.csv"
