@@ -6,10 +6,10 @@ settings each task uses, and the cache. Loading models and generating (``eval.ge
 tested with fakes and no model.
 
 Cache: one JSON file per (model, task) pair under ``<cache_dir>/pairs/<key>.json``, holding the predictions and
-their scores. The key is a hash of the model's identity (adapter weight files + its config + the base model),
-the test.csv bytes, the generation settings and ``max_rows``; adding an adapter or a task reuses every pair
-already computed, and changing any of those inputs recomputes exactly the pairs it affects. ``batch_size`` is
-not part of the key (a throughput knob). Perplexities and lm-eval results are cached the same way.
+their scores. The key is a hash of the model's identity (adapter weight files + its config + the base model and
+how it is loaded: ``--device``, 4-bit or not), the test.csv bytes, the generation settings that change greedy
+outputs and ``max_rows``; adding an adapter or a task reuses every pair already computed, and changing any of
+those inputs recomputes exactly the pairs it affects. ``batch_size`` is not part of the key (a throughput knob). Perplexities and lm-eval results are cached the same way.
 
 Fair comparison: every model is scored on a task with that task's generation settings (its max input/new
 tokens), read from the single-task adapter trained on it when one is given, else from
@@ -292,9 +292,36 @@ def task_config(task: str, models: Sequence[ModelSpec]) -> tuple[dict[str, Any],
     return load_yaml(path), str(path)
 
 
+# Values of generation options that leave decoding unchanged (what Ludwig saves for options nobody set).
+_NO_OP_GENERATION = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                     "length_penalty": 1.0, "diversity_penalty": 0.0, "min_length": 0, "early_stopping": False,
+                     "renormalize_logits": False, "remove_invalid_values": False}
+
+
+def effective_generation(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of Ludwig's ``generation`` section that change greedy outputs: those that differ from
+    transformers' defaults, less what eval.generate forces (greedy) or ignores (sampling knobs, lengths).
+
+    A task YAML's short section and the same section as Ludwig saves it (every default filled in) give the same
+    result, so adding a specialist adapter (whose saved config then sets the task's settings) keeps the cache.
+    """
+    from transformers import GenerationConfig
+
+    from eval.generate import _GREEDY, _INERT_WHEN_GREEDY
+
+    ignored = {*_GREEDY, *_INERT_WHEN_GREEDY, "max_new_tokens", "use_cache"}
+    defaults = GenerationConfig().to_dict()  # transformers 5 leaves most unset (None)
+    return {k: v for k, v in sorted(generation.items())
+            if k not in ignored and v is not None and v != defaults.get(k) and v != _NO_OP_GENERATION.get(k)}
+
+
 def settings_key(settings: Any) -> dict[str, Any]:
-    """The generation settings that change outputs (batch size only changes speed)."""
-    return {k: v for k, v in asdict(settings).items() if k != "batch_size"}
+    """The generation settings that change outputs: not the batch size (speed only), not quantization (part of
+    the model's identity), and the generation section reduced to what changes greedy decoding."""
+    values = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "quantization")}
+    if values.get("generation"):
+        values["generation"] = effective_generation(values["generation"])
+    return values
 
 
 def pair_key(model_identity: str, task: str, test_hash: str, settings: Any, max_rows: int | None) -> str:
@@ -414,11 +441,13 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
             s = replace(s, max_new_tokens=request.max_new_tokens)
         settings[task] = s
         settings_info[task] = asdict(s) | {"source": source}
-    base = base_identity(request.base_model)
+    first_settings = settings[request.tasks[0]]
+    # The base runs 4-bit on CUDA when the first task's config quantizes (eval.generate.load_base_model).
+    base = _digest([base_identity(request.base_model), request.device or "auto",
+                    json.dumps(getattr(first_settings, "quantization", None) or {}, sort_keys=True)])
     identities = {BASE: base} | {m.name: adapter_identity(m.path, base) for m in request.models if m.path}
     resources = backend.resources(work_dir=request.cache / "resources", prepared_dir=request.prepared,
                                   spider_dir=request.spider_dir)
-    first_settings = settings[request.tasks[0]]
     specs = (ModelSpec(BASE, None, ()), *request.models)
     timings: dict[str, float] = {}
     pairs: list[PairResult] = []

@@ -23,6 +23,7 @@ from eval.runner import (
     resolve_own_tasks,
     run_eval,
     run_lm_eval,
+    settings_key,
 )
 from ludwig_mt.ludwig_fixes import WorkflowError
 
@@ -241,6 +242,21 @@ def test_cache_entries_hold_predictions_and_scores(world: dict[str, Any]) -> Non
     entry = json.loads(Path(pair.cache_file).read_text())
     assert entry["predictions"] == [f"sql answer {i}" for i in range(4)]
     assert entry["scores"]["exact_match"] == 1.0
+
+
+def test_settings_key_ignores_defaults_ludwig_fills_in_and_batch_size() -> None:
+    from eval.generate import GenerationSettings
+
+    yaml_section = GenerationSettings(128, 64, 32, generation={"max_new_tokens": 64, "do_sample": False,
+                                                               "num_beams": 1})
+    saved_section = GenerationSettings(128, 64, 8, generation={
+        "max_new_tokens": 64, "do_sample": False, "num_beams": 1, "temperature": 0.1, "top_k": 50, "top_p": 1.0,
+        "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "max_length": 32, "bos_token_id": None},
+        quantization={"bits": 4})
+    assert settings_key(yaml_section) == settings_key(saved_section)
+    penalised = GenerationSettings(128, 64, generation={"repetition_penalty": 1.3})
+    assert settings_key(penalised) != settings_key(yaml_section)
+    assert settings_key(GenerationSettings(128, 65)) != settings_key(GenerationSettings(128, 64))
 
 
 # ------------------------------------------------------------------------------------------ own tasks
