@@ -235,7 +235,7 @@ def colour_scales(result: EvalResult) -> tuple[float, float]:
 
 
 def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
-    """One column per task, then one per perplexity probe: label, texts per row, colour values, own flags."""
+    """One column per task, then one per perplexity probe: kind, label, texts per row, colour values, own flags."""
     ret, models = result.retention, result.retention.models
     change = result.perplexity_change()
     task_scale, probe_scale = colour_scales(result)
@@ -243,6 +243,7 @@ def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
     for task in ret.tasks:
         cells = [ret.cells[m][task] for m in models]
         columns.append({
+            "kind": "task",
             "label": f"{task}\n{ret.metric[task]}",
             "texts": [fmt(c.score) if m == BASE else f"{fmt(c.score)}\n{fmt_delta(c.delta)}"
                       for m, c in zip(models, cells)],
@@ -253,7 +254,8 @@ def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
         values = [result.perplexity.get(m, {}).get(probe) for m in models]
         rel = [change.get(m, {}).get(probe) for m in models]
         columns.append({
-            "label": f"perplexity\n{probe} (lower better)",
+            "kind": "perplexity",
+            "label": f"{probe}\nperplexity (lower = better)",
             "texts": [fmt(v) if m == BASE else f"{fmt(v)}\n{fmt_percent(r)}" for m, v, r in zip(models, values, rel)],
             "colours": _colour_values([None if r is None else -r for r in rel], probe_scale),
             "own": [False] * len(models),
@@ -283,9 +285,9 @@ def write_heatmap(result: EvalResult, path: Path) -> None:
             strong = value is not None and abs(value) > 0.75  # dark green/red: white text stays readable
             ax.text(col + 0.5, row + 0.5, text, ha="center", va="center", fontsize=10,
                     fontweight="bold" if own else "normal", color="white" if strong else "#111111")
-    if any(column["label"].startswith("perplexity") for column in columns):
-        first = next(i for i, c in enumerate(columns) if c["label"].startswith("perplexity"))
-        ax.axvline(first, color="#555555", linewidth=1.5)
+    first_probe = next((i for i, c in enumerate(columns) if c["kind"] == "perplexity"), None)
+    if first_probe:
+        ax.axvline(first_probe, color="#555555", linewidth=1.5)  # tasks | general-text perplexity
     ax.set_xlim(0, n_cols)
     ax.set_ylim(n_rows, 0)
     ax.set_xticks([i + 0.5 for i in range(n_cols)], [c["label"] for c in columns], fontsize=10)
