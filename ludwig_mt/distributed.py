@@ -132,8 +132,8 @@ def _strategy_class():
             self._should_step = True
             kwargs: dict[str, Any] = {}
             if strategy == "ddp":
-                # static_graph: gradient checkpointing (use_reentrant=True, as Ludwig sets it) re-runs forward
-                # inside backward, which plain DDP reports as "mark a variable ready only once".
+                # static_graph: PyTorch's documented DDP setting for reentrant gradient checkpointing (Ludwig sets
+                # use_reentrant=True), which re-runs parts of forward inside backward.
                 kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(static_graph=True)]
             elif self.uses_deepspeed:
                 from accelerate import DeepSpeedPlugin
