@@ -82,6 +82,27 @@ def test_strategy_comes_from_the_launcher_switch_or_world_size(monkeypatch: pyte
         distributed.strategy_name()
 
 
+def test_4bit_model_is_placed_on_the_rank_gpu_only_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict] = []
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            seen.append(kwargs)
+
+    placement = distributed._PerRankPlacement(Loader)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(distributed.ENV_STRATEGY, raising=False)
+    placement.from_pretrained("m", device_map="auto")  # plain process: Ludwig's choice stays
+    monkeypatch.setenv(distributed.ENV_STRATEGY, "zero2")
+    placement.from_pretrained("m", device_map="auto")
+    placement.from_pretrained("m", dtype="float32")  # no device map asked for: none added
+    assert [kw.get("device_map") for kw in seen] == ["auto", {"": 3}, None]
+    assert placement.from_pretrained is not Loader.from_pretrained and placement.__name__ == "Loader"
+
+
 def test_batches_done_in_epoch() -> None:
     assert [distributed.batches_done_in_epoch(s, 8) for s in (0, 5, 8, 13, 16)] == [0, 5, 0, 5, 0]
     assert distributed.batches_done_in_epoch(3, 0) == 0
