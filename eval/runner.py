@@ -390,19 +390,6 @@ def validate_request(request: EvalRequest, known_tasks: Sequence[str]) -> None:
         require_lm_eval()
 
 
-def _free(loaded: Any) -> None:
-    """Drop a model before loading the next one (one model in memory at a time)."""
-    del loaded
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 class _LazyModel:
     """Loads a model the first time a pair actually needs it: a fully cached model is never loaded."""
 
@@ -416,6 +403,20 @@ class _LazyModel:
             self._timings[f"load {self._label}"] = time.perf_counter() - started
             logger.info("loaded %s in %.1f s", self._label, self._timings[f"load {self._label}"])
         return self.value
+
+    def release(self) -> None:
+        """Drop the model before the next one loads (one model in memory at a time)."""
+        if self.value is None:
+            return
+        self.value = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
 
 
 def run_eval(request: EvalRequest, backend: Backend | None = None,
@@ -469,8 +470,7 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
                                    for probe in request.probes}
         if request.lm_eval_tasks:
             lm_eval_results[spec.name] = _run_lm_eval(request, spec, identities[spec.name], notify)
-        if model.value is not None:
-            _free(model.value)
+        model.release()
     primary = {task: backend.primary_metric[task] for task in request.tasks}
     scores = {spec.name: {p.task: p.scores.get(primary[p.task]) for p in pairs if p.model == spec.name}
               for spec in specs}
@@ -501,8 +501,8 @@ def _run_pair(request: EvalRequest, backend: Backend, model_name: str, identity:
         predictions, seconds_generate, cached = entry["predictions"], entry["seconds_generate"], True
     else:
         notify(f"{model_name} × {task}: generating {len(test)} rows")
-        started = time.perf_counter()
         loaded = replace(model.get(), settings=settings, name=model_name)  # name: progress-bar label
+        started = time.perf_counter()  # after loading: load time is reported on its own
         predictions = backend.generate(loaded, test["prompt"].tolist(), max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.batch_size, progress=progress)
         seconds_generate, cached = time.perf_counter() - started, False
