@@ -1,4 +1,6 @@
-"""``python -m eval`` / ``./run.sh eval``: score the base model and every adapter on every task; write a report.
+"""Score the base model and every adapter on every task's held-out set; write a retention report.
+
+Run as ``python -m eval`` or ``./run.sh eval``:
 
   python -m eval --base-model Qwen/Qwen2.5-1.5B-Instruct \\
       --model sql=results/sql/experiment_run/model --model detox=results/detox/experiment_run/model \\

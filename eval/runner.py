@@ -439,7 +439,7 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         if request.batch_size:
             s = replace(s, batch_size=request.batch_size)
         if request.max_new_tokens:
-            s = replace(s, max_new_tokens=request.max_new_tokens)
+            s = replace(s, max_new_tokens=min(s.max_new_tokens, request.max_new_tokens))
         settings[task] = s
         settings_info[task] = asdict(s) | {"source": source}
     first_settings = settings[request.tasks[0]]

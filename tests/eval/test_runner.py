@@ -213,9 +213,11 @@ def test_without_a_specialist_the_task_yaml_sets_the_limits(world: dict[str, Any
     assert result.settings["detox"]["max_new_tokens"] == 64
 
 
-def test_max_new_tokens_and_batch_size_overrides(world: dict[str, Any]) -> None:
-    result = run_eval(request(world, "sql", max_new_tokens=3, batch_size=2), world["fake"].backend())
-    assert {g[2] for g in world["fake"].generated} == {3}
+def test_max_new_tokens_caps_every_task_and_batch_size_overrides(world: dict[str, Any]) -> None:
+    result = run_eval(request(world, "sql", max_new_tokens=8, batch_size=2), world["fake"].backend())
+    assert result.settings["sql"]["max_new_tokens"] == 7  # already under the cap
+    assert result.settings["detox"]["max_new_tokens"] == 8  # detox.yaml's 64, capped
+    assert {g[2] for g in world["fake"].generated} == {7, 8}
     assert result.settings["sql"]["batch_size"] == 2
 
 
