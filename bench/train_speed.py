@@ -504,9 +504,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case"), p.add_argument("--model-dir"), p.add_argument("--dataset")
     p.add_argument("--workdir"), p.add_argument("--result")
+    p.add_argument("--merge", nargs="+", type=Path, help="only merge these runs' train_speed.json into --out")
     args = p.parse_args(argv)
     if args.worker:
         return run_worker(args)
+    if args.merge:
+        return merge_runs(args.merge, args.out)
     if args.smoke:
         args.shapes = [s for s in args.shapes if s.startswith("tiny")] or ["tiny-llama", "tiny-bloom"]
         args.modes, args.steps, args.warmup = ["lora"], min(args.steps, 3), 1
@@ -560,6 +563,25 @@ def main(argv: list[str] | None = None) -> None:
              "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 matmul FLOP/s",
              "versions": versions(), "results": results}, indent=1))
         (args.out / "train_speed.md").write_text(table(results) + "\n")
+    print(table(results))
+
+
+def merge_runs(paths: list[Path], out: Path) -> None:
+    """One table from several runs' JSON (one device call holds about 13 cases): a case measured in several runs
+    keeps its latest row; comparisons are recomputed; each row says which run it came from."""
+    runs, by_name = [], {}
+    for path in paths:
+        run = json.loads(path.read_text())
+        runs.append({k: v for k, v in run.items() if k != "results"} | {"file": path.name})
+        for r in run["results"]:
+            r = {k: v for k, v in r.items() if not k.startswith("x_plain") and k != "loss_check"}
+            by_name.pop(r["name"], None)  # re-insert: the later run's row, in the later run's order
+            by_name[r["name"]] = {**r, "run": path.name, "matmul_tflops": run["matmul_tflops"]}
+    results = list(by_name.values())
+    add_comparisons(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_speed.json").write_text(json.dumps({"runs": runs, "results": results}, indent=1))
+    (out / "train_speed.md").write_text(table(results) + "\n")
     print(table(results))
 
 

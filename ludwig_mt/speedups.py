@@ -39,12 +39,13 @@ What Ludwig does without them, and why each change is safe:
 ``target_only_logits``
     Ludwig's LLM forward computes the logits of every position (``tokens x vocabulary``), then per token an fp32
     copy, a softmax (``probabilities``) and an argmax, and the loss over all of it, although the loss only counts
-    the response tokens (the prompt's targets are -100). On training steps whose outputs feed nothing but the loss
-    (every step except the 1 in :data:`TRAIN_METRICS_EVERY` that updates training metrics) we run the model's
-    backbone, apply the LM head only to the positions that predict a response token, and take the same mean
-    next-token cross-entropy in fp32: the same loss value and gradients with a fraction of the LM-head matmul and
-    none of the full-vocabulary fp32 tensors (the head is 20-40% of a 1B model's FLOPs at a 128k-256k vocabulary).
-    It also makes ``trainer.packing: true`` work (below).
+    the response tokens (the prompt's targets are -100). On every training step we run the model's backbone,
+    apply the LM head only to the positions that predict a response token, and take the same mean next-token
+    cross-entropy in fp32: the same loss value and gradients with a fraction of the LM-head matmul and none of the
+    full-vocabulary fp32 tensors (the head is 20-40% of a 1B model's FLOPs at a 128k-256k vocabulary). On the
+    steps that update training metrics (``sampled_train_metrics``), Ludwig's full outputs for the metrics come
+    from an extra no-grad forward of the batch's first :data:`TRAIN_METRICS_ROWS` rows, so no step materialises
+    full-batch logits. It also makes ``trainer.packing: true`` work (below).
 
 ``liger_kernels``
     When ``liger-kernel`` is installed (the optional extra ``gpu``: ``pip install -e .[gpu]``) and the model runs on
@@ -79,6 +80,8 @@ SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_m
 
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
+#: with ``target_only_logits``, the rows of that step whose full outputs feed the training metrics
+TRAIN_METRICS_ROWS = 4
 
 def enabled(name: str) -> bool:
     """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run)."""
@@ -143,7 +146,8 @@ def liger_usable() -> bool:
 
     import torch
 
-    return enabled("liger_kernels") and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    return enabled("liger_kernels") and torch.cuda.is_available() and installed
 
 
 def apply_liger_kernels(model) -> bool:
@@ -205,6 +209,20 @@ def training_metrics_due(trainer) -> bool:
     return not enabled("sampled_train_metrics") or count % TRAIN_METRICS_EVERY == 0
 
 
+def metric_sample_outputs(trainer) -> tuple[dict, dict]:
+    """Ludwig's full outputs for the first :data:`TRAIN_METRICS_ROWS` rows of the trainer's last lean batch, from a
+    no-grad forward: the training metrics' input without full-batch ``tokens x vocabulary`` fp32 tensors (they
+    would set the run's peak memory)."""
+    import torch
+
+    inputs, targets = trainer._ludwig_mt_last_batch
+    rows = {k: v[:TRAIN_METRICS_ROWS] for k, v in inputs.items()}
+    wanted = {k: v[:TRAIN_METRICS_ROWS] for k, v in targets.items()}
+    with torch.no_grad():
+        outputs = trainer.dist_model((rows, dict(wanted)))
+    return outputs, wanted
+
+
 @_once
 def patch_training_metrics() -> None:
     """Make ``Trainer._update_training_metrics`` run on one step in TRAIN_METRICS_EVERY (``sampled_train_metrics``)."""
@@ -217,6 +235,8 @@ def patch_training_metrics() -> None:
         due = training_metrics_due(self)
         self._ludwig_mt_metric_steps = getattr(self, "_ludwig_mt_metric_steps", 0) + 1
         if due:
+            if LEAN_LOSS in model_outputs:  # a lean step has no logits: measure a few of its rows again
+                model_outputs, targets = metric_sample_outputs(self)
             original(self, model_outputs, targets)
 
     Trainer._update_training_metrics = _update_training_metrics
@@ -372,7 +392,7 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids, generate_merged_ids)
 def patch_llm_training_forward() -> None:
     """Lean training forward for ``LLM`` (``target_only_logits``), and Ludwig's packing made correct on it.
 
-    ``Trainer._forward_pass`` marks the model lean for the steps whose outputs only feed the loss; ``LLM.forward``
+    ``Trainer._forward_pass`` marks the model lean (and keeps the batch for the training-metric sample); ``LLM.forward``
     then returns the loss itself and ``LLM.train_loss`` passes it on.
     """
     from ludwig.constants import USED_TOKENS
@@ -384,9 +404,9 @@ def patch_llm_training_forward() -> None:
 
     @functools.wraps(original_pass)
     def _forward_pass(self, inputs, targets, should_step):
-        lean = (enabled("target_only_logits") and isinstance(self.model, LLM) and lean_forward_supported(self.model)
-                and not (should_step and training_metrics_due(self)))
+        lean = enabled("target_only_logits") and isinstance(self.model, LLM) and lean_forward_supported(self.model)
         self.model._ludwig_mt_lean = lean
+        self._ludwig_mt_last_batch = (inputs, targets) if lean else None
         try:
             return original_pass(self, inputs, targets, should_step)
         finally:
