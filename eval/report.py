@@ -218,27 +218,33 @@ def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- retention.png
 # Smallest colour ranges: a change this large is drawn at full colour at most, so noise never looks dramatic.
 MIN_SCORE_RANGE = 0.10  # primary metrics are rates/scores in [0, 1] (eval.scoring)
-MIN_PERPLEXITY_RANGE = 0.20  # relative perplexity change (20 %)
+# Perplexity changes are ratios spanning orders of magnitude: coloured on a log2 scale, full colour at 4x (or 1/4x).
+PERPLEXITY_FULL_LOG2 = 2.0
 
 
 def _colour_values(changes: Sequence[float | None], scale: float) -> list[float | None]:
-    """Changes scaled to [-1, 1] by ``scale`` (one scale shared by all task columns, one by all probes)."""
+    """Changes scaled to [-1, 1] by ``scale`` (one scale shared by all task columns)."""
     return [None if c is None else max(-1.0, min(1.0, c / scale)) for c in changes]
 
 
-def colour_scales(result: EvalResult) -> tuple[float, float]:
-    """The change drawn at full colour: the largest task delta and the largest perplexity change, at least the
-    minimum ranges."""
+def task_colour_scale(result: EvalResult) -> float:
+    """The score change drawn at full colour: the largest in the matrix, at least MIN_SCORE_RANGE."""
     deltas = [abs(c.delta) for row in result.retention.cells.values() for c in row.values() if c.delta is not None]
-    changes = [abs(v) for row in result.perplexity_change().values() for v in row.values() if v is not None]
-    return max([MIN_SCORE_RANGE, *deltas]), max([MIN_PERPLEXITY_RANGE, *changes])
+    return max([MIN_SCORE_RANGE, *deltas])
+
+
+def perplexity_colour(relative_change: float | None) -> float | None:
+    """-log2(perplexity ratio) / 2, in [-1, 1]: 4x the base perplexity is full red, a quarter full green."""
+    if relative_change is None or relative_change <= -1:
+        return None
+    return max(-1.0, min(1.0, -math.log2(1 + relative_change) / PERPLEXITY_FULL_LOG2))
 
 
 def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
     """One column per task, then one per perplexity probe: kind, label, texts per row, colour values, own flags."""
     ret, models = result.retention, result.retention.models
     change = result.perplexity_change()
-    task_scale, probe_scale = colour_scales(result)
+    task_scale = task_colour_scale(result)
     columns = []
     for task in ret.tasks:
         cells = [ret.cells[m][task] for m in models]
@@ -257,7 +263,7 @@ def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
             "kind": "perplexity",
             "label": f"{probe}\nperplexity (lower = better)",
             "texts": [fmt(v) if m == BASE else f"{fmt(v)}\n{fmt_percent(r)}" for m, v, r in zip(models, values, rel)],
-            "colours": _colour_values([None if r is None else -r for r in rel], probe_scale),
+            "colours": [perplexity_colour(r) for r in rel],
             "own": [False] * len(models),
         })
     return columns
@@ -297,9 +303,8 @@ def write_heatmap(result: EvalResult, path: Path) -> None:
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.set_title(f"Retention: {result.request.name}", fontsize=13, fontweight="bold", pad=12, loc="left")
-    task_scale, probe_scale = colour_scales(result)
     note = (f"cell: score and change from base · colour: change from base, green better, red worse (full colour at "
-            f"±{task_scale:.2f} for tasks, ±{probe_scale:.0%} for perplexity) · boxed: the adapter's own task")
+            f"±{task_colour_scale(result):.2f} for tasks, at 4× or ¼× for perplexity) · boxed: the adapter's own task")
     width_chars = int(fig.get_figwidth() * 15)  # about 15 characters of 8-pt text per inch
     fig.text(0.01, 0.01, textwrap.fill(note, width_chars), fontsize=8, color="#444444", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.03 * (len(note) // width_chars), 1, 1))
