@@ -324,8 +324,13 @@ def write_heatmap(result: EvalResult, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- all three
 @contextlib.contextmanager
 def logging_to(path: Path) -> Iterator[None]:
-    """Everything logged meanwhile (ours, transformers', warnings) goes to the report's eval.log, not the terminal."""
+    """Everything logged meanwhile (ours, transformers', warnings) goes to the report's eval.log, not the terminal;
+    transformers' own "Loading weights" bars are switched off too (ours, per task, stay)."""
+    from transformers.utils import logging as hf_logging
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -340,7 +345,8 @@ def logging_to(path: Path) -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(previous)
         handler.close()
-
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def write_report(result: EvalResult, generated_at: str | None = None) -> dict[str, Path]:

@@ -70,3 +70,19 @@ def test_matrix_table_marks_own_tasks(result: EvalResult) -> None:
     assert header[0] == "model" and [r[0] for r in rows] == ["base", "sql", "detox", "multitask"]
     assert rows[3][1].startswith("**") and rows[3][2].startswith("**")
     assert not rows[1][2].startswith("**")
+
+
+def test_logging_to_sends_logs_to_the_file_and_silences_transformers_bars(tmp_path: Path) -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from eval.report import logging_to
+
+    hf_logging.enable_progress_bar()
+    log = tmp_path / "eval.log"
+    with logging_to(log):
+        assert not hf_logging.is_progress_bar_enabled()
+        logging.getLogger("eval.test").info("into the file")
+    assert hf_logging.is_progress_bar_enabled(), "restored afterwards"
+    assert "into the file" in log.read_text(encoding="utf-8")
