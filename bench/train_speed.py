@@ -436,11 +436,13 @@ def add_comparisons(results: list[dict[str, Any]]) -> None:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown table, one row per case."""
-    lines = ["| case | tokens/s | step s | peak GiB | MFU | x plain tok/s | x plain mem | loss step 1 (vs raw) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    runs = any("run" in r for r in results)
+    lines = ["| case | tokens/s | step s | peak GiB | MFU | x plain tok/s | x plain mem | loss step 1 (vs raw) |"
+             + (" run |" if runs else ""), "|---|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | ERROR: {r['error'][:160].replace('|', '/')} | | | | | | |")
+            lines.append(f"| {r['name']} | ERROR: {r['error'][:160].replace('|', '/')} | | | | | | |"
+                         + (f" {r.get('run', '')} |" if runs else ""))
             continue
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else ""  # noqa: E731
         check = r.get("loss_check")
@@ -449,7 +451,7 @@ def table(results: list[dict[str, Any]]) -> str:
             loss += f" ({100 * check['rel_delta']:.2f}% {'ok' if check['ok'] else 'OUT OF TOLERANCE'})"
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | "
                      f"{100 * r['mfu']:.1f}% | {fmt(r.get('x_plain_tokens_per_s'), '.2f')} | "
-                     f"{fmt(r.get('x_plain_peak_gib'), '.2f')} | {loss} |")
+                     f"{fmt(r.get('x_plain_peak_gib'), '.2f')} | {loss} |" + (f" {r.get('run', '')} |" if runs else ""))
     return "\n".join(lines)
 
 
@@ -577,11 +579,19 @@ def merge_runs(paths: list[Path], out: Path) -> None:
             r = {k: v for k, v in r.items() if not k.startswith("x_plain") and k != "loss_check"}
             by_name.pop(r["name"], None)  # re-insert: the later run's row, in the later run's order
             by_name[r["name"]] = {**r, "run": path.name, "matmul_tflops": run["matmul_tflops"]}
-    results = list(by_name.values())
+    def rank(r: dict[str, Any]) -> tuple:
+        c, name = r["case"], r["name"]
+        order = (c["path"] != "plain", c["path"] != "raw", "packed" in name or "unpacked" in name, "ablate" in name)
+        return c["shape"], c["mode"], order
+
+    results = sorted(by_name.values(), key=rank)
     add_comparisons(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_speed.json").write_text(json.dumps({"runs": runs, "results": results}, indent=1))
-    (out / "train_speed.md").write_text(table(results) + "\n")
+    legend = "\n".join(f"- {r['file']}: {r.get('device_name', r['device'])}, measured bf16 matmul "
+                       f"{r['matmul_tflops']:.0f} TFLOP/s, {r.get('versions')}" for r in runs)
+    (out / "train_speed.md").write_text(f"Runs merged (a later run's row replaces an earlier one):\n{legend}\n\n"
+                                        + table(results) + "\n")
     print(table(results))
 
 
