@@ -1,0 +1,67 @@
+"""bench/train_speed.py's bookkeeping: exact row lengths, the case plan, ratios vs plain, the loss check, merging."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from train_speed import LOSS_TOLERANCE, Case, add_comparisons, build_rows, merge_runs, plan  # noqa: E402
+
+
+def row(name: str, path: str, tok_s: float, peak: float, loss: float, batch: int = 8, mode: str = "qlora") -> dict:
+    case = Case(shape="llama3.2-1b", mode=mode, path=path, batch=batch, prompt_tokens=190, response_tokens=64,
+                steps=4, warmup=1, label=name)
+    return {"name": name, "case": asdict(case), "tokens_per_s": tok_s, "step_s": 0.1, "peak_gib": peak, "mfu": 0.1,
+            "first_losses": [loss]}
+
+
+def test_rows_tokenize_to_exactly_the_requested_lengths() -> None:
+    from ludwig_mt.tiny_model import build_tokenizer
+
+    tok = build_tokenizer()
+    rows = build_rows(tok, 5, prompt_tokens=17, response_tokens=6)
+    assert len(rows) == 5
+    for r in rows:
+        assert len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) == 17
+        assert len(tok(r["response"], add_special_tokens=False)["input_ids"]) == 6
+
+
+def test_plan_compares_three_paths_at_equal_batch_and_packs_only_rotary_models() -> None:
+    cases = plan(["llama3.2-1b", "bloom-1b1"], ["qlora"], 8, 190, 64, 4, 1, 32, ablations=False)
+    names = [c.label or f"{c.shape}-{c.mode}-{c.path}-b{c.batch}" for c in cases]
+    assert {c.path for c in cases if c.batch == 8} == {"plain", "raw", "tuned"}
+    assert "llama3.2-1b-qlora-tuned-packed2048-b32-gc" in names
+    assert "bloom-1b1-qlora-tuned-unpacked-b32" in names
+    packed = next(c for c in cases if c.label == "llama3.2-1b-qlora-tuned-packed2048-b32")
+    assert packed.yaml["trainer"]["packing"] is True and packed.yaml["trainer"]["enable_gradient_checkpointing"] is False
+    assert not any(c.yaml.get("trainer", {}).get("packing") for c in cases if c.shape == "bloom-1b1")
+
+
+def test_ratios_are_against_plain_and_the_loss_check_against_raw_at_the_same_batch() -> None:
+    results = [row("plain", "plain", 1000, 10.0, 12.3), row("raw", "raw", 500, 5.0, 12.0),
+               row("tuned", "tuned", 1500, 8.0, 12.0 * (1 + LOSS_TOLERANCE / 2)),
+               row("bad", "tuned", 1500, 8.0, 12.0 * (1 + 2 * LOSS_TOLERANCE)),
+               row("packed", "tuned", 3000, 20.0, 11.0, batch=32)]
+    add_comparisons(results)
+    by = {r["name"]: r for r in results}
+    assert by["tuned"]["x_plain_tokens_per_s"] == 1.5 and by["tuned"]["x_plain_peak_gib"] == 0.8
+    assert by["packed"]["x_plain_tokens_per_s"] == 3.0
+    assert by["tuned"]["loss_check"]["ok"] and not by["bad"]["loss_check"]["ok"]
+    assert "loss_check" not in by["packed"] and "loss_check" not in by["plain"]  # no raw run at batch 32
+
+
+def test_merge_keeps_the_latest_row_of_each_case(tmp_path: Path) -> None:
+    meta = {"device": "cuda", "device_name": "H100", "versions": {}}
+    (tmp_path / "a.json").write_text(json.dumps({**meta, "matmul_tflops": 800.0, "results": [
+        row("plain", "plain", 1000, 10.0, 12.3), row("tuned", "tuned", 1200, 8.0, 12.0)]}))
+    (tmp_path / "b.json").write_text(json.dumps({**meta, "matmul_tflops": 780.0, "results": [
+        row("tuned", "tuned", 2000, 4.0, 12.0)]}))
+    merge_runs([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "out")
+    merged = json.loads((tmp_path / "out" / "train_speed.json").read_text())["results"]
+    tuned = next(r for r in merged if r["name"] == "tuned")
+    assert len(merged) == 2 and tuned["run"] == "b.json" and tuned["x_plain_tokens_per_s"] == 2.0
+    assert "| tuned | 2000 |" in (tmp_path / "out" / "train_speed.md").read_text()
