@@ -37,7 +37,8 @@ def test_plan_compares_three_paths_at_equal_batch_and_packs_only_rotary_models()
     assert "llama3.2-1b-qlora-tuned-packed2048-b32-gc" in names
     assert "bloom-1b1-qlora-tuned-unpacked-b32" in names
     packed = next(c for c in cases if c.label == "llama3.2-1b-qlora-tuned-packed2048-b32")
-    assert packed.yaml["trainer"]["packing"] is True and packed.yaml["trainer"]["enable_gradient_checkpointing"] is False
+    assert packed.yaml["trainer"]["packing"] is True
+    assert packed.yaml["trainer"]["enable_gradient_checkpointing"] is False
     assert not any(c.yaml.get("trainer", {}).get("packing") for c in cases if c.shape == "bloom-1b1")
 
 
