@@ -83,6 +83,7 @@ TRAIN_METRICS_EVERY = 8
 #: with ``target_only_logits``, the rows of that step whose full outputs feed the training metrics
 TRAIN_METRICS_ROWS = 4
 
+
 def enabled(name: str) -> bool:
     """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run)."""
     if name not in SPEEDUPS:
@@ -361,6 +362,11 @@ def packing_supported(causal_lm) -> bool:
     return "position_ids" in inspect.signature(base.base_model.forward).parameters
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def lean_training_batch(llm, input_ids, target_ids) -> dict[str, Any]:
     """The model inputs and labels of a lean step: packed if ``trainer.packing`` is on and the model allows it,
     else exactly Ludwig's left-padded merge (``generate_merged_ids``) with labels on the response tokens."""
@@ -382,7 +388,7 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids, generate_merged_ids)
             pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
             longest = max(ids.shape[0] for ids, _ in rows)
             return {**pack_rows(rows, max(max_length or 0, longest), pad), "n_tokens": n_tokens}
-        logger.warning("ludwig_mt: trainer.packing ignored, %s takes no position_ids", type(llm.model).__name__)
+        _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")
     merged, mask = generate_merged_ids(input_ids, target_ids, llm.tokenizer, max_length)
     return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),
             "n_tokens": n_tokens}
