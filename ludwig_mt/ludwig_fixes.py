@@ -25,12 +25,18 @@ Known problems (details: the project README, section "Ludwig 0.17.10 fixes"):
    id 0 is the ordinary token ``!``, so "SELECT 1" comes back as "SELECT 1!!!!!!!!". Greedy generation of one
    sample stops at the first end-of-sequence token, so everything after it is padding: we overwrite it with that
    end-of-sequence token, which decoding skips as a special token.
+6. Every 4-bit (QLoRA) training run crashes when it ends, on GPU as on CPU: Ludwig reloads its best checkpoint with
+   ``load_state_dict`` and refuses the bitsandbytes quantization state it saved itself (``weight.absmax``,
+   ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) as "unexpected keys". That
+   state belongs to the frozen 4-bit base weights, which training never changes and the model already holds; we
+   leave it out of the state dict before loading (best-checkpoint reload and resume alike).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -200,6 +206,30 @@ def stop_responses_at_eos() -> None:
     LLM.generate = generate
 
 
+#: what bitsandbytes' ``Linear4bit`` adds to a state dict next to each packed 4-bit ``weight``
+_BNB_4BIT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                            ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+
+
+def without_4bit_quant_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the bitsandbytes 4-bit quantization state of frozen base weights (pure)."""
+    return {key: value for key, value in state_dict.items() if not key.endswith(_BNB_4BIT_STATE_SUFFIXES)}
+
+
+@_once
+def reload_checkpoints_of_4bit_models() -> None:
+    """Make ``LLM.load_state_dict`` (Ludwig's checkpoint reloads) skip 4-bit quantization state, see item 6."""
+    from ludwig.models.llm import LLM
+
+    original = LLM.load_state_dict
+
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        return original(self, without_4bit_quant_state(state_dict), *args, **kwargs)
+
+    LLM.load_state_dict = load_state_dict
+
+
 @_once
 def one_line_errors_in_cli() -> None:
     """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
@@ -228,6 +258,7 @@ def apply_all() -> None:
     refuse_quantized_training_without_cuda()
     build_bitsandbytes_optimizers_without_removed_arguments()
     stop_responses_at_eos()
+    reload_checkpoints_of_4bit_models()
     one_line_errors_in_cli()
 
     from ludwig_mt import distributed, speedups

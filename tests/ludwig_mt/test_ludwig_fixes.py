@@ -212,3 +212,60 @@ def test_responses_that_stop_early_carry_no_padding_only_with_the_fix(tmp_path) 
         assert set(tail) <= {"w0"}, (raw_text, fixed_text)
         padded += bool(tail)
     assert padded >= 5, "the model should stop early on most prompts, or this test shows nothing"
+
+
+def test_without_4bit_quant_state_keeps_weights_and_adapters() -> None:
+    from ludwig_mt.ludwig_fixes import without_4bit_quant_state
+
+    layer = "model.base_model.model.model.layers.0.self_attn.q_proj"
+    state = {f"{layer}.base_layer.weight": 1, f"{layer}.lora_A.default.weight": 2,
+             **{f"{layer}.base_layer.weight.{suffix}": 0 for suffix in (
+                 "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")}}
+    assert without_4bit_quant_state(state) == {f"{layer}.base_layer.weight": 1, f"{layer}.lora_A.default.weight": 2}
+
+
+# 4-bit QLoRA training to the end (Ludwig reloads its best checkpoint there). Run on CPU with the project's CPU
+# refusal left out (LUDWIG_MT_NO_FIXES=1 in both runs); the fixed run applies only the checkpoint fix.
+QUANTIZED_TRAINING = textwrap.dedent(
+    """
+    import logging, sys
+    from pathlib import Path
+    import pandas as pd
+    from ludwig.api import LudwigModel
+    from ludwig_mt.samples import sql_rows
+    from ludwig_mt.tiny_model import build_tiny_llama
+    work = Path(sys.argv[1])
+    if sys.argv[2] == "fixed":
+        from ludwig_mt import ludwig_fixes
+        ludwig_fixes.reload_checkpoints_of_4bit_models()
+    build_tiny_llama(work / "base")
+    rows = pd.DataFrame(sql_rows(24))
+    frame = pd.DataFrame({"prompt": rows["question"], "response": rows["answer"], "split": [0] * 20 + [1] * 4})
+    config = {"model_type": "llm", "base_model": str(work / "base"),
+              "input_features": [{"name": "prompt", "type": "text"}],
+              "output_features": [{"name": "response", "type": "text"}],
+              "quantization": {"bits": 4, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+              "adapter": {"type": "lora"}, "generation": {"max_new_tokens": 8},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 4, "learning_rate": 1e-4},
+              "preprocessing": {"split": {"type": "fixed", "column": "split"}}}
+    LudwigModel(config, logging_level=logging.WARNING).train(
+        dataset=frame, output_directory=str(work / "results"), skip_save_processed_input=True,
+        skip_save_progress=True, skip_save_log=True)
+    print("TRAINED")
+    """
+)
+
+
+@pytest.mark.slow
+def test_4bit_training_reloads_its_best_checkpoint_only_with_the_fix(tmp_path) -> None:
+    runs = {}
+    for mode in ("raw", "fixed"):
+        work = tmp_path / mode
+        work.mkdir()
+        runs[mode] = subprocess.run([sys.executable, "-c", QUANTIZED_TRAINING, str(work), mode], capture_output=True,
+                                    text=True, timeout=600, env=dict(os.environ, LUDWIG_MT_NO_FIXES="1"))
+    assert runs["raw"].returncode != 0
+    assert "Unexpected keys found in state dict" in runs["raw"].stderr
+    assert ".weight.absmax" in runs["raw"].stderr
+    assert runs["fixed"].returncode == 0, runs["fixed"].stderr[-3000:]
+    assert "TRAINED" in runs["fixed"].stdout
