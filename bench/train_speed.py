@@ -9,7 +9,7 @@ layers of attention and MLP):
 * ``raw``    - Ludwig 0.17.10 on ``ludwig_configs/sql.yaml`` rendered with the local random-weight model,
   ``LUDWIG_MT_SPEEDUPS=0`` (the project's correctness fixes stay on: without the paged-optimizer fix the YAML's
   ``paged_adam`` does not even build);
-* ``tuned``  - the same rendered YAML plus :data:`TUNED_YAML` (gradient checkpointing off), speed-ups on;
+* ``tuned``  - the same rendered YAML plus :data:`TUNED_YAML` (gradient checkpointing off, torch AdamW), speed-ups on;
 * ``tuned-packed`` - tuned with ``trainer.packing: true`` at ``global_max_sequence_length`` 2048 and a micro-batch
   of 32 rows (4 packs of 2,040 tokens), where the model takes ``position_ids`` (not Bloom: there, 32 rows unpacked);
 * ``ablate-*`` - tuned with one speed-up (or YAML change) undone, so each change is measured on its own.
