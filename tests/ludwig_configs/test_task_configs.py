@@ -38,6 +38,7 @@ def test_yaml_header_states_the_commands_that_run_it(path: Path) -> None:
     assert f"ludwig train --config ludwig_configs/{path.name} --dataset data/prepared/{path.stem}/train.csv" in head
     assert f"ludwig predict --model_path results/{path.stem}/experiment_run/model" in head
     assert "./run.sh prep" in head and "ludwig_configs/distributed/" in head
+    assert f"./run.sh train {path.stem} --gpus 4" in head
 
 
 @pytest.mark.parametrize("path", TASK_YAMLS, ids=lambda p: p.stem)
