@@ -142,6 +142,18 @@ def summary(result: dict[str, Any]) -> Table:
     return table
 
 
+def quiet_library_chatter() -> None:
+    """Keep the terminal to the demo's own progress and summary (its steps log to files under the workdir):
+    torch prints import-time deprecation warnings for torchao's enums, transformers a bar per saved model."""
+    import logging
+
+    import torch  # noqa: F401  (its logging setup must exist before the level is set)
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
@@ -149,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--base-model", help="a local model folder instead of the generated tiny model")
     args = parser.parse_args(argv)
+    quiet_library_chatter()
     try:
         result = run_demo(args.workdir, rows=args.rows, epochs=args.epochs, base_model=args.base_model)
     except WorkflowError as err:
