@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ludwig_mt import model_loading
 from ludwig_mt.ludwig_fixes import WorkflowError, _once
 
 logger = logging.getLogger(__name__)
@@ -317,29 +318,19 @@ def refuse_incompatible_strategy() -> None:
     LudwigModel.train = train
 
 
-class _PerRankPlacement:
-    """Stands in for ``AutoModelForCausalLM`` in Ludwig's loader: ``device_map="auto"`` -> this rank's GPU."""
+def rank_device_map(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Under a launcher on CUDA, Ludwig's ``device_map="auto"`` (which would spread every rank's copy of a 4-bit
+    model over all GPUs) becomes this rank's own GPU; otherwise ``kwargs`` unchanged. Returns a new dict."""
+    import torch
 
-    def __init__(self, wrapped: Any) -> None:
-        self._wrapped = wrapped
-
-    def from_pretrained(self, *args, **kwargs):
-        import torch
-
-        if kwargs.get("device_map") == "auto" and strategy_name() is not None and torch.cuda.is_available():
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        return self._wrapped.from_pretrained(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
+    if kwargs.get("device_map") == "auto" and strategy_name() is not None and torch.cuda.is_available():
+        return {**kwargs, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+    return dict(kwargs)
 
 
 @_once
 def place_quantized_model_on_local_rank() -> None:
-    from ludwig.utils import llm_utils
-
-    if not isinstance(llm_utils.AutoModelForCausalLM, _PerRankPlacement):
-        llm_utils.AutoModelForCausalLM = _PerRankPlacement(llm_utils.AutoModelForCausalLM)
+    model_loading.add_load_rule(rank_device_map)
 
 
 def batches_done_in_epoch(steps: int, steps_per_epoch: int) -> int:

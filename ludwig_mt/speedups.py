@@ -70,6 +70,8 @@ import logging
 import os
 from typing import Any
 
+from ludwig_mt import model_loading
+
 # Not circular: ludwig_fixes imports this module only inside its apply_all(), never at import time.
 from ludwig_mt.ludwig_fixes import _once
 
@@ -119,26 +121,9 @@ def adjust_load_kwargs(kwargs: dict[str, Any], *, cuda_bf16: bool) -> dict[str, 
     return out
 
 
-class _AutoModelShim:
-    """Stands in for ``AutoModelForCausalLM`` inside ``ludwig.utils.llm_utils`` only.
-
-    ``from_pretrained`` applies :func:`adjust_load_kwargs`; every other attribute is the real class's.
-    """
-
-    def __init__(self, real: type) -> None:
-        self._real = real
-
-    def from_pretrained(self, *args: Any, **kwargs: Any):
-        new = adjust_load_kwargs(kwargs, cuda_bf16=_cuda_bf16())
-        if new != kwargs:
-            changed = {k: new.get(k) for k in set(new) | set(kwargs) if new.get(k) != kwargs.get(k)}
-            logger.info("ludwig_mt speed-ups: from_pretrained %s", changed)
-        model = self._real.from_pretrained(*args, **new)
-        apply_liger_kernels(model)
-        return model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
+def speedup_load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`adjust_load_kwargs` for this machine: the load rule registered by :func:`patch_model_loading`."""
+    return adjust_load_kwargs(kwargs, cuda_bf16=_cuda_bf16())
 
 
 def liger_usable() -> bool:
@@ -168,11 +153,8 @@ def apply_liger_kernels(model) -> bool:
 
 @_once
 def patch_model_loading() -> None:
-    """Route Ludwig's LLM loads through :class:`_AutoModelShim` (``bf16_weights``, ``sdpa_attention``)."""
-    from ludwig.utils import llm_utils
-
-    if not isinstance(llm_utils.AutoModelForCausalLM, _AutoModelShim):
-        llm_utils.AutoModelForCausalLM = _AutoModelShim(llm_utils.AutoModelForCausalLM)
+    """Ludwig's LLM loads get the load-time speed-ups (``bf16_weights``, ``sdpa_attention``, ``liger_kernels``)."""
+    model_loading.add_load_rule(speedup_load_kwargs, after_load=apply_liger_kernels)
 
 
 def lean_prepare_for_kbit_training(model):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ludwig_mt import distributed
+from ludwig_mt import distributed, model_loading
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
 from ludwig_mt.demo import predict
 from ludwig_mt.launch import free_port
@@ -90,7 +90,7 @@ def test_4bit_model_is_placed_on_the_rank_gpu_only_under_a_launcher(monkeypatch:
         def from_pretrained(*args, **kwargs):
             seen.append(kwargs)
 
-    placement = distributed._PerRankPlacement(Loader)
+    placement = model_loading.LudwigModelLoader(Loader, kwargs_rules=[distributed.rank_device_map], after_load=[])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
