@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 
 from eval.text import bleu, chrf, clean_predictions, references_of
 from ludwig_mt.ludwig_fixes import WorkflowError
-from prep.common import LUDWIG_SPLIT_CODE, TRAIN, normalise_key
+from prep.common import LUDWIG_SPLIT_CODE, TRAIN, atomic_path, normalise_key
 from prep.task import RESPONSE, SPLIT
 
 TOXIC, NEUTRAL = 1, 0
@@ -140,19 +138,6 @@ def train_classifier(train_csv: Path, test_csv: Path) -> ToxicityClassifier:
                               time.perf_counter() - started)
 
 
-def _atomic_dump(obj: object, path: Path) -> None:
-    """joblib.dump through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            joblib.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_train_classifier(detox_dir: Path, cache_path: Path) -> ToxicityClassifier:
     """The classifier cached at ``cache_path`` if it was trained on exactly these files, else train and cache it.
 
@@ -171,7 +156,8 @@ def load_or_train_classifier(detox_dir: Path, cache_path: Path) -> ToxicityClass
         if isinstance(cached, ToxicityClassifier) and cached.fingerprint == fingerprint:
             return cached
     classifier = train_classifier(train_csv, test_csv)
-    _atomic_dump(classifier, cache_path)
+    with atomic_path(cache_path) as tmp:
+        joblib.dump(classifier, tmp)
     return classifier
 
 

@@ -11,8 +11,6 @@ import contextlib
 import datetime as dt
 import logging
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -21,7 +19,7 @@ from typing import Any
 
 from eval.retention import BASE
 from eval.runner import EvalResult
-from prep.common import atomic_write_json, atomic_write_text
+from prep.common import atomic_path, atomic_write_json, atomic_write_text
 
 Table = tuple[list[str], list[list[str]]]  # header, rows
 
@@ -308,15 +306,9 @@ def write_heatmap(result: EvalResult, path: Path) -> None:
     width_chars = int(fig.get_figwidth() * 15)  # about 15 characters of 8-pt text per inch
     fig.text(0.01, 0.01, textwrap.fill(note, width_chars), fontsize=8, color="#444444", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.03 * (len(note) // width_chars), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
 

@@ -230,10 +230,10 @@ def _zero_checkpoint_class():
             finally:
                 self.optimizer = optimizer
             if optimizer is not None:
-                os.makedirs(os.path.dirname(save_path) or ".", exist_ok=True)
-                tmp = self._partition(save_path) + ".tmp"
-                torch.save(optimizer.state_dict(), tmp)
-                os.replace(tmp, self._partition(save_path))
+                from prep.common import atomic_path
+
+                with atomic_path(Path(self._partition(save_path))) as tmp:
+                    torch.save(optimizer.state_dict(), tmp)
             self.distributed.barrier()
 
         def load(self, save_path: str, device=None) -> bool:

@@ -6,6 +6,7 @@ for all of them (how a bad row is reported, how a split is drawn, how a file is 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -221,17 +222,25 @@ def normalise_key(*parts: str) -> str:
     return "\x1f".join(" ".join(p.lower().split()) for p in parts)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename: a failure never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file in ``path``'s folder to write to; renamed onto ``path`` when the block succeeds, removed when
+    it fails: a crash or an error never leaves half a file, and an existing ``path`` stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8, newlines as given) through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
 def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:

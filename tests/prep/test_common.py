@@ -14,6 +14,7 @@ from prep.common import (
     VALIDATION,
     PrepError,
     SourceRow,
+    atomic_path,
     atomic_write_csv,
     hash_split,
     read_records,
@@ -90,3 +91,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
         atomic_write_csv(target, Boom({"a": [2]}))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temp file left behind
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_after_a_half_write(tmp_path: Path) -> None:
+    target = tmp_path / "model.bin"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]  # no temp file left behind
