@@ -123,6 +123,15 @@ def settings_from_config(config: Mapping[str, Any], *, source: str = "config") -
     )
 
 
+HYPERPARAMETERS = "model_hyperparameters.json"  # Ludwig's saved config inside a trained model folder
+WEIGHTS_DIR = "model_weights"  # Ludwig's adapter weights (PEFT format) inside a trained model folder
+
+
+def saved_config(model_dir: Path) -> dict[str, Any]:
+    """The config Ludwig saved with a trained model (one-line error when the folder is not a trained model)."""
+    return _read_json(model_dir / HYPERPARAMETERS, HYPERPARAMETERS)
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -136,10 +145,10 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def settings_from_model_dir(model_dir: Path) -> GenerationSettings:
     """Settings a trained model predicts with: its saved config plus the training-set metadata's input length."""
-    hyper = _read_json(model_dir / "model_hyperparameters.json", "model_hyperparameters.json")
+    hyper = saved_config(model_dir)
     metadata = _read_json(model_dir / "training_set_metadata.json", "training_set_metadata.json")
     _check_supported(hyper, model_dir)
-    settings = settings_from_config(hyper, source=str(model_dir / "model_hyperparameters.json"))
+    settings = settings_from_config(hyper, source=str(model_dir / HYPERPARAMETERS))
     prompt_name = _first_feature(hyper, "input_features", str(model_dir))["name"]
     learned = (metadata.get(prompt_name) or {}).get("max_sequence_length")
     if learned is None:
@@ -285,12 +294,12 @@ def load_ludwig_model(model_dir: str | Path, *, base_model: str | None = None, d
     settings = settings_from_model_dir(model_dir)
     if batch_size:
         settings = replace(settings, batch_size=batch_size)
-    hyper = _read_json(model_dir / "model_hyperparameters.json", "model_hyperparameters.json")
+    hyper = saved_config(model_dir)
     base = str(base_model or hyper.get("base_model") or "")
     if not base:
         raise WorkflowError(f"{model_dir}: the saved config names no base_model. Fix: pass base_model=")
     device = resolve_device(device)
-    weights = model_dir / "model_weights"
+    weights = model_dir / WEIGHTS_DIR
     has_adapter = (weights / "adapter_config.json").exists()
     if not has_adapter and not (weights / "config.json").exists():
         raise WorkflowError(f"{weights}: neither a LoRA adapter (adapter_config.json) nor full weights "

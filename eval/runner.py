@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from eval.generate import HYPERPARAMETERS, WEIGHTS_DIR, saved_config
 from eval.retention import BASE, Retention, build_retention, perplexity_change
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.common import atomic_write_json
@@ -39,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached JSON changes shape: old entries are then ignored, never misread
 LM_EVAL_VERSION = "0.4.13"  # the release the lm-eval integration was written against (optional, not a dependency)
-HYPERPARAMETERS = "model_hyperparameters.json"  # Ludwig's saved config inside a trained model folder
-WEIGHTS_DIR = "model_weights"  # Ludwig's adapter weights (PEFT format) inside a trained model folder
 
 
 # ---------------------------------------------------------------------------------------------- what to evaluate
@@ -286,8 +285,7 @@ def task_config(task: str, models: Sequence[ModelSpec]) -> tuple[dict[str, Any],
 
     for spec in models:
         if spec.path is not None and spec.own_tasks == (task,):
-            path = spec.path / HYPERPARAMETERS
-            return json.loads(path.read_text(encoding="utf-8")), str(path)
+            return saved_config(spec.path), str(spec.path / HYPERPARAMETERS)
     path = task_config_path(task)
     return load_yaml(path), str(path)
 
