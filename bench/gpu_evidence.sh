@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU evidence of issues #4, #5 and #7 in one device call (the lent H100; device time is scarce):
+# The GPU evidence of issues #4-#7 in one device call (the lent H100; device time is scarce):
 #   eval throughput (bench/eval_speed.py), ZeRO-2 through the launcher vs single-process Ludwig on sql.yaml
-#   (bench/zero2_single_gpu.py), and the scaling script's points for the GPUs the machine has (bench/scaling.py).
+#   (bench/zero2_single_gpu.py), the scaling script's points for the GPUs the machine has (bench/scaling.py), and
+#   the training-speed benchmark (bench/train_speed.py; its arguments in SPEED_ARGS, e.g. --shapes/--only).
 # Run from the project root on the device, with packages from .gpu-site (../shared/gpu/README.md):
-#   OUT=$OUT bash bench/gpu_evidence.sh [eval] [zero2] [scaling]     (no argument: all three)
+#   OUT=$OUT bash bench/gpu_evidence.sh [eval] [zero2] [scaling] [speed]     (no argument: the first three)
 # Each part has its own time limit; a part that fails leaves its log in $OUT and the next one still runs.
 set -u
 export PYTHONPATH="$PWD/.gpu-site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -37,6 +38,8 @@ for part in $parts; do
     eval) run_part eval_speed 240 python3 bench/eval_speed.py --out "$OUT" --no-raw-ludwig ;;
     zero2) run_part zero2 270 python3 bench/zero2_single_gpu.py --out "$OUT" --steps 24 --timeout 130 ;;
     scaling) run_part scaling 280 python3 bench/scaling.py --out "$OUT" --shapes llama3.1-8b --steps 6 ;;
-    *) echo "unknown part: $part (use eval, zero2, scaling)" >&2; exit 2 ;;
+    # shellcheck disable=SC2086  # SPEED_ARGS is a list of arguments
+    speed) run_part train_speed "${SPEED_LIMIT:-560}" python3 bench/train_speed.py --out "$OUT" ${SPEED_ARGS:-} ;;
+    *) echo "unknown part: $part (use eval, zero2, scaling, speed)" >&2; exit 2 ;;
   esac
 done

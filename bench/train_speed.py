@@ -8,11 +8,12 @@ layers of attention and MLP):
   ``get_peft_model``, torch AdamW, right-padded batches, default (SDPA) attention, no gradient checkpointing;
 * ``raw``    - Ludwig 0.17.10 on ``ludwig_configs/sql.yaml`` rendered with the local random-weight model,
   ``LUDWIG_MT_SPEEDUPS=0`` (the project's correctness fixes stay on: without the paged-optimizer fix the YAML's
-  ``paged_adam`` does not even build);
-* ``tuned``  - the same rendered YAML plus :data:`TUNED_YAML` (gradient checkpointing off, torch AdamW), speed-ups on;
-* ``tuned-packed`` - tuned with ``trainer.packing: true`` at ``global_max_sequence_length`` 2048 and a micro-batch
-  of 32 rows (4 packs of 2,040 tokens), where the model takes ``position_ids`` (not Bloom: there, 32 rows unpacked);
-* ``ablate-*`` - tuned with one speed-up (or YAML change) undone, so each change is measured on its own.
+  ``paged_adam`` does not even build), packing off (:data:`RAW_YAML`: Ludwig's own packing crashes);
+* ``tuned``  - the same rendered YAML as committed (its packing to ``global_max_sequence_length``, gradient
+  checkpointing, optimizer), speed-ups on; at the equal batch, at the YAML's own rows per micro-batch
+  (``-yaml-``), without gradient checkpointing (``-nogc``) and at twice the rows. Bloom (ALiBi, no
+  ``position_ids``) is never packed (``unpacked``);
+* ``ablate-*`` - tuned at the YAML's rows with one speed-up (or YAML setting) undone, each change measured alone.
 
 Every path runs in its own subprocess (clean CUDA peak-memory counter, patches applied once). Ludwig's step time
 is measured between its ``on_batch_start`` / ``on_batch_end`` callbacks (after a CUDA sync), so preprocessing, model
@@ -68,12 +69,9 @@ LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
-# YAML changes the tuned path adds to ludwig_configs/sql.yaml (a proposal for the task YAMLs: bench/NOTES-speed.md).
-# Gradient checkpointing off (memory allows at batch 8); torch AdamW (foreach kernels) instead of bitsandbytes'
-# paged Adam, which steps each of the ~200 LoRA tensors in its own Python loop iteration and whose paging only pays
-# off for optimizer states that do not fit (full fine-tuning), not for LoRA's ~100 MB.
-TUNED_YAML: dict[str, Any] = {"trainer": {"enable_gradient_checkpointing": False, "optimizer": {"type": "adamw"}}}
-PACKED_YAML: dict[str, Any] = {"trainer": {"packing": True}, "preprocessing": {"global_max_sequence_length": 2048}}
+# Ludwig 0.17.10's own ``trainer.packing`` crashes on this stack (bench/NOTES-speed.md), so raw Ludwig runs the
+# YAML with packing off; everything else in the YAML stays as committed.
+RAW_YAML: dict[str, Any] = {"trainer": {"packing": False}}
 LOSS_TOLERANCE = 0.01  # relative, first-step loss of a tuned case vs raw Ludwig at the same batch
 
 
@@ -89,7 +87,7 @@ class Case:
     warmup: int
     extra_env: dict[str, str] = field(default_factory=dict)
     label: str = ""
-    yaml: dict[str, Any] = field(default_factory=dict)  # merged into the rendered YAML after TUNED_YAML
+    yaml: dict[str, Any] = field(default_factory=dict)  # merged into the rendered task YAML
 
     @property
     def seq_len(self) -> int:  # prompt + response + eos
@@ -163,27 +161,41 @@ def write_dataset(rows: list[dict[str, str]], path: Path, n_val: int) -> Path:
     return path
 
 
-def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
-    """``ludwig_configs/sql.yaml`` with the local model, the case's mode/batch/lengths (and TUNED_YAML if tuned)."""
-    from ludwig_mt.config import load_yaml, render_overrides
+def task_yaml() -> dict[str, Any]:
+    """``ludwig_configs/sql.yaml`` as committed: the tuned path's settings come from it, not from this script."""
+    from ludwig_mt.config import load_yaml
 
-    config = render_overrides(load_yaml(REPO / "ludwig_configs" / "sql.yaml"), base_model=str(model_dir), cpu=cpu)
+    return load_yaml(REPO / "ludwig_configs" / "sql.yaml")
+
+
+def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
+    """``ludwig_configs/sql.yaml`` with the local model and the case's mode, rows, lengths and overrides.
+
+    One optimizer step per batch (as the plain loop), ``train_steps`` instead of epochs. Packing keeps the YAML's
+    ``global_max_sequence_length`` (the pack length); unpacked cases use exactly the row length.
+    """
+    from ludwig_mt.config import render_overrides
+
+    config = render_overrides(task_yaml(), base_model=str(model_dir), cpu=cpu)
     arch = SHAPES[case.shape]["arch"]
     config["adapter"]["target_modules"] = LORA_TARGETS[arch]
     if case.mode == "lora":
         config.pop("quantization", None)
     config["input_features"][0]["preprocessing"]["max_sequence_length"] = case.prompt_tokens
     config["output_features"][0]["preprocessing"]["max_sequence_length"] = case.response_tokens
-    config["preprocessing"]["global_max_sequence_length"] = case.seq_len
     trainer = config["trainer"]
-    trainer.update(batch_size=case.batch, eval_batch_size=case.batch, train_steps=case.steps + case.warmup)
+    trainer.update(batch_size=case.batch, eval_batch_size=case.batch, train_steps=case.steps + case.warmup,
+                   gradient_accumulation_steps=1)
     trainer.pop("epochs", None)
-    for overrides in ([TUNED_YAML] if case.path == "tuned" else []) + [case.yaml]:
+    for overrides in ([RAW_YAML] if case.path == "raw" else []) + [case.yaml]:
         for key, value in overrides.items():
             if isinstance(value, dict):
                 config.setdefault(key, {}).update(value)
             else:
                 config[key] = value
+    packed = bool(trainer.get("packing")) and arch == "llama"
+    pack_length = config["preprocessing"].get("global_max_sequence_length") or 0
+    config["preprocessing"]["global_max_sequence_length"] = max(pack_length, case.seq_len) if packed else case.seq_len
     return config
 
 
@@ -456,33 +468,36 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response: int, steps: int, warmup: int,
-         packed_batch: int, ablations: bool) -> list[Case]:
-    """The side-by-side cases (plain, raw, tuned at equal batch; tuned packed/larger batch) and the ablations."""
+         yaml_batch: int, ablations: bool) -> list[Case]:
+    """The side-by-side cases and the ablations.
+
+    At equal batch (``batch`` rows): plain loop, raw Ludwig, tuned (the task YAML as committed, speed-ups on).
+    Then tuned at the YAML's rows per micro-batch (``yaml_batch``), without gradient checkpointing (memory
+    permitting) and at twice the rows; ablations undo one speed-up (or YAML setting) at ``yaml_batch``.
+    """
     cases = []
     for shape in shapes:
-        packable = SHAPES[shape]["arch"] == "llama"
+        layout = "packed" if SHAPES[shape]["arch"] == "llama" else "unpacked"
         for mode in modes:
             common = dict(shape=shape, mode=mode, prompt_tokens=prompt, response_tokens=response, steps=steps,
                           warmup=warmup)
             for path in ("plain", "raw", "tuned"):
                 cases.append(Case(path=path, batch=batch, **common))
-            layout = "packed2048" if packable else "unpacked"
-            for rows, checkpointing in ((packed_batch, False), (packed_batch, True), (packed_batch // 2, True)):
-                label = f"{shape}-{mode}-tuned-{layout}-b{rows}" + ("-gc" if checkpointing else "")
-                yaml = {**(PACKED_YAML if packable else {}), "trainer": {
-                    **(PACKED_YAML["trainer"] if packable else {}), "enable_gradient_checkpointing": checkpointing}}
-                cases.append(Case(path="tuned", batch=rows, label=label, yaml=yaml, **common))
+            prefix = f"{shape}-{mode}-tuned"
+            no_gc = {"trainer": {"enable_gradient_checkpointing": False}}
+            cases += [Case(path="tuned", batch=yaml_batch, label=f"{prefix}-yaml-{layout}-b{yaml_batch}", **common),
+                      Case(path="tuned", batch=yaml_batch, label=f"{prefix}-{layout}-b{yaml_batch}-nogc", yaml=no_gc,
+                           **common),
+                      Case(path="tuned", batch=2 * yaml_batch, label=f"{prefix}-{layout}-b{2 * yaml_batch}", **common)]
             if not ablations:
                 continue
-            undo = ["target_only_logits", "liger_kernels"] + (["lean_kbit_prep", "sdpa_attention"] if mode == "qlora"
-                                             else ["bf16_weights"])
+            undo = ["bf16_autocast", "target_only_logits", "liger_kernels"] + (
+                ["lean_kbit_prep", "sdpa_attention"] if mode == "qlora" else ["bf16_weights"])
             for name in undo:
-                cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-{name}",
+                cases.append(Case(path="tuned", batch=yaml_batch, label=f"{shape}-{mode}-ablate-{name}",
                                   extra_env={"LUDWIG_MT_SPEEDUPS_OFF": name}, **common))
-            cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-gradient-checkpointing-on",
-                              yaml={"trainer": {"enable_gradient_checkpointing": True}}, **common))
-            cases.append(Case(path="tuned", batch=batch, label=f"{shape}-{mode}-ablate-paged-adam",
-                              yaml={"trainer": {"optimizer": {"type": "paged_adam"}}}, **common))
+            cases.append(Case(path="tuned", batch=yaml_batch, label=f"{shape}-{mode}-ablate-packing",
+                              yaml={"trainer": {"packing": False}}, **common))
     return cases
 
 
@@ -496,7 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", default=[], help="keep only cases whose name contains one of these")
     p.add_argument("--ablations", action="store_true", help="also tuned with each speed-up undone (batch 8)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--packed-batch", type=int, default=32)
+    p.add_argument("--yaml-batch", type=int, default=None,
+                   help="rows per micro-batch of the tuned cases; default: the task YAML's trainer.batch_size")
     p.add_argument("--prompt-tokens", type=int, default=190)
     p.add_argument("--response-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -516,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         args.shapes = [s for s in args.shapes if s.startswith("tiny")] or ["tiny-llama", "tiny-bloom"]
         args.modes, args.steps, args.warmup = ["lora"], min(args.steps, 3), 1
         args.prompt_tokens, args.response_tokens = min(args.prompt_tokens, 40), min(args.response_tokens, 16)
-        args.packed_batch = min(args.packed_batch, 16)
+        args.yaml_batch = min(args.yaml_batch or 16, 16)
 
     import tempfile
 
@@ -530,8 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_tflops(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}): "
           f"matmul {peak:.0f} TFLOP/s", flush=True)
+    yaml_batch = args.yaml_batch or int(task_yaml()["trainer"]["batch_size"])
     cases = plan(args.shapes, args.modes, args.batch, args.prompt_tokens, args.response_tokens, args.steps,
-                 args.warmup, args.packed_batch, args.ablations)
+                 args.warmup, yaml_batch, args.ablations)
     if args.only:
         cases = [c for c in cases if any(o in case_name(c) for o in args.only)]
     models = {s: build_model_dir(s, work) for s in sorted({c.shape for c in cases})}
@@ -561,7 +578,8 @@ def main(argv: list[str] | None = None) -> None:
         add_comparisons(results)
         (args.out / "train_speed.json").write_text(json.dumps(
             {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-             "matmul_tflops": peak, "matmul_params": n_params, "tuned_yaml": TUNED_YAML, "packed_yaml": PACKED_YAML,
+             "matmul_tflops": peak, "matmul_params": n_params, "task_yaml_trainer": task_yaml()["trainer"],
+             "raw_yaml": RAW_YAML,
              "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 matmul FLOP/s",
              "versions": versions(), "results": results}, indent=1))
         (args.out / "train_speed.md").write_text(table(results) + "\n")

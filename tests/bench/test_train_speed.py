@@ -31,15 +31,33 @@ def test_rows_tokenize_to_exactly_the_requested_lengths() -> None:
 
 
 def test_plan_compares_three_paths_at_equal_batch_and_packs_only_rotary_models() -> None:
-    cases = plan(["llama3.2-1b", "bloom-1b1"], ["qlora"], 8, 190, 64, 4, 1, 32, ablations=False)
+    cases = plan(["llama3.2-1b", "bloom-1b1"], ["qlora"], 8, 190, 64, 4, 1, 32, ablations=True)
     names = [c.label or f"{c.shape}-{c.mode}-{c.path}-b{c.batch}" for c in cases]
     assert {c.path for c in cases if c.batch == 8} == {"plain", "raw", "tuned"}
-    assert "llama3.2-1b-qlora-tuned-packed2048-b32-gc" in names
-    assert "bloom-1b1-qlora-tuned-unpacked-b32" in names
-    packed = next(c for c in cases if c.label == "llama3.2-1b-qlora-tuned-packed2048-b32")
-    assert packed.yaml["trainer"]["packing"] is True
-    assert packed.yaml["trainer"]["enable_gradient_checkpointing"] is False
-    assert not any(c.yaml.get("trainer", {}).get("packing") for c in cases if c.shape == "bloom-1b1")
+    assert {"llama3.2-1b-qlora-tuned-yaml-packed-b32", "llama3.2-1b-qlora-tuned-packed-b32-nogc",
+            "llama3.2-1b-qlora-tuned-packed-b64", "bloom-1b1-qlora-tuned-yaml-unpacked-b32",
+            "llama3.2-1b-qlora-ablate-bf16_autocast", "llama3.2-1b-qlora-ablate-packing"} <= set(names)
+    nogc = next(c for c in cases if c.label == "llama3.2-1b-qlora-tuned-packed-b32-nogc")
+    assert nogc.yaml == {"trainer": {"enable_gradient_checkpointing": False}} and nogc.batch == 32
+
+
+def test_tuned_config_is_the_task_yaml_and_raw_turns_packing_off(tmp_path: Path) -> None:
+    from train_speed import ludwig_config, task_yaml
+
+    common = dict(mode="qlora", prompt_tokens=190, response_tokens=64, steps=4, warmup=1)
+    declared = task_yaml()
+    tuned = ludwig_config(Case(shape="llama3.2-1b", path="tuned", batch=32, **common), tmp_path, cpu=False)
+    raw = ludwig_config(Case(shape="llama3.2-1b", path="raw", batch=8, **common), tmp_path, cpu=False)
+    bloom = ludwig_config(Case(shape="bloom-1b1", path="tuned", batch=32, **common), tmp_path, cpu=False)
+    for key in ("packing", "enable_gradient_checkpointing", "optimizer", "learning_rate"):
+        assert tuned["trainer"].get(key) == declared["trainer"].get(key), key
+    assert tuned["quantization"] == declared["quantization"] and tuned["trainer"]["batch_size"] == 32
+    assert tuned["trainer"]["gradient_accumulation_steps"] == raw["trainer"]["gradient_accumulation_steps"] == 1
+    if declared["trainer"].get("packing"):
+        pack = declared["preprocessing"]["global_max_sequence_length"]
+        assert tuned["preprocessing"]["global_max_sequence_length"] == max(pack, 255)
+    assert raw["trainer"]["packing"] is False and raw["preprocessing"]["global_max_sequence_length"] == 255
+    assert bloom["preprocessing"]["global_max_sequence_length"] == 255  # never packed
 
 
 def test_ratios_are_against_plain_and_the_loss_check_against_raw_at_the_same_batch() -> None:
