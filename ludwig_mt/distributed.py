@@ -47,16 +47,15 @@ ENV_RANK_REPORT = "LUDWIG_MT_RANK_REPORT"
 DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_configs" / "distributed"
 
 # strategy name -> DeepSpeed file in ludwig_configs/distributed/ (None: accelerate's plain DDP, no file)
-STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json"}
+STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json", "zero3": "zero3.json"}
 # asked for by name in issue #5, refused with the reason (measured or known), so the user learns what to use instead
 REFUSED_STRATEGIES: dict[str, str] = {
-    "zero3": "DeepSpeed ZeRO-3 is not supported with Ludwig 0.17.10: Ludwig saves checkpoints and the model from the "
-             "module's own state_dict, which under ZeRO-3 holds empty partitions (a 2-rank run saved 0-element LoRA "
-             "tensors)",
     "fsdp": "FSDP is not supported with Ludwig 0.17.10: like ZeRO-3 it shards the weights that Ludwig saves from the "
             "module's own state_dict, and accelerate's FSDP needs a GPU, so it cannot be tested here",
 }
 STRATEGIES = (*STRATEGY_FILES, *REFUSED_STRATEGIES)
+# strategies that shard the weights themselves: Ludwig's rank-0-only reads and writes of weights need gathering
+SHARDED_WEIGHT_STRATEGIES = ("zero3", "fsdp")
 
 
 def strategy_name() -> str | None:
@@ -87,6 +86,11 @@ def check_strategy_compatible(strategy: str, config: dict[str, Any]) -> None:
             f"0.17.10's quantization schema has no such key (it always stores uint8). {fix}")
     if strategy in REFUSED_STRATEGIES:
         raise WorkflowError(f"{REFUSED_STRATEGIES[strategy]}. {fix}")
+    postprocessor = (config.get("adapter") or {}).get("postprocessor") or {}
+    if strategy in SHARDED_WEIGHT_STRATEGIES and postprocessor.get("merge_adapter_into_base_model"):
+        raise WorkflowError(f"--strategy {strategy} shards the base model's weights, so Ludwig cannot merge the adapter "
+                            "into them after training (adapter.postprocessor.merge_adapter_into_base_model). Fix: drop "
+                            "that setting and merge after training, or use --strategy zero2 or ddp")
 
 
 def deepspeed_config(strategy: str, trainer: Any, world_size: int) -> dict[str, Any]:
@@ -111,10 +115,17 @@ def deepspeed_config(strategy: str, trainer: Any, world_size: int) -> dict[str, 
     return config
 
 
+def without_comments(value: Any) -> Any:
+    """``value`` with every ``_``-prefixed key removed, at any depth: DeepSpeed's sections refuse unknown keys."""
+    if isinstance(value, dict):
+        return {k: without_comments(v) for k, v in value.items() if not k.startswith("_")}
+    return value
+
+
 def plugin_file(strategy: str) -> dict[str, Any]:
     """The strategy's file in ``ludwig_configs/distributed/`` without its ``_comment`` keys."""
     path = DISTRIBUTED_CONFIG_DIR / str(STRATEGY_FILES[strategy])
-    return {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+    return without_comments(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _strategy_class():
@@ -154,7 +165,7 @@ def _strategy_class():
 
         @property
         def uses_deepspeed(self) -> bool:
-            return self.strategy == "zero2"
+            return self.strategy in ("zero2", "zero3")
 
         def prepare(self, model, trainer_config, base_learning_rate):
             if self.uses_deepspeed:
@@ -226,7 +237,9 @@ def _zero_checkpoint_class():
 
             optimizer, self.optimizer = self.optimizer, None
             try:
-                super().save(save_path, global_step)
+                # ZeRO-3: every rank takes part in gathering the trainable weights that local rank 0 writes
+                with gathered_parameters(trainable_parameters(self.model)):
+                    super().save(save_path, global_step)
             finally:
                 self.optimizer = optimizer
             if optimizer is not None:
@@ -241,7 +254,9 @@ def _zero_checkpoint_class():
 
             optimizer, self.optimizer = self.optimizer, None
             try:
-                loaded = super().load(save_path, device)
+                # ZeRO-3: whole tensors to load into; rank 0's values are re-sharded to every rank on exit
+                with gathered_parameters(trainable_parameters(self.model), modifier_rank=0):
+                    loaded = super().load(save_path, device)
             finally:
                 self.optimizer = optimizer
             if loaded and optimizer is not None:
@@ -394,6 +409,114 @@ def crash_drill_after_checkpoint() -> None:
     Trainer.save_checkpoint = save_checkpoint
 
 
+def trainable_parameters(model: Any) -> list[Any]:
+    """The parameters the optimizer updates (the LoRA weights): what checkpoints and the saved adapter hold."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def is_zero3_sharded(parameter: Any) -> bool:
+    """True for a ZeRO-3 parameter whose data is now only this rank's shard (an empty tensor on ``.data``)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return getattr(parameter, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+
+
+def gathered_parameters(parameters: list[Any], modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    """Whole tensors inside the block for the ZeRO-3 ones among ``parameters``; a no-op for any other parameter.
+
+    A collective: under ZeRO-3 every rank must enter it. With ``modifier_rank`` the values that rank holds when the
+    block ends are sharded back to all ranks (used to load weights); without it changes are discarded.
+    """
+    zero3 = [p for p in parameters if hasattr(p, "ds_id")]
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
+
+
+def load_weights_on_all_ranks(model: Any, state_dict: dict[str, Any]) -> None:
+    """Load (trainable) weights into a ZeRO-3 model; every rank calls it with the same ``state_dict``."""
+    with gathered_parameters(trainable_parameters(model), modifier_rank=0):
+        _, unexpected = type(model).load_state_dict(model, state_dict, strict=False)
+    if unexpected:
+        raise RuntimeError(f"Unexpected keys found in state dict: {unexpected}")
+
+
+@contextlib.contextmanager
+def whole_weights(model: Any):
+    """Inside the block ``model``'s ZeRO-3 trainable parameters show the whole tensors gathered after training.
+
+    Ludwig saves the final model on rank 0 alone (``LLM.save`` -> peft ``save_pretrained``, which reads the module's
+    own state_dict), where no collective gather is possible; :func:`gather_weights_after_zero3_training` stored them
+    for this on every rank beforehand. Outside the block the shards are back in place.
+    """
+    stored = getattr(model, "_ludwig_mt_whole_weights", None) or []
+    shards = [p.data for p, _ in stored]
+    try:
+        for parameter, whole in stored:
+            parameter.data = whole
+        yield
+    finally:
+        for (parameter, _), shard in zip(stored, shards):
+            parameter.data = shard
+
+
+@_once
+def gather_weights_after_zero3_training() -> None:
+    """ZeRO-3: the best-checkpoint reload at the end of training on all ranks, and whole weights for the final save.
+
+    Ludwig reloads the best checkpoint on rank 0 alone (``self.model.load_state_dict``), which cannot fill sharded
+    parameters (their data is an empty tensor). During ``Trainer.train`` a load into sharded parameters is therefore
+    kept aside, then done by every rank together (gathered, rank 0's dict broadcast). Loads into gathered parameters
+    (the resume path, :class:`ZeroCheckpoint`) go through unchanged. Afterwards every rank gathers the trainable
+    weights once more so rank 0's ``LLM.save`` can write them (:func:`whole_weights`).
+    """
+    from ludwig.models.llm import LLM
+    from ludwig.trainers.trainer import Trainer
+
+    original_train, original_save = Trainer.train, LLM.save
+
+    @functools.wraps(original_train)
+    def train(self, *args, **kwargs):
+        model = self.model
+        if not any(hasattr(p, "ds_id") for p in trainable_parameters(model)):
+            return original_train(self, *args, **kwargs)
+        kept_aside: list[dict[str, Any]] = []
+        load_now = model.load_state_dict
+
+        def load_state_dict(state_dict, strict: bool = True, **kw):
+            names = dict(model.named_parameters())
+            if any(is_zero3_sharded(names[k]) for k in state_dict if k in names):
+                import torch
+
+                kept_aside[:] = [state_dict]
+                return torch.nn.modules.module._IncompatibleKeys([], [])
+            return load_now(state_dict, strict=strict, **kw)
+
+        model.load_state_dict = load_state_dict  # instance attribute: this model, this call only
+        try:
+            result = original_train(self, *args, **kwargs)
+        finally:
+            del model.load_state_dict
+        best = self.distributed.broadcast_object(kept_aside[0] if kept_aside else None)
+        if best is not None:
+            load_weights_on_all_ranks(model, best)
+            logger.info("ludwig_mt: ZeRO-3 best checkpoint loaded on every rank")
+        trainable = trainable_parameters(model)
+        with gathered_parameters(trainable):
+            whole = [(p, p.data.detach().clone()) for p in trainable if hasattr(p, "ds_id")]
+        object.__setattr__(model, "_ludwig_mt_whole_weights", whole)
+        return result
+
+    @functools.wraps(original_save)
+    def save(self, save_path):
+        with whole_weights(self):
+            return original_save(self, save_path)
+
+    Trainer.train, LLM.save = train, save
+
+
 def _rank() -> int:
     from ludwig import distributed as ludwig_distributed
 
@@ -424,8 +547,9 @@ def write_rank_report() -> None:
         report["rows"].append([int(i) for i in iter(batcher.sampler)])
         result = original_loop(self, batcher, progress_tracker, *args, **kwargs)
         weights.clear()
-        weights.update({n: p.detach().float().cpu().clone().contiguous()
-                        for n, p in self.model.named_parameters() if p.requires_grad})
+        with gathered_parameters(trainable_parameters(self.model)):  # ZeRO-3: whole tensors, not this rank's shard
+            weights.update({n: p.detach().float().cpu().clone().contiguous()
+                            for n, p in self.model.named_parameters() if p.requires_grad})
         return result
 
     @functools.wraps(original_train)
@@ -460,3 +584,5 @@ def apply_all() -> None:
     start_accelerate_strategy_under_launcher()
     refuse_incompatible_strategy()
     place_quantized_model_on_local_rank()
+    if strategy_name() == "zero3":
+        gather_weights_after_zero3_training()

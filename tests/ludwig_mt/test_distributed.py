@@ -32,16 +32,35 @@ EPOCHS, STEPS_PER_CHECKPOINT = 2, 5  # 2 ranks: 8 steps per epoch, so checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- fast: pure helpers
-def test_zero3_and_fsdp_are_refused_with_the_reason_and_the_fix() -> None:
+def test_zero3_and_fsdp_are_refused_for_4bit_with_the_reason_and_the_fix() -> None:
     qlora = load_yaml(task_config_path("sql"))
-    for config, reason in ((qlora, {"zero3": "4-bit", "fsdp": "bnb_4bit_quant_storage"}),
-                           (render_overrides(qlora, cpu=True), {"zero3": "empty partitions", "fsdp": "shards"})):
-        for strategy in ("zero3", "fsdp"):
-            with pytest.raises(WorkflowError, match="--strategy zero2") as err:
-                distributed.check_strategy_compatible(strategy, config)
-            assert reason[strategy] in str(err.value) and "\n" not in str(err.value)
+    for strategy, reason in (("zero3", "4-bit"), ("fsdp", "bnb_4bit_quant_storage")):
+        with pytest.raises(WorkflowError, match="--strategy zero2") as err:
+            distributed.check_strategy_compatible(strategy, qlora)
+        assert reason in str(err.value) and "\n" not in str(err.value)
+    for config in (qlora, render_overrides(qlora, cpu=True)):
         distributed.check_strategy_compatible("zero2", config)
         distributed.check_strategy_compatible("ddp", config)
+    distributed.check_strategy_compatible("zero3", render_overrides(qlora, cpu=True))  # no quantization: allowed
+
+
+def test_zero3_refuses_merging_the_adapter_into_sharded_base_weights() -> None:
+    config = render_overrides(load_yaml(task_config_path("sql")), cpu=True)
+    config["adapter"]["postprocessor"] = {"merge_adapter_into_base_model": True}
+    with pytest.raises(WorkflowError, match="merge_adapter_into_base_model") as err:
+        distributed.check_strategy_compatible("zero3", config)
+    assert "\n" not in str(err.value)
+    distributed.check_strategy_compatible("zero2", config)
+
+
+def test_zero3_file_is_stage_3_and_comments_are_dropped_at_every_depth() -> None:
+    class Trainer:
+        batch_size, gradient_accumulation_steps, gradient_clipping = 4, 1, None
+
+    config = distributed.deepspeed_config("zero3", Trainer(), world_size=2)
+    assert config["zero_optimization"]["stage"] == 3 and config["train_batch_size"] == 8
+    assert distributed.without_comments({"_a": 1, "b": {"_c": 2, "d": [3]}}) == {"b": {"d": [3]}}
+    assert not any(k.startswith("_") for k in config["zero_optimization"])
 
 
 def test_deepspeed_config_takes_batch_sizes_and_clipping_from_the_trainer() -> None:
@@ -225,6 +244,21 @@ def zero2(work: dict[str, Path]) -> str:
 
 
 @pytest.fixture(scope="module")
+def zero3(work: dict[str, Path]) -> str:
+    proc = ludwig_train(work, "zero3", processes=2, strategy="zero3")
+    assert proc.returncode == 0, log_tail(work, "zero3")
+    return "zero3"
+
+
+def saved_weights(work: dict[str, Path], name: str, file: str) -> dict[str, torch.Tensor]:
+    """A weights file of run ``name``'s model folder, keyed like the rank reports (Ludwig's module names)."""
+    weights = load_file(str(work["root"] / name / "experiment_run/model" / file))
+    if file.startswith("model_weights/"):  # peft's adapter file: no "model." prefix, no adapter name
+        return {"model." + k.replace(".weight", ".default.weight"): v for k, v in weights.items()}
+    return weights
+
+
+@pytest.fixture(scope="module")
 def one_process_2b(work: dict[str, Path]) -> str:
     proc = ludwig_train(work, "one_b8", config=f"one_step_b{2 * BATCH}.yaml")
     assert proc.returncode == 0, log_tail(work, "one_b8")
@@ -265,6 +299,29 @@ def test_zero2_ranks_train_disjoint_rows_and_stay_in_sync(work: dict[str, Path],
 
 
 @pytest.mark.slow
+def test_zero3_ranks_train_disjoint_rows_and_save_whole_weights(work: dict[str, Path], ddp: str, zero3: str) -> None:
+    """ZeRO-3 shards the LoRA weights too: what Ludwig writes must be gathered, not this rank's empty shard."""
+    (report0, weights0), (report1, weights1) = (rank_report(work, zero3, rank) for rank in (0, 1))
+    assert [report0["world_size"], report1["world_size"]] == [2, 2] and report0["steps"] == report1["steps"]
+    assert not set(report0["rows"][0]) & set(report1["rows"][0])
+    _, reference = rank_report(work, ddp, 0)
+    assert {k: v.shape for k, v in weights0.items()} == {k: v.shape for k, v in reference.items()}  # whole tensors
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)
+    assert any(weights0[k].abs().sum() > 0 for k in weights0 if "lora_B" in k)
+    for losses in (report0["losses"], report1["losses"]):
+        half = len(losses) // 2
+        assert sum(losses[half:]) / (len(losses) - half) < sum(losses[:half]) / half
+    latest = saved_weights(work, zero3, "training_checkpoints/latest.ckpt.safetensors")
+    assert latest.keys() == weights0.keys() and all(torch.equal(latest[k], weights0[k]) for k in latest)
+    best = saved_weights(work, zero3, "training_checkpoints/best.ckpt.safetensors")
+    adapter = saved_weights(work, zero3, "model_weights/adapter_model.safetensors")  # the best checkpoint's weights
+    assert adapter.keys() == best.keys() and all(v.numel() > 0 and torch.equal(best[k], v) for k, v in adapter.items())
+    checkpoints = work["root"] / zero3 / "experiment_run/model/training_checkpoints"
+    assert {p.name for p in checkpoints.glob("latest.ckpt.zero-*")} == {
+        "latest.ckpt.zero-rank0-of2.pt", "latest.ckpt.zero-rank1-of2.pt"}
+
+
+@pytest.mark.slow
 def test_launch_writes_the_single_process_layout_once(work: dict[str, Path], single: str, ddp: str) -> None:
     ddp_runs, single_runs = sorted((work["root"] / ddp).iterdir()), sorted((work["root"] / single).iterdir())
     assert [p.name for p in ddp_runs] == [p.name for p in single_runs] == ["experiment_run"]
@@ -273,14 +330,17 @@ def test_launch_writes_the_single_process_layout_once(work: dict[str, Path], sin
 
 
 @pytest.mark.slow
-def test_ludwig_predict_loads_the_launched_model(work: dict[str, Path], ddp: str) -> None:
-    model = work["root"] / ddp / "experiment_run" / "model"
-    predictions = pd.read_parquet(predict(model, work["test"], work["root"] / "pred", work["root"] / "pred.log"))
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_ludwig_predict_loads_the_launched_model(
+        work: dict[str, Path], strategy: str, request: pytest.FixtureRequest) -> None:
+    model = work["root"] / request.getfixturevalue(strategy) / "experiment_run" / "model"
+    out = work["root"] / f"pred_{strategy}"
+    predictions = pd.read_parquet(predict(model, work["test"], out, out.with_suffix(".log")))
     assert len(predictions) == len(pd.read_csv(work["test"])) and "response_response" in predictions.columns
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
 def test_one_step_on_two_ranks_of_b_equals_one_step_on_one_process_of_2b(
         work: dict[str, Path], one_process_2b: str, strategy: str) -> None:
     name = f"two_b4_{strategy}"
@@ -293,6 +353,8 @@ def test_one_step_on_two_ranks_of_b_equals_one_step_on_one_process_of_2b(
     step = max(w1[k].abs().max().item() for k in w1 if "lora_B" in k)  # B starts at 0: w1[B] is the SGD update
     gap = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert step > 1e-4 and gap <= 1e-5 * step, (step, gap)
+    adapter = saved_weights(work, name, "model_weights/adapter_model.safetensors")  # no evaluation: the last step
+    assert adapter.keys() == w2.keys() and all(torch.equal(adapter[k], w2[k]) for k in w2)
 
 
 @pytest.mark.slow
@@ -313,20 +375,23 @@ def test_two_machine_launch_on_localhost_matches_one_machine(work: dict[str, Pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reference", ["single", "zero2"], ids=["single-process", "launcher-zero2"])
+@pytest.mark.parametrize("reference", ["single", "zero2", "zero3"],
+                         ids=["single-process", "launcher-zero2", "launcher-zero3"])
 def test_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(
         work: dict[str, Path], reference: str, request: pytest.FixtureRequest) -> None:
-    """ZeRO-2 for the launcher: its optimizer state is partitioned per rank (DDP's is Ludwig's own checkpoint)."""
+    """ZeRO-2/3 for the launcher: optimizer state partitioned per rank (DDP's is Ludwig's own checkpoint), and under
+    ZeRO-3 the weights too, so the checkpoint's weights are gathered on save and sharded again on load."""
     request.getfixturevalue(reference)
     processes = 0 if reference == "single" else 2
+    strategy = "zero2" if reference == "single" else reference  # ignored by a single process
     name = f"killed_{reference}"
-    crashed = ludwig_train(work, name, processes=processes, strategy="zero2",
+    crashed = ludwig_train(work, name, processes=processes, strategy=strategy,
                            env={distributed.ENV_CRASH_AFTER_CHECKPOINT: "1"})
     assert crashed.returncode != 0
     progress = json.loads((work["root"] / name / "experiment_run/model/training_progress.json").read_text())
     total = rank_report(work, reference, 0)[0]["steps"]
     assert progress["checkpoint_number"] == 1 and progress["steps"] == STEPS_PER_CHECKPOINT < total
-    resumed = ludwig_train(work, name, processes=processes, strategy="zero2", resume=True)
+    resumed = ludwig_train(work, name, processes=processes, strategy=strategy, resume=True)
     assert resumed.returncode == 0, log_tail(work, name)
     assert "Resuming training from previous run" in (work["root"] / f"{name}.log").read_text(errors="replace")
     _, expected = rank_report(work, reference, 0)
