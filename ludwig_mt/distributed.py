@@ -50,8 +50,10 @@ DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_config
 STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json", "zero3": "zero3.json"}
 # asked for by name in issue #5, refused with the reason (measured or known), so the user learns what to use instead
 REFUSED_STRATEGIES: dict[str, str] = {
-    "fsdp": "FSDP is not supported with Ludwig 0.17.10: like ZeRO-3 it shards the weights that Ludwig saves from the "
-            "module's own state_dict, and accelerate's FSDP needs a GPU, so it cannot be tested here",
+    "fsdp": "FSDP is not supported yet: it shards the weights that Ludwig 0.17.10 reads and writes through the "
+            "module's own state_dict, the gathered path for that exists for ZeRO-3 only, and accelerate 1.15 runs FSDP "
+            "on GPUs only (on CPU it silently falls back to DDP), so it is untested. Fix: use --strategy zero3 (without "
+            "quantization it shards the weights too)",
 }
 STRATEGIES = (*STRATEGY_FILES, *REFUSED_STRATEGIES)
 # strategies that shard the weights themselves: Ludwig's rank-0-only reads and writes of weights need gathering
@@ -85,7 +87,7 @@ def check_strategy_compatible(strategy: str, config: dict[str, Any]) -> None:
             f"FSDP with {bits}-bit weights needs bnb_4bit_quant_storage equal to the compute dtype, and Ludwig "
             f"0.17.10's quantization schema has no such key (it always stores uint8). {fix}")
     if strategy in REFUSED_STRATEGIES:
-        raise WorkflowError(f"{REFUSED_STRATEGIES[strategy]}. {fix}")
+        raise WorkflowError(f"{REFUSED_STRATEGIES[strategy]}, zero2 or ddp")
     postprocessor = (config.get("adapter") or {}).get("postprocessor") or {}
     if strategy in SHARDED_WEIGHT_STRATEGIES and postprocessor.get("merge_adapter_into_base_model"):
         raise WorkflowError(f"--strategy {strategy} shards the base model's weights, so Ludwig cannot merge the adapter "

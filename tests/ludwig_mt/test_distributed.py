@@ -42,6 +42,9 @@ def test_zero3_and_fsdp_are_refused_for_4bit_with_the_reason_and_the_fix() -> No
         distributed.check_strategy_compatible("zero2", config)
         distributed.check_strategy_compatible("ddp", config)
     distributed.check_strategy_compatible("zero3", render_overrides(qlora, cpu=True))  # no quantization: allowed
+    with pytest.raises(WorkflowError, match="--strategy zero3") as err:  # not implemented: points to ZeRO-3
+        distributed.check_strategy_compatible("fsdp", render_overrides(qlora, cpu=True))
+    assert "falls back to DDP" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_zero3_refuses_merging_the_adapter_into_sharded_base_weights() -> None:
