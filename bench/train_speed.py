@@ -333,10 +333,14 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
 
-    timer = Timer()
+    timer_cls = Timer
     profile_table: list[str] = []
+    syncs: dict[str, int] = {}
     if os.environ.get("BENCH_PROFILE_STEP"):
-        timer = _profiling(Timer, int(os.environ["BENCH_PROFILE_STEP"]), profile_table)
+        timer_cls = _profiling(timer_cls, int(os.environ["BENCH_PROFILE_STEP"]), profile_table)
+    if os.environ.get("BENCH_SYNC_STEP") and cuda:
+        timer_cls = _sync_recording(timer_cls, int(os.environ["BENCH_SYNC_STEP"]), syncs)
+    timer = timer_cls()
     config = ludwig_config(case, model_dir, cpu=not cuda)
     model = LudwigModel(config, callbacks=[timer], logging_level=logging.WARNING)
     inner = None
@@ -348,11 +352,43 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     n = len(timer.times)
     return {"step_times": timer.times, "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
             "peak_gib": _peak_gib(), "param_dtypes": dtypes, "attn_implementation": attn,
-            "config_trainer": config["trainer"], "profile": "\n".join(profile_table)}
+            "config_trainer": config["trainer"], "profile": "\n".join(profile_table), "syncs": syncs}
+
+
+def _sync_recording(timer_cls, step: int, sink: dict[str, int]):
+    """A Timer class that also counts, by the Python line that caused it, every CPU-GPU synchronisation of training
+    batch ``step`` (``torch.cuda.set_sync_debug_mode``): each one stalls the CPU that should be queueing kernels."""
+    import traceback
+    import warnings
+
+    import torch
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "/warnings.py" not in f.filename][-3:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        sink[where] = sink.get(where, 0) + 1
+
+    class SyncRecordingTimer(timer_cls):
+        def on_batch_start(self, trainer, progress_tracker, save_path, **kwargs):
+            super().on_batch_start(trainer, progress_tracker, save_path, **kwargs)
+            if len(self.times) == step:
+                self._saved = warnings.showwarning
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_batch_end(self, trainer, progress_tracker, save_path, sync_step=True, **kwargs):
+            if len(self.times) == step:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = self._saved
+            super().on_batch_end(trainer, progress_tracker, save_path, sync_step=sync_step, **kwargs)
+
+    return SyncRecordingTimer
 
 
 def _profiling(timer_cls, step: int, sink: list[str]):
-    """A Timer that also records a torch.profiler table (CUDA time by op) of training batch ``step``."""
+    """A Timer class that also records a torch.profiler table (CUDA time by op) of training batch ``step``."""
     import torch
 
     class ProfilingTimer(timer_cls):
@@ -371,7 +407,7 @@ def _profiling(timer_cls, step: int, sink: list[str]):
                 for key in ("self_cuda_time_total", "cpu_time_total"):
                     sink.append(averages.table(sort_by=key, row_limit=22, max_name_column_width=50))
 
-    return ProfilingTimer()
+    return ProfilingTimer
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -473,7 +509,8 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
 
     At equal batch (``batch`` rows): plain loop, raw Ludwig, tuned (the task YAML as committed, speed-ups on).
     Then tuned at the YAML's rows per micro-batch (``yaml_batch``), without gradient checkpointing (memory
-    permitting) and at twice the rows; ablations undo one speed-up (or YAML setting) at ``yaml_batch``.
+    permitting) and at twice the rows (with and without); ablations undo one speed-up or change one YAML setting
+    at ``yaml_batch``.
     """
     cases = []
     for shape in shapes:
@@ -488,7 +525,9 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
             cases += [Case(path="tuned", batch=yaml_batch, label=f"{prefix}-yaml-{layout}-b{yaml_batch}", **common),
                       Case(path="tuned", batch=yaml_batch, label=f"{prefix}-{layout}-b{yaml_batch}-nogc", yaml=no_gc,
                            **common),
-                      Case(path="tuned", batch=2 * yaml_batch, label=f"{prefix}-{layout}-b{2 * yaml_batch}", **common)]
+                      Case(path="tuned", batch=2 * yaml_batch, label=f"{prefix}-{layout}-b{2 * yaml_batch}", **common),
+                      Case(path="tuned", batch=2 * yaml_batch, label=f"{prefix}-{layout}-b{2 * yaml_batch}-nogc",
+                           yaml=no_gc, **common)]
             if not ablations:
                 continue
             undo = ["bf16_autocast", "target_only_logits", "liger_kernels"] + (
@@ -498,6 +537,8 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
                                   extra_env={"LUDWIG_MT_SPEEDUPS_OFF": name}, **common))
             cases.append(Case(path="tuned", batch=yaml_batch, label=f"{shape}-{mode}-ablate-packing",
                               yaml={"trainer": {"packing": False}}, **common))
+            cases.append(Case(path="tuned", batch=yaml_batch, label=f"{shape}-{mode}-ablate-optimizer-adamw",
+                              yaml={"trainer": {"optimizer": {"type": "adamw"}}}, **common))
     return cases
 
 
@@ -570,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         if "raw" in out:
             out = {"name": out["name"], "wall_s": out["wall_s"],
                    **summarize(case, out["raw"], n_params[case.shape], peak), "step_times": out["raw"]["step_times"],
-                   **{k: out["raw"][k] for k in ("profile",) if out["raw"].get(k)}}
+                   **{k: out["raw"][k] for k in ("profile", "syncs") if out["raw"].get(k)}}
         results.append(out)
         print(f"[{time.perf_counter() - t_start:5.0f}s] {out['name']}: "
               + (f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"

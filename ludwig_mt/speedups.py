@@ -323,15 +323,27 @@ def target_only_loss(causal_lm, batch: dict[str, Any]):
     base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
     model_kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     hidden = base.base_model(**model_kwargs, use_cache=False)[0]
-    shifted = batch["labels"][:, 1:]
-    keep = shifted != IGNORE
+    if "target_index" not in batch:
+        batch = {**batch, **target_positions(batch["labels"])}
     head = base.get_output_embeddings()
-    selected, targets = hidden[:, :-1][keep], shifted[keep]
+    # index_select with indices computed beforehand: a boolean mask here would make the CPU wait for the GPU
+    selected = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+    targets = batch["target_ids"]
     if type(head) is torch.nn.Linear and head.bias is None and hidden.is_cuda and liger_usable():
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         return LigerFusedLinearCrossEntropyLoss()(head.weight, selected.to(head.weight.dtype), targets)
     return F.cross_entropy(head(selected).float(), targets)
+
+
+def target_positions(labels) -> dict[str, Any]:
+    """The flat positions of ``hidden[:, :-1]`` that predict a label (``target_index``) and those labels
+    (``target_ids``): computed with the labels on the CPU, they cost the GPU step no synchronisation."""
+    import torch
+
+    shifted = labels[:, 1:].reshape(-1)
+    index = torch.nonzero(shifted != IGNORE).squeeze(1)
+    return {"target_index": index, "target_ids": shifted.index_select(0, index)}
 
 
 def lean_forward_supported(llm) -> bool:
@@ -371,7 +383,11 @@ def lean_training_batch(llm, input_ids, target_ids) -> dict[str, Any]:
     # on the CPU and move it once.
     device = input_ids.device
     batch = _lean_training_batch_on_cpu(llm, input_ids.cpu(), target_ids.cpu(), generate_merged_ids)
-    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+    batch.update(target_positions(batch["labels"]))
+    if device.type != "cuda":
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    # from pinned memory the copies queue behind the GPU's work; from pageable memory each would wait for it
+    return {k: v.pin_memory().to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _lean_training_batch_on_cpu(llm, input_ids, target_ids, generate_merged_ids) -> dict[str, Any]:
