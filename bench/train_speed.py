@@ -120,6 +120,8 @@ def build_model_dir(shape: str, out: Path) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     del model
+    if device == "cuda":  # hand the memory back: the cases run in subprocesses that need all of it
+        torch.cuda.empty_cache()
     return path
 
 
@@ -219,7 +221,11 @@ def matmul_tflops(device: str) -> float:
         a @ b
     if device == "cuda":
         torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    rate = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rate
 
 
 def matmul_params(model_dir: Path) -> int:
@@ -463,18 +469,25 @@ def launch(case: Case, model_dir: Path, dataset: Path, work: Path, timeout: int)
 
 
 def add_comparisons(results: list[dict[str, Any]]) -> None:
-    """Speed and memory relative to the plain loop (same shape, mode, batch 8 reference) and the loss check."""
+    """Speed and memory relative to the plain loop at the reference batch (same shape and mode, its smallest
+    batch: the equal-batch comparison) and at the same rows when the plain loop ran those, and the loss check."""
     def key(r: dict[str, Any]) -> tuple:
         return r["case"]["shape"], r["case"]["mode"]
 
     ok = [r for r in results if "error" not in r]
-    plain = {key(r): r for r in ok if r["case"]["path"] == "plain"}
+    plain_runs = sorted((r for r in ok if r["case"]["path"] == "plain"), key=lambda r: -r["case"]["batch"])
+    plain = {key(r): r for r in plain_runs}  # the smallest batch wins
+    plain_same = {(*key(r), r["case"]["batch"]): r for r in plain_runs}
     raw = {(*key(r), r["case"]["batch"]): r for r in ok if r["case"]["path"] == "raw"}
     for r in ok:
         base = plain.get(key(r))
         if base and base is not r:
             r["x_plain_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["x_plain_peak_gib"] = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else None
+        same = plain_same.get((*key(r), r["case"]["batch"]))
+        if same and same is not r and same is not base:
+            r["x_plain_same_rows_tokens_per_s"] = r["tokens_per_s"] / same["tokens_per_s"]
+            r["x_plain_same_rows_peak_gib"] = r["peak_gib"] / same["peak_gib"] if same["peak_gib"] else None
         ref = raw.get((*key(r), r["case"]["batch"]))
         if r["case"]["path"] == "tuned" and ref and r["first_losses"] and ref["first_losses"]:
             delta = abs(r["first_losses"][0] - ref["first_losses"][0]) / abs(ref["first_losses"][0])
@@ -483,13 +496,15 @@ def add_comparisons(results: list[dict[str, Any]]) -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown table, one row per case."""
+    """Markdown table, one row per case; "x plain" is against the plain loop at its smallest batch (the equal-batch
+    reference), "same rows" against the plain loop at this case's rows where it ran them."""
     runs = any("run" in r for r in results)
-    lines = ["| case | tokens/s | step s | peak GiB | MFU | x plain tok/s | x plain mem | loss step 1 (vs raw) |"
-             + (" run |" if runs else ""), "|---|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
+    lines = ["| case | tokens/s | step s | peak GiB | MFU | x plain tok/s | x plain mem | x plain same rows tok/s, mem "
+             "| loss step 1 (vs raw) |" + (" run |" if runs else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | ERROR: {r['error'][:160].replace('|', '/')} | | | | | | |"
+            lines.append(f"| {r['name']} | ERROR: {r['error'][:160].replace('|', '/')} | | | | | | | |"
                          + (f" {r.get('run', '')} |" if runs else ""))
             continue
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else ""  # noqa: E731
@@ -497,9 +512,14 @@ def table(results: list[dict[str, Any]]) -> str:
         loss = fmt(r["first_losses"][0], ".4f") if r["first_losses"] else ""
         if check:
             loss += f" ({100 * check['rel_delta']:.2f}% {'ok' if check['ok'] else 'OUT OF TOLERANCE'})"
+        same = ""
+        if "x_plain_same_rows_tokens_per_s" in r:
+            same = (f"{r['x_plain_same_rows_tokens_per_s']:.2f}, "
+                    f"{fmt(r.get('x_plain_same_rows_peak_gib'), '.2f')}")
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | "
                      f"{100 * r['mfu']:.1f}% | {fmt(r.get('x_plain_tokens_per_s'), '.2f')} | "
-                     f"{fmt(r.get('x_plain_peak_gib'), '.2f')} | {loss} |" + (f" {r.get('run', '')} |" if runs else ""))
+                     f"{fmt(r.get('x_plain_peak_gib'), '.2f')} | {same} | {loss} |"
+                     + (f" {r.get('run', '')} |" if runs else ""))
     return "\n".join(lines)
 
 
@@ -507,8 +527,8 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
          yaml_batch: int, ablations: bool) -> list[Case]:
     """The side-by-side cases and the ablations.
 
-    At equal batch (``batch`` rows): plain loop, raw Ludwig, tuned (the task YAML as committed, speed-ups on).
-    Then tuned at the YAML's rows per micro-batch (``yaml_batch``), without gradient checkpointing (memory
+    At equal batch (``batch`` rows): plain loop, raw Ludwig, tuned (the task YAML as committed, speed-ups on); the
+    plain loop also at the YAML's rows (``yaml_batch``), the equal-batch reference for the tuned path there. Then tuned at the YAML's rows per micro-batch (``yaml_batch``), without gradient checkpointing (memory
     permitting) and at twice the rows (with and without); ablations undo one speed-up or change one YAML setting
     at ``yaml_batch``.
     """
@@ -520,6 +540,7 @@ def plan(shapes: list[str], modes: list[str], batch: int, prompt: int, response:
                           warmup=warmup)
             for path in ("plain", "raw", "tuned"):
                 cases.append(Case(path=path, batch=batch, **common))
+            cases.append(Case(path="plain", batch=yaml_batch, **common))  # the plain loop at the YAML's rows too
             prefix = f"{shape}-{mode}-tuned"
             no_gc = {"trainer": {"enable_gradient_checkpointing": False}}
             cases += [Case(path="tuned", batch=yaml_batch, label=f"{prefix}-yaml-{layout}-b{yaml_batch}", **common),

@@ -34,6 +34,7 @@ def test_plan_compares_three_paths_at_equal_batch_and_packs_only_rotary_models()
     cases = plan(["llama3.2-1b", "bloom-1b1"], ["qlora"], 8, 190, 64, 4, 1, 32, ablations=True)
     names = [c.label or f"{c.shape}-{c.mode}-{c.path}-b{c.batch}" for c in cases]
     assert {c.path for c in cases if c.batch == 8} == {"plain", "raw", "tuned"}
+    assert "llama3.2-1b-qlora-plain-b32" in names
     assert {"llama3.2-1b-qlora-tuned-yaml-packed-b32", "llama3.2-1b-qlora-tuned-packed-b32-nogc",
             "llama3.2-1b-qlora-tuned-packed-b64", "bloom-1b1-qlora-tuned-yaml-unpacked-b32",
             "llama3.2-1b-qlora-ablate-bf16_autocast", "llama3.2-1b-qlora-ablate-packing"} <= set(names)
@@ -64,11 +65,13 @@ def test_ratios_are_against_plain_and_the_loss_check_against_raw_at_the_same_bat
     results = [row("plain", "plain", 1000, 10.0, 12.3), row("raw", "raw", 500, 5.0, 12.0),
                row("tuned", "tuned", 1500, 8.0, 12.0 * (1 + LOSS_TOLERANCE / 2)),
                row("bad", "tuned", 1500, 8.0, 12.0 * (1 + 2 * LOSS_TOLERANCE)),
-               row("packed", "tuned", 3000, 20.0, 11.0, batch=32)]
+               row("packed", "tuned", 3000, 20.0, 11.0, batch=32), row("plain32", "plain", 2000, 40.0, 12.3, batch=32)]
     add_comparisons(results)
     by = {r["name"]: r for r in results}
     assert by["tuned"]["x_plain_tokens_per_s"] == 1.5 and by["tuned"]["x_plain_peak_gib"] == 0.8
-    assert by["packed"]["x_plain_tokens_per_s"] == 3.0
+    assert by["packed"]["x_plain_tokens_per_s"] == 3.0  # against the batch-8 plain loop, listed after it or not
+    assert by["packed"]["x_plain_same_rows_tokens_per_s"] == 1.5 and by["packed"]["x_plain_same_rows_peak_gib"] == 0.5
+    assert "x_plain_same_rows_tokens_per_s" not in by["tuned"]  # its plain reference is the batch-8 one
     assert by["tuned"]["loss_check"]["ok"] and not by["bad"]["loss_check"]["ok"]
     assert "loss_check" not in by["packed"] and "loss_check" not in by["plain"]  # no raw run at batch 32
 
