@@ -3,10 +3,10 @@
 # random-weight Llama with a YAML WITHOUT quantization (the sql.yaml --cpu rendering): per strategy
 #   python -m ludwig_mt.launch --gpus 1 --strategy S -- train ...   then   ludwig predict on the saved model,
 # and a check that the saved adapter holds whole, non-empty tensors equal to the last checkpoint's.
-# The CPU tests (tests/ludwig_mt/test_distributed.py) cover 2 ranks on gloo; this covers CUDA + NCCL +
+# The CPU tests (tests/ludwig_mt/test_distributed.py) cover 2 ranks on gloo; this covers CUDA + NCCL + FSDP2 +
 # deepspeed.zero.Init on a GPU. Run from the project root on the device, with packages from .gpu-site:
-#   OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh                 # STRATEGIES=zero3 by default
-#   STRATEGIES="zero3 fsdp" OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh   # fsdp: refused until implemented
+#   OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh                 # STRATEGIES="zero3 fsdp" by default
+#   STRATEGIES=fsdp OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh   # one of them
 # Logs and a summary (smoke.txt) go to $OUT; exits non-zero when any strategy fails.
 set -u
 export PYTHONPATH="$PWD/.gpu-site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -45,7 +45,7 @@ write_yaml(config, root / "sql.yaml")
 EOF
 
 status=0
-for strategy in ${STRATEGIES:-zero3}; do
+for strategy in ${STRATEGIES:-zero3 fsdp}; do
   run="$WORK/$strategy"
   start=$SECONDS
   timeout 300 "$PY" -m ludwig_mt.launch --gpus 1 --strategy "$strategy" -- train --config "$WORK/sql.yaml" \

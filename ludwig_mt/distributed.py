@@ -11,6 +11,9 @@ What each patch fixes (all small, idempotent, applied from the outside):
 * the local backend starts :class:`WorkflowAccelerateStrategy` instead of ``LocalStrategy``, answers
   ``is_coordinator()`` with the real rank (so only rank 0 writes the output directory) and hands the strategy
   to the trainer (without it the trainer builds its own ``LocalStrategy`` and every rank trains on all rows);
+* ZeRO-3 and FSDP (PyTorch FSDP2, ``--strategy fsdp``) shard the weights themselves; Ludwig's rank-0-only reads
+  and writes of them (checkpoints, best-checkpoint reload, final adapter) are gathered on every rank
+  (:func:`whole_trainable_weights`, :func:`loading_whole_weights`, :class:`ShardedCheckpoint`);
 * 4-bit models are loaded on the process's own GPU (``device_map={"": local_rank}``) instead of ``"auto"``,
   which would spread every rank's copy over all GPUs;
 * resuming a run continues its learning-rate schedule (Ludwig rebuilds the scheduler at step 0 after restoring it)
@@ -46,15 +49,11 @@ ENV_CRASH_AFTER_CHECKPOINT = "LUDWIG_MT_CRASH_AFTER_CHECKPOINT"
 ENV_RANK_REPORT = "LUDWIG_MT_RANK_REPORT"
 DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_configs" / "distributed"
 
-# strategy name -> DeepSpeed file in ludwig_configs/distributed/ (None: accelerate's plain DDP, no file)
-STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json", "zero3": "zero3.json"}
+# strategy name -> DeepSpeed file in ludwig_configs/distributed/ (None: no file; ddp is accelerate's plain DDP, fsdp
+# PyTorch's FSDP2 ``fully_shard`` through accelerate, set up in code: see :func:`fsdp_plugin`)
+STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json", "zero3": "zero3.json", "fsdp": None}
 # asked for by name in issue #5, refused with the reason (measured or known), so the user learns what to use instead
-REFUSED_STRATEGIES: dict[str, str] = {
-    "fsdp": "FSDP is not supported yet: it shards the weights that Ludwig 0.17.10 reads and writes through the "
-            "module's own state_dict, the gathered path for that exists for ZeRO-3 only, and accelerate 1.15 runs FSDP "
-            "on GPUs only (on CPU it silently falls back to DDP), so it is untested. Fix: use --strategy zero3 (without "
-            "quantization it shards the weights too)",
-}
+REFUSED_STRATEGIES: dict[str, str] = {}
 STRATEGIES = (*STRATEGY_FILES, *REFUSED_STRATEGIES)
 # strategies that shard the weights themselves: Ludwig's rank-0-only reads and writes of weights need gathering
 SHARDED_WEIGHT_STRATEGIES = ("zero3", "fsdp")
@@ -154,12 +153,23 @@ def _strategy_class():
 
                 # batch sizes are set in prepare(), once the trainer config is known
                 kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=plugin_file(strategy))
+            elif strategy == "fsdp" and torch.cuda.is_available():
+                kwargs["fsdp_plugin"] = fsdp_plugin()
             if not torch.cuda.is_available():  # CPU (tests, smoke runs): without these accelerate sees a world of 1
                 if self.uses_deepspeed:
                     kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(backend="gloo"))
                 else:
                     kwargs["cpu"] = True
             self.accelerator = Accelerator(**kwargs)
+            if strategy == "fsdp" and not torch.cuda.is_available():
+                # accelerate 1.15 ignores an FSDP plugin on CPU (MULTI_CPU: plain DDP). PyTorch's FSDP2 runs on CPU
+                # with gloo, and accelerate's prepare() applies it once its state says FSDP: the CPU tests' path.
+                from accelerate.utils import DistributedType
+
+                if not torch.distributed.is_initialized():  # one process: accelerate starts no process group
+                    torch.distributed.init_process_group(backend="gloo")
+                self.accelerator.state.fsdp_plugin = fsdp_plugin()
+                self.accelerator.state.distributed_type = DistributedType.FSDP
             self._prepared_model = None
             self._prepared_optimizer = None
             logger.info("ludwig_mt: %s strategy, rank %d of %d, device %s", strategy, self.rank(), self.size(),
@@ -173,7 +183,11 @@ def _strategy_class():
             if self.uses_deepspeed:
                 plugin = self.accelerator.state.deepspeed_plugin
                 plugin.deepspeed_config.update(deepspeed_config(self.strategy, trainer_config, self.size()))
+            if self.strategy == "fsdp":
+                self.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = decoder_layer_classes(model)
             dist_model, optimizer = super().prepare(model, trainer_config, base_learning_rate)
+            if self.strategy == "fsdp":
+                unshard_root_for_generate(dist_model)
             # FineTuneTrainer.evaluation reads ``self.dist_model.tokenizer``; the DDP/DeepSpeed wrapper hides it.
             object.__setattr__(dist_model, "tokenizer", getattr(model, "tokenizer", None))
             return dist_model, optimizer
@@ -199,8 +213,8 @@ def _strategy_class():
                 self.accelerator.backward(loss)
 
         def create_checkpoint_handle(self, dist_model, model, optimizer=None, scheduler=None):
-            if self.uses_deepspeed:
-                return _zero_checkpoint_class()(self, model, optimizer, scheduler)
+            if self.strategy in ("zero2", *SHARDED_WEIGHT_STRATEGIES):
+                return _sharded_checkpoint_class()(self, model, optimizer, scheduler)
             return super().create_checkpoint_handle(dist_model, model, optimizer, scheduler)
 
         def allow_clip_gradients(self) -> bool:
@@ -216,39 +230,115 @@ def _strategy_class():
     return WorkflowAccelerateStrategy
 
 
-def zero_partition_path(checkpoint_path: str, rank: int, world_size: int) -> str:
-    """Where rank ``rank`` of ``world_size`` keeps its ZeRO optimizer partition next to a Ludwig checkpoint."""
-    return f"{checkpoint_path}.zero-rank{rank}-of{world_size}.pt"
+def zero_partition_path(checkpoint_path: str, rank: int, world_size: int, kind: str = "zero") -> str:
+    """Where rank ``rank`` of ``world_size`` keeps its optimizer partition (``kind``: zero or fsdp) next to a Ludwig
+    checkpoint."""
+    return f"{checkpoint_path}.{kind}-rank{rank}-of{world_size}.pt"
 
 
-def _zero_checkpoint_class():
+def fsdp_plugin():
+    """accelerate's plugin for PyTorch FSDP2 (``fully_shard``): each decoder layer its own unit (classes set in
+    ``prepare`` from the Hugging Face model's ``_no_split_modules``), weights resharded after each forward."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, cpu_ram_efficient_loading=False,
+                                          state_dict_type="FULL_STATE_DICT")
+
+
+def decoder_layer_classes(model: Any) -> list[str]:
+    """The Hugging Face model's ``_no_split_modules`` (its decoder-layer classes): FSDP's wrapping units. Ludwig's
+    ``LLM`` wrapper and peft's have none, so the first module inside that declares them is asked."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return list(names)
+    raise WorkflowError("--strategy fsdp: the model declares no _no_split_modules (its decoder-layer classes), so "
+                        "FSDP has no units to wrap. Fix: use --strategy zero3")
+
+
+def unshard_root_for_generate(model: Any) -> None:
+    """FSDP2 gathers the root module's own weights (embeddings, final norm, head) in the root's forward only;
+    Ludwig's evaluation calls ``generate``, which never runs it. Gather them around ``generate``, and make Hugging
+    Face's ``generate`` keep every rank stepping until all are done (``synced_gpus``), as under ZeRO-3."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    for module in model.modules():
+        if hasattr(type(module), "generate") and hasattr(module, "_no_split_modules"):
+            module._is_fsdp_managed_module = True  # transformers' flag for FSDP2: synced_gpus=True in generate
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        model.unshard()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            model.reshard()
+
+    object.__setattr__(model, "generate", generate)
+
+
+def local_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """This rank's optimizer state for its own file; FSDP2's DTensor states become their local shards."""
+    from torch.distributed.tensor import DTensor
+
+    state = optimizer.state_dict()
+    if isinstance(state.get("state"), dict):
+        state["state"] = {index: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in values.items()}
+                          for index, values in state["state"].items()}
+    return state
+
+
+def load_local_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """The inverse of :func:`local_optimizer_state`: local shards become DTensors shaped like their parameters."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state.get("state", {}).items():
+        param = params[int(index)]
+        if isinstance(param, DTensor):
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.to_local().shape and value.dim() > 0:
+                    values[key] = DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
+                                                     stride=param.stride())
+    optimizer.load_state_dict(state)
+
+
+def _sharded_checkpoint_class():
     from ludwig.utils.checkpoint_utils import MultiNodeCheckpoint
 
-    class ZeroCheckpoint(MultiNodeCheckpoint):
-        """Ludwig's checkpoint, plus each rank's ZeRO optimizer partition in its own file.
+    class ShardedCheckpoint(MultiNodeCheckpoint):
+        """Ludwig's checkpoint, plus each rank's optimizer partition in its own file (ZeRO-2/3, FSDP).
 
-        Under ZeRO-2 every rank holds only its slice of the optimizer state, so Ludwig's rank-0 file cannot restore
-        it (and its restricted unpickler refuses DeepSpeed's state). Weights, schedule and step stay in Ludwig's file.
+        Every rank holds only its slice of the optimizer state, so Ludwig's rank-0 file cannot restore it (and its
+        restricted unpickler refuses DeepSpeed's state). Weights, schedule and step stay in Ludwig's file: under
+        ZeRO-3 and FSDP the trainable weights are gathered whole on every rank for rank 0 to write, and loaded
+        whole and sharded again on every rank.
         """
 
         def _partition(self, save_path: str) -> str:
-            return zero_partition_path(save_path, self.distributed.rank(), self.distributed.size())
+            kind = "zero" if self.distributed.uses_deepspeed else self.distributed.strategy
+            return zero_partition_path(save_path, self.distributed.rank(), self.distributed.size(), kind)
 
         def save(self, save_path: str, global_step: int) -> None:
             import torch
 
             optimizer, self.optimizer = self.optimizer, None
             try:
-                # ZeRO-3: every rank takes part in gathering the trainable weights that local rank 0 writes
-                with gathered_parameters(trainable_parameters(self.model)):
+                with whole_trainable_weights(self.model):  # a collective: every rank takes part
                     super().save(save_path, global_step)
             finally:
                 self.optimizer = optimizer
             if optimizer is not None:
                 from prep.common import atomic_path
 
+                state = optimizer.state_dict() if self.distributed.uses_deepspeed else local_optimizer_state(optimizer)
                 with atomic_path(Path(self._partition(save_path))) as tmp:
-                    torch.save(optimizer.state_dict(), tmp)
+                    torch.save(state, tmp)
             self.distributed.barrier()
 
         def load(self, save_path: str, device=None) -> bool:
@@ -256,8 +346,7 @@ def _zero_checkpoint_class():
 
             optimizer, self.optimizer = self.optimizer, None
             try:
-                # ZeRO-3: whole tensors to load into; rank 0's values are re-sharded to every rank on exit
-                with gathered_parameters(trainable_parameters(self.model), modifier_rank=0):
+                with loading_whole_weights(self.model):  # every rank reads the file; rank 0's values are sharded
                     loaded = super().load(save_path, device)
             finally:
                 self.optimizer = optimizer
@@ -265,17 +354,20 @@ def _zero_checkpoint_class():
                 partition = self._partition(save_path)
                 if not os.path.exists(partition):
                     # ValueError, not RuntimeError: Ludwig would swallow the latter and silently start afresh
-                    raise ValueError(f"{partition}: no ZeRO optimizer partition for this rank. Fix: resume with the "
+                    raise ValueError(f"{partition}: no optimizer partition for this rank. Fix: resume with the "
                                      f"number of processes the run was started with (found: "
                                      f"{sorted(os.listdir(os.path.dirname(partition)))})")
                 # written by this project, one file per rank; DeepSpeed's state holds objects (loss scaler)
                 state = torch.load(partition, map_location=device, weights_only=False)
-                per_rank = [None] * self.distributed.size()
-                per_rank[self.distributed.rank()] = state
-                optimizer.load_state_dict(per_rank)
+                if self.distributed.uses_deepspeed:
+                    per_rank = [None] * self.distributed.size()
+                    per_rank[self.distributed.rank()] = state
+                    optimizer.load_state_dict(per_rank)
+                else:
+                    load_local_optimizer_state(optimizer, state)
             return loaded
 
-    return ZeroCheckpoint
+    return ShardedCheckpoint
 
 
 def current_strategy():
@@ -416,63 +508,161 @@ def trainable_parameters(model: Any) -> list[Any]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def is_zero3_sharded(parameter: Any) -> bool:
-    """True for a ZeRO-3 parameter whose data is now only this rank's shard (an empty tensor on ``.data``)."""
+def is_sharded(parameter: Any) -> bool:
+    """True for a parameter whose data is now only this rank's shard: ZeRO-3 (an empty tensor on ``.data``) or
+    FSDP2 (a ``DTensor``)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(parameter, DTensor):
+        return True
+    if not hasattr(parameter, "ds_id"):
+        return False
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     return getattr(parameter, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
 
 
-def gathered_parameters(parameters: list[Any], modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
-    """Whole tensors inside the block for the ZeRO-3 ones among ``parameters``; a no-op for any other parameter.
+def has_sharded_weights(model: Any) -> bool:
+    """True when ``model``'s trainable weights are sharded by ZeRO-3 or FSDP2 (gathered or not right now)."""
+    from torch.distributed.tensor import DTensor
 
-    A collective: under ZeRO-3 every rank must enter it. With ``modifier_rank`` the values that rank holds when the
-    block ends are sharded back to all ranks (used to load weights); without it changes are discarded.
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in trainable_parameters(model))
+
+
+def trainable_slots(model: Any) -> list[tuple[Any, str, Any]]:
+    """``(module, name, parameter)`` for every trainable parameter, each once: where a whole tensor can stand in."""
+    seen: set[int] = set()
+    slots = []
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None and parameter.requires_grad and id(parameter) not in seen:
+                seen.add(id(parameter))
+                slots.append((module, name, parameter))
+    return slots
+
+
+@contextlib.contextmanager
+def standing_in(slots: list[tuple[Any, str, Any]]):
+    """Inside the block each ``(module, name, tensor)``'s tensor is the module's trainable parameter ``name``."""
+    import torch
+
+    originals = [module._parameters[name] for module, name, _ in slots]
+    try:
+        for module, name, tensor in slots:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=True)
+        yield
+    finally:
+        for (module, name, _), original in zip(slots, originals):
+            module._parameters[name] = original
+
+
+def reshard_all(model: Any) -> None:
+    """Every FSDP2 unit of ``model`` back to its shards, on every rank alike (a local operation).
+
+    FSDP2 leaves the root unit's weights gathered after a forward without backward (evaluation), and
+    ``state_dict()`` reshards them (FSDP's pre-hook). Ludwig calls ``state_dict()`` on rank 0 alone, so rank 0 would
+    gather them again in the next forward and rank 1 would not: mismatched collectives. Called on all ranks before
+    every gathered read or load.
     """
-    zero3 = [p for p in parameters if hasattr(p, "ds_id")]
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
+    from torch.distributed.fsdp import FSDPModule
 
-    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def whole_trainable_weights(model: Any) -> contextlib.AbstractContextManager:
+    """Whole trainable tensors inside the block, for reading (changes are discarded); a no-op when not sharded.
+
+    A collective: under ZeRO-3 and FSDP every rank must enter it. ZeRO-3 gathers in place
+    (``GatheredParameters``); FSDP2's ``DTensor``s get stand-ins with ``full_tensor()`` (FSDP's own state-dict
+    pre-hook leaves them alone: its parameters are already sharded between steps).
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    trainable = trainable_parameters(model)
+    zero3 = [p for p in trainable if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+    slots = [(m, n, p) for m, n, p in trainable_slots(model) if isinstance(p, DTensor)]
+    if not slots:
+        return contextlib.nullcontext()
+    reshard_all(model)
+    with torch.no_grad():
+        return standing_in([(m, n, p.full_tensor()) for m, n, p in slots])
+
+
+@contextlib.contextmanager
+def loading_whole_weights(model: Any):
+    """Inside the block ``model.load_state_dict`` takes whole tensors and rank 0's values end up on every rank's
+    shards. A collective: every rank calls it and loads the same keys. ZeRO-3 gathers and re-partitions from rank 0
+    (``GatheredParameters(modifier_rank=0)``); FSDP2 turns each whole tensor into a ``DTensor`` with rank 0's data
+    (``distribute_tensor``) and loads that into the sharded parameter in place."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    zero3 = [p for p in trainable_parameters(model) if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):
+            yield
+        return
+    names = dict(model.named_parameters())
+    if not any(isinstance(p, DTensor) for p in names.values()):
+        yield
+        return
+    reshard_all(model)
+    previous = model.__dict__.get("load_state_dict")
+
+    def load_state_dict(state_dict, strict: bool = True, **kw):
+        converted = {}
+        for key, value in state_dict.items():
+            target = names.get(key)
+            if isinstance(target, DTensor) and not isinstance(value, DTensor):
+                value = distribute_tensor(value.to(device=target.device, dtype=target.dtype).contiguous(),
+                                          target.device_mesh, target.placements, src_data_rank=0)
+            converted[key] = value
+        return type(model).load_state_dict(model, converted, strict=strict, **kw)
+
+    model.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        del model.load_state_dict
+        if previous is not None:
+            model.load_state_dict = previous
 
 
 def load_weights_on_all_ranks(model: Any, state_dict: dict[str, Any]) -> None:
-    """Load (trainable) weights into a ZeRO-3 model; every rank calls it with the same ``state_dict``."""
-    with gathered_parameters(trainable_parameters(model), modifier_rank=0):
-        _, unexpected = type(model).load_state_dict(model, state_dict, strict=False)
+    """Load (trainable) weights into a ZeRO-3 or FSDP model; every rank calls it with the same ``state_dict``."""
+    with loading_whole_weights(model):
+        _, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected:
         raise RuntimeError(f"Unexpected keys found in state dict: {unexpected}")
 
 
-@contextlib.contextmanager
-def whole_weights(model: Any):
-    """Inside the block ``model``'s ZeRO-3 trainable parameters show the whole tensors gathered after training.
+def whole_weights(model: Any) -> contextlib.AbstractContextManager:
+    """Inside the block ``model``'s sharded trainable parameters show the whole tensors gathered after training.
 
     Ludwig saves the final model on rank 0 alone (``LLM.save`` -> peft ``save_pretrained``, which reads the module's
-    own state_dict), where no collective gather is possible; :func:`gather_weights_after_zero3_training` stored them
-    for this on every rank beforehand. Outside the block the shards are back in place.
+    own state_dict), where no collective gather is possible; :func:`gather_weights_after_sharded_training` stored
+    them for this on every rank beforehand. Outside the block the shards are back in place.
     """
-    stored = getattr(model, "_ludwig_mt_whole_weights", None) or []
-    shards = [p.data for p, _ in stored]
-    try:
-        for parameter, whole in stored:
-            parameter.data = whole
-        yield
-    finally:
-        for (parameter, _), shard in zip(stored, shards):
-            parameter.data = shard
+    return standing_in(getattr(model, "_ludwig_mt_whole_weights", None) or [])
 
 
 @_once
-def gather_weights_after_zero3_training() -> None:
-    """ZeRO-3: the best-checkpoint reload at the end of training on all ranks, and whole weights for the final save.
+def gather_weights_after_sharded_training() -> None:
+    """ZeRO-3/FSDP: the best-checkpoint reload at the end of training on all ranks, and whole weights for the save.
 
     Ludwig reloads the best checkpoint on rank 0 alone (``self.model.load_state_dict``), which cannot fill sharded
-    parameters (their data is an empty tensor). During ``Trainer.train`` a load into sharded parameters is therefore
-    kept aside, then done by every rank together (gathered, rank 0's dict broadcast). Loads into gathered parameters
-    (the resume path, :class:`ZeroCheckpoint`) go through unchanged. Afterwards every rank gathers the trainable
-    weights once more so rank 0's ``LLM.save`` can write them (:func:`whole_weights`).
+    parameters. During ``Trainer.train`` a load into sharded parameters is therefore kept aside, then done by every
+    rank together (rank 0's dict broadcast). Loads through :func:`loading_whole_weights` (the resume path,
+    :class:`ShardedCheckpoint`) go through unchanged. Afterwards every rank gathers the trainable weights once more
+    so rank 0's ``LLM.save`` can write them (:func:`whole_weights`).
     """
     from ludwig.models.llm import LLM
     from ludwig.trainers.trainer import Trainer
@@ -482,14 +672,14 @@ def gather_weights_after_zero3_training() -> None:
     @functools.wraps(original_train)
     def train(self, *args, **kwargs):
         model = self.model
-        if not any(hasattr(p, "ds_id") for p in trainable_parameters(model)):
+        if not has_sharded_weights(model):
             return original_train(self, *args, **kwargs)
         kept_aside: list[dict[str, Any]] = []
         load_now = model.load_state_dict
 
         def load_state_dict(state_dict, strict: bool = True, **kw):
             names = dict(model.named_parameters())
-            if any(is_zero3_sharded(names[k]) for k in state_dict if k in names):
+            if any(is_sharded(names[k]) for k in state_dict if k in names):
                 import torch
 
                 kept_aside[:] = [state_dict]
@@ -504,10 +694,9 @@ def gather_weights_after_zero3_training() -> None:
         best = self.distributed.broadcast_object(kept_aside[0] if kept_aside else None)
         if best is not None:
             load_weights_on_all_ranks(model, best)
-            logger.info("ludwig_mt: ZeRO-3 best checkpoint loaded on every rank")
-        trainable = trainable_parameters(model)
-        with gathered_parameters(trainable):
-            whole = [(p, p.data.detach().clone()) for p in trainable if hasattr(p, "ds_id")]
+            logger.info("ludwig_mt: best checkpoint loaded on every rank (sharded weights)")
+        with whole_trainable_weights(model):
+            whole = [(m, n, p.detach().clone()) for m, n, p in trainable_slots(model)]
         object.__setattr__(model, "_ludwig_mt_whole_weights", whole)
         return result
 
@@ -549,7 +738,7 @@ def write_rank_report() -> None:
         report["rows"].append([int(i) for i in iter(batcher.sampler)])
         result = original_loop(self, batcher, progress_tracker, *args, **kwargs)
         weights.clear()
-        with gathered_parameters(trainable_parameters(self.model)):  # ZeRO-3: whole tensors, not this rank's shard
+        with whole_trainable_weights(self.model):  # ZeRO-3/FSDP: whole tensors, not this rank's shard
             weights.update({n: p.detach().float().cpu().clone().contiguous()
                             for n, p in self.model.named_parameters() if p.requires_grad})
         return result
@@ -586,5 +775,5 @@ def apply_all() -> None:
     start_accelerate_strategy_under_launcher()
     refuse_incompatible_strategy()
     place_quantized_model_on_local_rank()
-    if strategy_name() == "zero3":
-        gather_weights_after_zero3_training()
+    if strategy_name() in SHARDED_WEIGHT_STRATEGIES:
+        gather_weights_after_sharded_training()

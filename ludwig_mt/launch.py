@@ -136,7 +136,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser, *, default_gpus: int |
     parser.add_argument("--gpus", type=int, default=default_gpus, help="processes on this machine, one per GPU")
     parser.add_argument("--strategy", choices=STRATEGIES,
                         help="zero2 (default for 4-bit QLoRA), ddp (default without quantization), zero3 (without "
-                             "quantization: shards the weights too); fsdp is refused with the reason")
+                             "quantization: shards the weights too, DeepSpeed), fsdp (the same with PyTorch FSDP2)")
     parser.add_argument("--num-machines", type=int, default=1, help="machines in the job (multi-node)")
     parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
     parser.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0, reachable by all")

@@ -41,17 +41,16 @@ def test_zero3_and_fsdp_are_refused_for_4bit_with_the_reason_and_the_fix() -> No
     for config in (qlora, render_overrides(qlora, cpu=True)):
         distributed.check_strategy_compatible("zero2", config)
         distributed.check_strategy_compatible("ddp", config)
-    distributed.check_strategy_compatible("zero3", render_overrides(qlora, cpu=True))  # no quantization: allowed
-    with pytest.raises(WorkflowError, match="--strategy zero3") as err:  # not implemented: points to ZeRO-3
-        distributed.check_strategy_compatible("fsdp", render_overrides(qlora, cpu=True))
-    assert "falls back to DDP" in str(err.value) and "\n" not in str(err.value)
+    for strategy in distributed.SHARDED_WEIGHT_STRATEGIES:  # no quantization: allowed
+        distributed.check_strategy_compatible(strategy, render_overrides(qlora, cpu=True))
 
 
-def test_zero3_refuses_merging_the_adapter_into_sharded_base_weights() -> None:
+@pytest.mark.parametrize("strategy", distributed.SHARDED_WEIGHT_STRATEGIES)
+def test_sharded_weights_refuse_merging_the_adapter_into_sharded_base_weights(strategy: str) -> None:
     config = render_overrides(load_yaml(task_config_path("sql")), cpu=True)
     config["adapter"]["postprocessor"] = {"merge_adapter_into_base_model": True}
     with pytest.raises(WorkflowError, match="merge_adapter_into_base_model") as err:
-        distributed.check_strategy_compatible("zero3", config)
+        distributed.check_strategy_compatible(strategy, config)
     assert "\n" not in str(err.value)
     distributed.check_strategy_compatible("zero2", config)
 
@@ -253,6 +252,13 @@ def zero3(work: dict[str, Path]) -> str:
     return "zero3"
 
 
+@pytest.fixture(scope="module")
+def fsdp(work: dict[str, Path]) -> str:
+    proc = ludwig_train(work, "fsdp", processes=2, strategy="fsdp")
+    assert proc.returncode == 0, log_tail(work, "fsdp")
+    return "fsdp"
+
+
 def saved_weights(work: dict[str, Path], name: str, file: str) -> dict[str, torch.Tensor]:
     """A weights file of run ``name``'s model folder, keyed like the rank reports (Ludwig's module names)."""
     weights = load_file(str(work["root"] / name / "experiment_run/model" / file))
@@ -302,9 +308,12 @@ def test_zero2_ranks_train_disjoint_rows_and_stay_in_sync(work: dict[str, Path],
 
 
 @pytest.mark.slow
-def test_zero3_ranks_train_disjoint_rows_and_save_whole_weights(work: dict[str, Path], ddp: str, zero3: str) -> None:
-    """ZeRO-3 shards the LoRA weights too: what Ludwig writes must be gathered, not this rank's empty shard."""
-    (report0, weights0), (report1, weights1) = (rank_report(work, zero3, rank) for rank in (0, 1))
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+def test_sharded_weights_ranks_train_disjoint_rows_and_save_whole_weights(
+        work: dict[str, Path], ddp: str, strategy: str, request: pytest.FixtureRequest) -> None:
+    """ZeRO-3 and FSDP shard the LoRA weights too: what Ludwig writes must be gathered, not this rank's shard."""
+    run = request.getfixturevalue(strategy)
+    (report0, weights0), (report1, weights1) = (rank_report(work, run, rank) for rank in (0, 1))
     assert [report0["world_size"], report1["world_size"]] == [2, 2] and report0["steps"] == report1["steps"]
     assert not set(report0["rows"][0]) & set(report1["rows"][0])
     _, reference = rank_report(work, ddp, 0)
@@ -314,14 +323,19 @@ def test_zero3_ranks_train_disjoint_rows_and_save_whole_weights(work: dict[str, 
     for losses in (report0["losses"], report1["losses"]):
         half = len(losses) // 2
         assert sum(losses[half:]) / (len(losses) - half) < sum(losses[:half]) / half
-    latest = saved_weights(work, zero3, "training_checkpoints/latest.ckpt.safetensors")
+    latest = saved_weights(work, run, "training_checkpoints/latest.ckpt.safetensors")
     assert latest.keys() == weights0.keys() and all(torch.equal(latest[k], weights0[k]) for k in latest)
-    best = saved_weights(work, zero3, "training_checkpoints/best.ckpt.safetensors")
-    adapter = saved_weights(work, zero3, "model_weights/adapter_model.safetensors")  # the best checkpoint's weights
+    best = saved_weights(work, run, "training_checkpoints/best.ckpt.safetensors")
+    adapter = saved_weights(work, run, "model_weights/adapter_model.safetensors")  # the best checkpoint's weights
     assert adapter.keys() == best.keys() and all(v.numel() > 0 and torch.equal(best[k], v) for k, v in adapter.items())
-    checkpoints = work["root"] / zero3 / "experiment_run/model/training_checkpoints"
-    assert {p.name for p in checkpoints.glob("latest.ckpt.zero-*")} == {
-        "latest.ckpt.zero-rank0-of2.pt", "latest.ckpt.zero-rank1-of2.pt"}
+    checkpoints = work["root"] / run / "experiment_run/model/training_checkpoints"
+    kind = "zero" if strategy == "zero3" else strategy
+    assert {p.name for p in checkpoints.glob(f"latest.ckpt.{kind}-*")} == {
+        f"latest.ckpt.{kind}-rank0-of2.pt", f"latest.ckpt.{kind}-rank1-of2.pt"}
+    if strategy == "fsdp":  # really sharded (not accelerate's silent DDP fallback): each rank holds half the state
+        held = [sum(s["exp_avg"].numel() for s in torch.load(
+            checkpoints / f"latest.ckpt.fsdp-rank{rank}-of2.pt", weights_only=False)["state"].values()) for rank in (0, 1)]
+        assert held[0] + held[1] == sum(v.numel() for v in weights0.values()) and 0 < held[0] < held[0] + held[1]
 
 
 @pytest.mark.slow
@@ -333,7 +347,7 @@ def test_launch_writes_the_single_process_layout_once(work: dict[str, Path], sin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
 def test_ludwig_predict_loads_the_launched_model(
         work: dict[str, Path], strategy: str, request: pytest.FixtureRequest) -> None:
     model = work["root"] / request.getfixturevalue(strategy) / "experiment_run" / "model"
@@ -343,7 +357,7 @@ def test_ludwig_predict_loads_the_launched_model(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_one_step_on_two_ranks_of_b_equals_one_step_on_one_process_of_2b(
         work: dict[str, Path], one_process_2b: str, strategy: str) -> None:
     name = f"two_b4_{strategy}"
@@ -378,12 +392,12 @@ def test_two_machine_launch_on_localhost_matches_one_machine(work: dict[str, Pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reference", ["single", "zero2", "zero3"],
-                         ids=["single-process", "launcher-zero2", "launcher-zero3"])
+@pytest.mark.parametrize("reference", ["single", "zero2", "zero3", "fsdp"],
+                         ids=["single-process", "launcher-zero2", "launcher-zero3", "launcher-fsdp"])
 def test_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(
         work: dict[str, Path], reference: str, request: pytest.FixtureRequest) -> None:
-    """ZeRO-2/3 for the launcher: optimizer state partitioned per rank (DDP's is Ludwig's own checkpoint), and under
-    ZeRO-3 the weights too, so the checkpoint's weights are gathered on save and sharded again on load."""
+    """ZeRO-2/3 and FSDP for the launcher: optimizer state partitioned per rank (DDP's is Ludwig's own checkpoint),
+    and under ZeRO-3 and FSDP the weights too, so the checkpoint's weights are gathered on save and sharded again on load."""
     request.getfixturevalue(reference)
     processes = 0 if reference == "single" else 2
     strategy = "zero2" if reference == "single" else reference  # ignored by a single process
