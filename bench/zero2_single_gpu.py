@@ -5,8 +5,8 @@ One call, on one GPU:
 1. builds a random-weight model from the public Llama-3.2-1B config (hidden 2048, 16 layers, 32 heads, 8 kv heads,
    intermediate 8192, vocab 128256, tied embeddings; ``bench/train_speed.py``'s builder) and synthetic
    sql-create-context rows (``ludwig_mt.samples`` + ``prep``);
-2. trains ``ludwig_configs/sql.yaml`` (4-bit NF4 QLoRA, LoRA r16 on all linear layers, batch 8, accumulation 2,
-   paged Adam, as committed; only ``base_model``, ``train_steps`` and ``max_new_tokens`` are overridden) twice for
+2. trains ``ludwig_configs/sql.yaml`` (4-bit NF4 QLoRA, LoRA r16 on all linear layers, 64 rows packed into
+   2048-token sequences, gradient checkpointing, paged Adam, as committed; only ``base_model``, ``train_steps`` and ``max_new_tokens`` are overridden) twice for
    the same fixed number of steps:
    ``ludwig``  single-process Ludwig, no accelerate (``python -m ludwig_mt.launch worker train ...``);
    ``zero2``   ``torch.distributed.run`` with one process, Ludwig under accelerate + DeepSpeed ZeRO-2
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from train_speed import build_model_dir  # bench/train_speed.py: random weights from the public config
 
     model_dir = build_model_dir(SMOKE_SHAPE if args.smoke else SHAPE, work)
-    batch = 4 if args.smoke else 8
+    batch = 4 if args.smoke else int(load_yaml(task_config_path("sql"))["trainer"]["batch_size"])
     train_csv, test_csv = prepare_rows(work, rows=max(120, steps * batch + 80), validation_rows=8, test_rows=4)
     config = write_yaml(bench_config(model_dir, steps, args.smoke, args.optimizer), work / "sql.bench.yaml",
                         header="# Rendered by bench/zero2_single_gpu.py from ludwig_configs/sql.yaml; do not edit.\n")

@@ -57,7 +57,8 @@ What Ludwig does without them, and why each change is safe:
     the LoRA weights, their gradients and the optimizer state stay fp32, and the loss is still taken in fp32
     (autocast runs cross-entropy in fp32). No gradient scaler is needed for bf16. Reentrant gradient
     checkpointing re-enters the same autocast state when it recomputes. Off when Ludwig's own
-    ``trainer.use_mixed_precision`` (fp16 AMP) is set, and on CPU (:data:`AUTOCAST_DEVICES`).
+    ``trainer.use_mixed_precision`` (fp16 AMP) is set, under a DeepSpeed engine (which turns an outer autocast off
+    inside its forward), and on CPU (:data:`AUTOCAST_DEVICES`).
 ``liger_kernels``
     When ``liger-kernel`` is installed (the optional extra ``gpu``: ``pip install -e .[gpu]``) and the model runs on
     CUDA: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE patched into the loaded model instance (fewer, fused
@@ -478,11 +479,16 @@ def autocast_device(trainer) -> str | None:
     """The device type whose bf16 autocast the trainer's next step should run under, or None.
 
     Only where it changes something: the trainable (LoRA) weights are float32, the model sits on a device in
-    :data:`AUTOCAST_DEVICES` that computes in bf16, and Ludwig's own fp16 AMP is off.
+    :data:`AUTOCAST_DEVICES` that computes in bf16, and Ludwig's own fp16 AMP is off. Not under a DeepSpeed engine
+    (``--strategy zero2/zero3``): its forward switches an outer autocast off ("enabled outside DeepSpeed but
+    disabled within the DeepSpeed engine"), and the adapters would then get bf16 inputs for fp32 weights (on the
+    H100 every ZeRO-2 QLoRA run failed at its first step).
     """
     import torch
 
     if not enabled("bf16_autocast") or getattr(trainer, "use_amp", False):
+        return None
+    if type(getattr(trainer, "dist_model", None)).__module__.startswith("deepspeed"):
         return None
     trainable = next((p for p in trainer.model.parameters() if p.requires_grad), None)
     if trainable is None or trainable.dtype != torch.float32:

@@ -163,6 +163,10 @@ def test_autocast_applies_only_to_fp32_adapters_on_allowed_devices_without_ludwi
     monkeypatch.setattr(speedups, "AUTOCAST_DEVICES", ("cuda", "cpu"))
     assert speedups.autocast_device(SimpleNamespace(model=llm, use_amp=False)) == "cpu"
     assert speedups.autocast_device(SimpleNamespace(model=llm, use_amp=True)) is None  # Ludwig's fp16 AMP wins
+    engine = type("DeepSpeedEngine", (), {"__module__": "deepspeed.runtime.engine"})()
+    assert speedups.autocast_device(SimpleNamespace(model=llm, use_amp=False, dist_model=engine)) is None
+    ddp = type("DistributedDataParallel", (), {"__module__": "torch.nn.parallel.distributed"})()
+    assert speedups.autocast_device(SimpleNamespace(model=llm, use_amp=False, dist_model=ddp)) == "cpu"
     monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "bf16_autocast")
     assert speedups.autocast_device(SimpleNamespace(model=llm, use_amp=False)) is None
     with speedups.training_autocast(SimpleNamespace()):  # outside a bf16_autocast step: no autocast
