@@ -224,39 +224,36 @@ def run_files(run: Path) -> set[str]:
     return {str(p.relative_to(run)) for p in run.rglob("*") if not any(s in str(p) for s in skip)}
 
 
+def trained(work: dict[str, Path], name: str, **kwargs) -> str:
+    """Run :func:`ludwig_train` once for a module-scoped fixture; the run's name if it succeeded."""
+    proc = ludwig_train(work, name, **kwargs)
+    assert proc.returncode == 0, log_tail(work, name)
+    return name
+
+
 @pytest.fixture(scope="module")
 def single(work: dict[str, Path]) -> str:
-    proc = ludwig_train(work, "single")
-    assert proc.returncode == 0, log_tail(work, "single")
-    return "single"
+    return trained(work, "single")
 
 
 @pytest.fixture(scope="module")
 def ddp(work: dict[str, Path]) -> str:
-    proc = ludwig_train(work, "ddp", processes=2)
-    assert proc.returncode == 0, log_tail(work, "ddp")
-    return "ddp"
+    return trained(work, "ddp", processes=2)
 
 
 @pytest.fixture(scope="module")
 def zero2(work: dict[str, Path]) -> str:
-    proc = ludwig_train(work, "zero2", processes=2, strategy="zero2")
-    assert proc.returncode == 0, log_tail(work, "zero2")
-    return "zero2"
+    return trained(work, "zero2", processes=2, strategy="zero2")
 
 
 @pytest.fixture(scope="module")
 def zero3(work: dict[str, Path]) -> str:
-    proc = ludwig_train(work, "zero3", processes=2, strategy="zero3")
-    assert proc.returncode == 0, log_tail(work, "zero3")
-    return "zero3"
+    return trained(work, "zero3", processes=2, strategy="zero3")
 
 
 @pytest.fixture(scope="module")
 def fsdp(work: dict[str, Path]) -> str:
-    proc = ludwig_train(work, "fsdp", processes=2, strategy="fsdp")
-    assert proc.returncode == 0, log_tail(work, "fsdp")
-    return "fsdp"
+    return trained(work, "fsdp", processes=2, strategy="fsdp")
 
 
 def saved_weights(work: dict[str, Path], name: str, file: str) -> dict[str, torch.Tensor]:
