@@ -53,7 +53,7 @@ What Ludwig does without them, and why each change is safe:
     fp32 copy of the activations, an fp32 dropout and two fp32 GEMMs: on the H100 profile of a packed QLoRA step
     those were about half of the CUDA time. On CUDA we run each training step's forward under
     ``torch.autocast(bfloat16)`` (what ``transformers.Trainer`` does with ``bf16=True``) and switch peft's input
-    cast off for the step (its own ``disable_input_dtype_casting`` switch), so the adapter math runs in bf16 while
+    cast off for the step (``cast_input_dtype_enabled``, the flag its ``disable_input_dtype_casting`` sets), so the adapter math runs in bf16 while
     the LoRA weights, their gradients and the optimizer state stay fp32, and the loss is still taken in fp32
     (autocast runs cross-entropy in fp32). No gradient scaler is needed for bf16. Reentrant gradient
     checkpointing re-enters the same autocast state when it recomputes. Off when Ludwig's own
@@ -77,6 +77,7 @@ Models without ``position_ids`` (ALiBi models such as Bloom) are not packed (log
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -501,8 +502,6 @@ def autocast_device(trainer) -> str | None:
 
 def training_autocast(trainer):
     """``torch.autocast(bf16)`` while the trainer is inside a ``bf16_autocast`` step, a no-op otherwise."""
-    import contextlib
-
     import torch
 
     device = getattr(trainer, "_ludwig_mt_autocast", None)
@@ -520,6 +519,23 @@ def adapter_layers(llm) -> list:
     return cached[1]
 
 
+@contextlib.contextmanager
+def bf16_adapter_step(trainer, device: str):
+    """One ``bf16_autocast`` step: inside, :func:`training_autocast` is bf16 autocast on ``device`` and the adapters
+    take their (bf16) inputs as they are. The input cast stays off through the backward too: reentrant gradient
+    checkpointing recomputes the forward there."""
+    layers = adapter_layers(trainer.model)
+    trainer._ludwig_mt_autocast = device
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        trainer._ludwig_mt_autocast = None
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+
 @_once
 def patch_bf16_autocast() -> None:
     """Run ``Trainer.train_step`` with the adapters' input cast off and its forwards under bf16 autocast
@@ -533,16 +549,8 @@ def patch_bf16_autocast() -> None:
         device = autocast_device(self)
         if device is None:
             return original(self, inputs, targets, should_step=should_step, profiler=profiler)
-        layers = adapter_layers(self.model)
-        self._ludwig_mt_autocast = device
-        for layer in layers:  # kept off through backward: reentrant checkpointing recomputes the forward there
-            layer.cast_input_dtype_enabled = False
-        try:
+        with bf16_adapter_step(self, device):
             return original(self, inputs, targets, should_step=should_step, profiler=profiler)
-        finally:
-            self._ludwig_mt_autocast = None
-            for layer in layers:
-                layer.cast_input_dtype_enabled = True
 
     Trainer.train_step = train_step
 

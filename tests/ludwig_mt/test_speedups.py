@@ -120,22 +120,18 @@ def test_bf16_autocast_runs_the_adapter_math_in_bf16_and_keeps_fp32_weights(llm_
         monkeypatch.setattr(speedups, "AUTOCAST_DEVICES", ("cuda", "cpu"))
         trainer = SimpleNamespace(model=llm, use_amp=False)
         assert speedups.autocast_device(trainer) == "cpu"
-        trainer._ludwig_mt_autocast = "cpu"
-        layers = speedups.adapter_layers(llm)
         try:
-            for layer in layers:
-                layer.cast_input_dtype_enabled = False
-            with speedups.training_autocast(trainer):
-                inputs, targets = batch
-                llm._ludwig_mt_lean = True
-                outputs = llm((inputs, {k: v.clone() for k, v in targets.items()}))
-                loss, _ = llm.train_loss({k: v.clone() for k, v in targets.items()}, outputs)
-            llm.zero_grad(set_to_none=True)
-            loss.backward()
+            with speedups.bf16_adapter_step(trainer, "cpu"):  # what the patched Trainer.train_step does
+                with speedups.training_autocast(trainer):  # what the patched _forward_pass does
+                    inputs, targets = batch
+                    llm._ludwig_mt_lean = True
+                    outputs = llm((inputs, {k: v.clone() for k, v in targets.items()}))
+                    loss, _ = llm.train_loss({k: v.clone() for k, v in targets.items()}, outputs)
+                llm.zero_grad(set_to_none=True)
+                loss.backward()
         finally:
             llm._ludwig_mt_lean = False
-            for layer in layers:
-                layer.cast_input_dtype_enabled = True
+        assert all(layer.cast_input_dtype_enabled for layer in speedups.adapter_layers(llm))  # restored
     finally:
         for hook in hooks:
             hook.remove()
