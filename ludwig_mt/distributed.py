@@ -52,9 +52,7 @@ DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_config
 # strategy name -> DeepSpeed file in ludwig_configs/distributed/ (None: no file; ddp is accelerate's plain DDP, fsdp
 # PyTorch's FSDP2 ``fully_shard`` through accelerate, set up in code: see :func:`fsdp_plugin`)
 STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json", "zero3": "zero3.json", "fsdp": None}
-# asked for by name in issue #5, refused with the reason (measured or known), so the user learns what to use instead
-REFUSED_STRATEGIES: dict[str, str] = {}
-STRATEGIES = (*STRATEGY_FILES, *REFUSED_STRATEGIES)
+STRATEGIES = tuple(STRATEGY_FILES)
 # strategies that shard the weights themselves: Ludwig's rank-0-only reads and writes of weights need gathering
 SHARDED_WEIGHT_STRATEGIES = ("zero3", "fsdp")
 
@@ -85,8 +83,6 @@ def check_strategy_compatible(strategy: str, config: dict[str, Any]) -> None:
         raise WorkflowError(
             f"FSDP with {bits}-bit weights needs bnb_4bit_quant_storage equal to the compute dtype, and Ludwig "
             f"0.17.10's quantization schema has no such key (it always stores uint8). {fix}")
-    if strategy in REFUSED_STRATEGIES:
-        raise WorkflowError(f"{REFUSED_STRATEGIES[strategy]}, zero2 or ddp")
     postprocessor = (config.get("adapter") or {}).get("postprocessor") or {}
     if strategy in SHARDED_WEIGHT_STRATEGIES and postprocessor.get("merge_adapter_into_base_model"):
         raise WorkflowError(f"--strategy {strategy} shards the base model's weights, so Ludwig cannot merge the adapter "
