@@ -195,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     from train_speed import build_model_dir  # bench/train_speed.py: random weights from the public config
 
     model_dir = build_model_dir(SMOKE_SHAPE if args.smoke else SHAPE, work)
-    batch = 4 if args.smoke else int(load_yaml(task_config_path("sql"))["trainer"]["batch_size"])
+    rendered = bench_config(model_dir, steps, args.smoke, args.optimizer)
+    batch = int(rendered["trainer"]["batch_size"])  # the YAML's rows (smoke: 4)
     train_csv, test_csv = prepare_rows(work, rows=max(120, steps * batch + 80), validation_rows=8, test_rows=4)
-    config = write_yaml(bench_config(model_dir, steps, args.smoke, args.optimizer), work / "sql.bench.yaml",
+    config = write_yaml(rendered, work / "sql.bench.yaml",
                         header="# Rendered by bench/zero2_single_gpu.py from ludwig_configs/sql.yaml; do not edit.\n")
     results = [train_mode(mode, config, train_csv, work, args.smoke, args.timeout) for mode in ("ludwig", "zero2")]
     zero2 = results[1]
