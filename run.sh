@@ -71,5 +71,5 @@ case "$cmd" in
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
   model) setup; exec "$PY" -m workflow.model "$@" ;;
-  *) sed -n '2,16p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
+  *) sed -n '2,15p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
 esac
