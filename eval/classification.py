@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import f1_score
 
+from eval.task_scores import TaskScores, scores_from_rows
 from eval.text import clean_predictions
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.common import normalise_key
@@ -49,8 +50,9 @@ def parse_label(prediction: str, lookup: dict[str, str]) -> str | None:
     return lookup.get(label_key(first_line))
 
 
-def score_labels(predictions: Sequence[object], golds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """accuracy, macro-F1 over ``labels`` (sklearn) and the share of answers that are no valid label; all in [0, 1].
+def score_labels(predictions: Sequence[object], golds: Sequence[str], labels: Sequence[str]) -> TaskScores:
+    """accuracy and the share of answers that are no valid label (per row), and macro-F1 over ``labels``
+    (sklearn, corpus-level); all in [0, 1]; settings: n.
 
     Macro-F1 averages over every label in ``labels``, including any absent from the test set (zero_division=0),
     so scores compare across models on the same test set.
@@ -59,7 +61,7 @@ def score_labels(predictions: Sequence[object], golds: Sequence[str], labels: Se
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} test rows")
     n = len(golds)
     if n == 0:
-        return {"accuracy": 0.0, "macro_f1": 0.0, "invalid": 0.0, "n": 0}
+        return scores_from_rows({"accuracy": [], "invalid": []}, corpus={"macro_f1": 0.0}, settings={"n": 0})
     lookup = label_lookup(labels)
     gold = []
     for row, answer in enumerate(golds, start=2):
@@ -70,12 +72,10 @@ def score_labels(predictions: Sequence[object], golds: Sequence[str], labels: Se
         gold.append(label)
     parsed = [parse_label(p, lookup) for p in clean_predictions(predictions)]
     pred = [p if p is not None else INVALID for p in parsed]
-    return {
-        "accuracy": float(accuracy_score(gold, pred)),
-        "macro_f1": float(f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0)),
-        "invalid": sum(p is None for p in parsed) / n,
-        "n": n,
-    }
+    return scores_from_rows(
+        {"accuracy": [p == g for p, g in zip(pred, gold, strict=True)], "invalid": [p is None for p in parsed]},
+        corpus={"macro_f1": float(f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0))},
+        settings={"n": n})
 
 
 _BARE_LETTER = re.compile(r"^\(?([A-Ea-e])\)?[.:)]?$")
@@ -97,13 +97,13 @@ def parse_choice(prediction: str) -> str | None:
     return first.group(1) if first else None
 
 
-def score_choices(predictions: Sequence[object], golds: Sequence[str]) -> dict[str, float]:
-    """accuracy and the share of unparseable answers (both in [0, 1]); an unparseable answer is wrong."""
+def score_choices(predictions: Sequence[object], golds: Sequence[str]) -> TaskScores:
+    """accuracy and the share of unparseable answers (both in [0, 1], per row); an unparseable answer is wrong;
+    settings: n."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} test rows")
-    n = len(golds)
-    if n == 0:
-        return {"accuracy": 0.0, "invalid": 0.0, "n": 0}
     parsed = [parse_choice(p) for p in clean_predictions(predictions)]
-    correct = sum(p is not None and p == g.strip().upper() for p, g in zip(parsed, golds, strict=True))
-    return {"accuracy": correct / n, "invalid": sum(p is None for p in parsed) / n, "n": n}
+    return scores_from_rows(
+        {"accuracy": [p is not None and p == g.strip().upper() for p, g in zip(parsed, golds, strict=True)],
+         "invalid": [p is None for p in parsed]},
+        settings={"n": len(golds)})

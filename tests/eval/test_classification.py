@@ -47,9 +47,12 @@ def test_parse_choice_table(answer: str, letter: str | None) -> None:
 
 def test_score_choices_hand_case() -> None:
     scores = score_choices(["A", "b.", "The answer is C", "", "nonsense"], ["A", "B", "D", "E", "A"])
-    assert scores == {"accuracy": pytest.approx(2 / 5), "invalid": pytest.approx(2 / 5), "n": 5}
-    assert score_choices([None, 3], ["A", "B"])["accuracy"] == 0.0  # not strings: wrong, no crash
-    assert score_choices([], []) == {"accuracy": 0.0, "invalid": 0.0, "n": 0}
+    assert scores.per_row == {"accuracy": [1.0, 1.0, 0.0, 0.0, 0.0], "invalid": [0.0, 0.0, 0.0, 1.0, 1.0]}
+    assert scores.metrics == {"accuracy": pytest.approx(2 / 5), "invalid": pytest.approx(2 / 5)}
+    assert scores.settings == {"n": 5}
+    assert score_choices([None, 3], ["A", "B"]).metrics["accuracy"] == 0.0  # not strings: wrong, no crash
+    empty = score_choices([], [])
+    assert empty.metrics == {"accuracy": 0.0, "invalid": 0.0} and empty.settings == {"n": 0}
 
 
 def test_banking77_intents_are_distinct_after_normalisation() -> None:
@@ -79,11 +82,12 @@ def test_banking77_scores_equal_sklearn() -> None:
     answers = ["card_arrival", "age_limit", "AGE_LIMIT", "refund_not_showing_up", "topup limits?", ""]
     canonical = ["card_arrival", "age_limit", "age_limit", "Refund_not_showing_up", INVALID, INVALID]
     scores = score_labels(answers, gold, INTENTS)
-    assert scores["accuracy"] == pytest.approx(accuracy_score(gold, canonical)) == pytest.approx(3 / 6)
+    assert scores.metrics["accuracy"] == pytest.approx(accuracy_score(gold, canonical)) == pytest.approx(3 / 6)
     expected_f1 = f1_score(gold, canonical, labels=list(INTENTS), average="macro", zero_division=0)
-    assert scores["macro_f1"] == pytest.approx(expected_f1)
-    assert scores["invalid"] == pytest.approx(2 / 6)
-    assert scores["n"] == 6
+    assert scores.metrics["macro_f1"] == pytest.approx(expected_f1)
+    assert scores.metrics["invalid"] == pytest.approx(2 / 6)
+    assert scores.settings == {"n": 6}
+    assert scores.per_row == {"accuracy": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], "invalid": [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]}
 
 
 def test_banking77_macro_f1_hand_case() -> None:
@@ -91,7 +95,7 @@ def test_banking77_macro_f1_hand_case() -> None:
     # labels score 0, so macro-F1 over all 77 intents = (2/3 + 2/3) / 77.
     scores = score_labels(["card_arrival", "age_limit", "age_limit"], ["card_arrival", "card_arrival", "age_limit"],
                           INTENTS)
-    assert scores["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 77)
+    assert scores.metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 77)
 
 
 def test_invalid_gold_label_is_a_clear_error() -> None:
@@ -101,4 +105,4 @@ def test_invalid_gold_label_is_a_clear_error() -> None:
 
 def test_empty_predictions_are_wrong() -> None:
     scores = score_labels(["", None], ["card_arrival", "age_limit"], INTENTS)
-    assert scores == {"accuracy": 0.0, "macro_f1": 0.0, "invalid": 1.0, "n": 2}
+    assert scores.metrics == {"accuracy": 0.0, "invalid": 1.0, "macro_f1": 0.0} and scores.settings == {"n": 2}
