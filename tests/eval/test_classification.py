@@ -25,20 +25,48 @@ from prep.banking77 import INTENTS
         ("  B.  ", "B"),
         ("(D)", "D"),
         ("E)", "E"),
+        ("[B]", "B"),
         ("a:", "A"),
         ("C. bank", "C"),
         ("(B) the river bank", "B"),
         ("The answer is D", "D"),
         ("I think the answer is (E).", "E"),
         ("Answer: B\nBecause A is wrong", "B"),
-        ("Both B and C fit", "B"),
+        ("Option E", "E"),
+        ("E is correct", "E"),
+        ("C\n### Question: next one\n### Answer:\nD", "C"),  # the model went on to write a new prompt
         ("", None),
         ("   ", None),
         ("I don't know", None),
         ("Fish", None),  # a capital inside a word is no answer
+        ("E-mail", None),
         ("F", None),
-        ("the answer is b", None),  # lower-case letters count only when the whole answer is that letter
         ("ABCDE", None),
+        ("I think so\n### Answer:\nD", None),  # after '###' is a new prompt, not this answer
+        ("the answer is a bank", None),  # lower-case 'a' before a word is the article
+        ("A bank", None),  # 'A' + lower-case word may be the article: no letter for sure
+        # Changed on purpose (issue #12): an explicit statement with a lone lower-case letter names it.
+        ("the answer is b", "B"),
+        ("answer: (c)", "C"),
+        # Two different options named: never the first letter (issue #12). 'Both B and C fit' was scored B.
+        ("Both B and C fit", None),
+        ("B or C", None),
+        ("A and C", None),
+        ("(A) or (B)", None),
+        ("A/B", None),
+        ("The answer is (A) or (B)", None),
+        ("C, not A", None),
+        ("The answer is B. The answer is C.", None),
+        # ... unless an explicit statement names exactly one.
+        ("Not A, the answer is B", "B"),
+        ("The answer is B, not C", "B"),
+        # A right letter followed by '!' (a model's, or Ludwig's id-0 padding) or other punctuation is right.
+        ("C!", "C"),
+        ("c!!!!!!", "C"),
+        ("(D)!!", "D"),
+        ("D.!", "D"),
+        ("A", "A"),
+        ("A. bank!!", "A"),
     ],
 )
 def test_parse_choice_table(answer: str, letter: str | None) -> None:
@@ -68,8 +96,16 @@ def test_banking77_intents_are_distinct_after_normalisation() -> None:
         ("refund_not_showing_up", "Refund_not_showing_up"),
         ("reverted_card_payment?", "reverted_card_payment?"),
         ("reverted_card_payment", "reverted_card_payment?"),
+        # A right label followed by '!' (Ludwig pads with id 0, '!' for Qwen2.5/Llama 3) or punctuation is right.
+        ("card_arrival!", "card_arrival"),
+        ("card_arrival!!!!!!!!", "card_arrival"),
+        ("reverted_card_payment?!", "reverted_card_payment?"),
+        ("(card_arrival)", "card_arrival"),
         ("card arrival", None),
+        ("card_arrival card_arrival", None),
+        ("card_arrival or age_limit", None),
         ("The intent is card_arrival", None),
+        ("!!!!", None),
         ("", None),
     ],
 )
