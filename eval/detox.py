@@ -12,8 +12,9 @@
   classifier); that factor is NOT included here, and every result says so in its settings (``J_includes_fluency``
   is False).
 
-An empty output is scored STA_i = SIM_i = 0: the classifier would call an empty string "non-toxic", which would
-reward a model for saying nothing.
+An output without a single letter or digit (empty, or only punctuation such as ``!!!!``, Ludwig's id-0 padding
+with some tokenizers) is scored STA_i = SIM_i = 0: the classifier would call it "non-toxic" and the embedding
+would find some similarity, which would reward a model for saying nothing.
 """
 
 from __future__ import annotations
@@ -176,15 +177,20 @@ def load_encoder(device: str | None = None) -> Encoder:
     return encode
 
 
+def has_words(text: str) -> bool:
+    """Whether an output says anything: at least one letter or digit (not empty, not only punctuation)."""
+    return any(ch.isalnum() for ch in text)
+
+
 def similarity(encoder: Encoder, sources: Sequence[str], outputs: Sequence[str]) -> np.ndarray:
-    """Cosine similarity of each (source, output) pair, clipped to [0, 1]; 0 where the output is empty."""
+    """Cosine similarity of each (source, output) pair, clipped to [0, 1]; 0 where the output has no words."""
     if len(sources) != len(outputs):
         raise ValueError(f"{len(sources)} sources for {len(outputs)} outputs")
     if not sources:
         return np.zeros(0)
     src, out = encoder(list(sources)), encoder(list(outputs))
     cosine = np.clip(np.sum(src * out, axis=1), 0.0, 1.0)
-    return np.where([bool(o) for o in outputs], cosine, 0.0)
+    return np.where([has_words(o) for o in outputs], cosine, 0.0)
 
 
 def score_detox(sources: Sequence[str], predictions: Sequence[object], references: Sequence[Sequence[str]],
@@ -194,8 +200,8 @@ def score_detox(sources: Sequence[str], predictions: Sequence[object], reference
     outputs = clean_predictions(predictions)
     if not (len(sources) == len(outputs) == len(references)):
         raise ValueError("sources, predictions and references must have the same length")
-    non_empty = np.array([bool(o) for o in outputs], dtype=bool)
-    sta = (~classifier.is_toxic(outputs) & non_empty).astype(float)
+    says_something = np.array([has_words(o) for o in outputs], dtype=bool)
+    sta = (~classifier.is_toxic(outputs) & says_something).astype(float)
     sim = similarity(encoder, sources, outputs)
     return scores_from_rows(
         {"STA": sta.tolist(), "SIM": sim.tolist(), "J": (sta * sim).tolist()},

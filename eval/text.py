@@ -26,6 +26,10 @@ from prep.common import normalise_key
 from prep.task import REFERENCES, RESPONSE
 
 
+# Sentence punctuation, quotes and Ludwig's '!' padding (token id 0 of Qwen2.5/Llama 3) around an answer.
+_END_PUNCTUATION = " \t.,;:!?'\"`"
+
+
 def clean_predictions(predictions: Sequence[object]) -> list[str]:
     """Model outputs as stripped strings; None, NaN and non-strings become '' (scored as wrong, never a crash)."""
     return [p.strip() if isinstance(p, str) else "" for p in predictions]
@@ -97,15 +101,22 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
     return mean(rouge_l_per_sentence(predictions, references))
 
 
+def answer_key(text: str) -> str:
+    """The text for exact match: case- and whitespace-insensitive, without sentence punctuation, quotes or '!'
+    padding at its ends ("Friday." and "friday!!" are the answer "Friday"); inner punctuation and symbols that
+    belong to an answer ("C++", "$5") are kept."""
+    return normalise_key(text).strip(_END_PUNCTUATION)
+
+
 def exact_match_per_sentence(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[bool]:
-    """Per sentence: non-empty and equal to some reference, ignoring case and whitespace."""
+    """Per sentence: says something and equals some reference after :func:`answer_key`."""
     _check_lengths(predictions, references)
-    return [bool(p) and normalise_key(p) in {normalise_key(r) for r in refs}
-            for p, refs in zip(predictions, references, strict=True)]
+    keys = [answer_key(p) for p in predictions]
+    return [bool(key) and key in {answer_key(r) for r in refs} for key, refs in zip(keys, references, strict=True)]
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Share of non-empty predictions equal to some reference, ignoring case and whitespace, in [0, 1]."""
+    """Share of predictions equal to some reference after :func:`answer_key`, in [0, 1]."""
     return mean(exact_match_per_sentence(predictions, references))
 
 

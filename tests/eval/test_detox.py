@@ -162,3 +162,6 @@ def test_score_detox_with_the_real_encoder(classifier, encoder) -> None:
     assert copy["BLEU"] < 100.0
     empty = score_detox(sources, [""] * 6, refs, classifier, encoder).metrics
     assert (empty["STA"], empty["SIM"], empty["J"], empty["chrF"], empty["BLEU"]) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    # Only punctuation (e.g. Ludwig's '!' padding) says nothing either: no style-transfer credit for it.
+    bangs = score_detox(sources, ["!!!!"] * 6, refs, classifier, encoder).per_row
+    assert bangs["STA"] == [0.0] * 6 and bangs["SIM"] == [0.0] * 6 and bangs["J"] == [0.0] * 6

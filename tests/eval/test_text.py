@@ -70,10 +70,14 @@ def test_multi_reference_bleu_and_chrf_use_every_reference() -> None:
     assert bleu(preds, [["a dog lay on a rug"], ["it is raining again"]]) < 60.0
 
 
-def test_exact_match_ignores_case_and_whitespace_only() -> None:
-    refs = [["Paris"], ["The  answer is 42"], ["yes", "no"]]
-    assert exact_match(["paris ", "the answer is 42", "No"], refs) == pytest.approx(1.0)
-    assert exact_match(["Paris.", "answer 42", "maybe"], refs) == 0.0
+def test_exact_match_ignores_case_whitespace_and_end_punctuation_only() -> None:
+    refs = [["Paris"], ["The  answer is 42."], ["yes", "no"], ["C++"]]
+    assert exact_match(["paris ", "the answer is 42", "No", "c++"], refs) == pytest.approx(1.0)
+    # Changed on purpose (issue #12): a right answer with end punctuation or '!' padding is right ("Paris." used
+    # to be scored wrong against "Paris").
+    assert exact_match(["Paris.", "The answer is 42!!!!", '"yes"', "C++!"], refs) == pytest.approx(1.0)
+    assert exact_match(["answer 42", "maybe", "Pari", "C"], [["Paris"], ["The answer is 42"], ["yes"], ["C++"]]) == 0.0
+    assert exact_match(["!!!", "..."], [["!"], ["."]]) == 0.0  # punctuation alone says nothing
 
 
 def test_empty_and_missing_predictions_score_zero_without_crashing() -> None:
