@@ -193,6 +193,7 @@ class GoldFacts:
     numeric: set[ColumnKey] = field(default_factory=set)  # summed, averaged or used in arithmetic
     count_literals: set[int] = field(default_factory=set)  # N of ``COUNT(...) > N`` (groups need ~N rows)
     grouped: set[ColumnKey] = field(default_factory=set)  # GROUP BY columns
+    ordered: set[ColumnKey] = field(default_factory=set)  # ORDER BY columns (plain columns only)
     probes: dict[ColumnKey, set[Literal]] = field(default_factory=dict)  # a prediction's literals (fills_for)
 
 
@@ -297,6 +298,9 @@ def gold_facts(gold: str, tables: tuple[Table, ...]) -> GoldFacts:
         if isinstance(left, exp.Query) and isinstance(right, exp.Query):
             for a, b in zip(left.selects, right.selects, strict=False):
                 link(a, b)
+    for ordered in tree.find_all(exp.Ordered):
+        if isinstance(ordered.this, exp.Column):
+            facts.ordered.update(resolver.resolve(ordered.this))
     for group in tree.find_all(exp.Group):
         for column in group.find_all(exp.Column):
             facts.grouped.update(resolver.resolve(column))
@@ -554,29 +558,69 @@ def group_target(facts: GoldFacts, rng: random.Random) -> int | None:
     return max(0, min(MAX_ROWS_PER_TABLE - ROWS_PER_TABLE, max(facts.count_literals) + rng.choice((-1, 0, 1))))
 
 
+def is_key_column(table: str, column: str) -> bool:
+    """Whether a column is, by its name, its own table's key: ``id``, or ``<table>_id`` with the table's name in
+    the singular or plural or a suffix of it (``students.student_id``, ``city.City_ID``, ``farm_competition.
+    Competition_ID``). A real database has each key once; with repeated keys, a query that groups by the key and
+    shows another column of the row (Spider's ``GROUP BY T1.id`` ... ``SELECT T1.name``) picks any of several rows,
+    and two equivalent queries would disagree."""
+    name, table = column.lower(), table.lower()
+    if name == "id":
+        return True
+    stem = name.removesuffix("id").rstrip("_")
+    return name.endswith("id") and bool(stem) and any(
+        t.endswith(stem) for t in (table, table.removesuffix("s"), table.removesuffix("es")))
+
+
+def distinct_values(pool: Pool, domain: Domain, count: int, rng: random.Random) -> list[Cell]:
+    """``count`` different values, the pool's frequent ones most likely among them, topped up with new ones."""
+    order = sorted(range(len(pool.values)), reverse=True,
+                   key=lambda i: rng.random() ** (1.0 / pool.weights[i]) if pool.weights[i] > 0 else 0.0)
+    values = [pool.values[i] for i in order][:count]
+    taken = {v.text for v in values}
+    while len(values) < count:
+        cell = _filler(domain, rng, [])
+        if cell.text in taken:
+            cell = Cell(f"{cell.text}{len(values)}") if cell.number is None else _cell(
+                max((v.number or 0) for v in values) + 1 + len(values), 1 if domain.real else 0)
+        if cell.text not in taken:
+            taken.add(cell.text)
+            values.append(cell)
+    rng.shuffle(values)
+    return values
+
+
 def make_fill(tables: tuple[Table, ...], facts: GoldFacts, rng: random.Random) -> Fill:
-    """One database's rows: every column drawn from its domain's pool for this fill; with a COUNT threshold, the
-    first rows of each table share one value in their grouped columns (a group of exactly the target size)."""
+    """One database's rows: every column drawn from its domain's pool for this fill, except that
+
+    - a key column (:func:`is_key_column`) and a column the gold orders by (unless grouped) hold each value
+      once: ties under ``ORDER BY x LIMIT 1`` or a repeated key would let two equivalent queries pick different
+      rows;
+    - with a ``HAVING COUNT(...)`` threshold, the first rows of each table share one value in the columns of a
+      grouped domain (one group of exactly the target size).
+    """
     domains = domains_of(tables, facts)
     pools: dict[int, Pool] = {}
     for domain in domains.values():
         if id(domain) not in pools:
             pools[id(domain)] = domain_pool(domain, rng)
     target = group_target(facts, rng)
+    grouped_domains = {id(domains[k]) for k in facts.grouped if k in domains}
     rows = ROWS_PER_TABLE + (target or 0)
     filled = []
     for table in tables:
-        keys = [(table.name.lower(), c.lower()) for c in table.columns]
-        table_pools = [pools[id(domains[k])] for k in keys]
-        grouped = [k in facts.grouped for k in keys] if target is not None else [False] * len(keys)
-
-        def value(i: int, row: int) -> Cell:
-            pool = table_pools[i]
-            if not grouped[i]:
-                return pool.draw(rng)
-            return pool.top if row < (target or 0) else pool.draw(rng, avoid=pool.top)
-
-        data = tuple(tuple(value(i, row).stored(aff) for i, aff in enumerate(table.affinities)) for row in range(rows))
+        columns = []
+        for column in table.columns:
+            key = (table.name.lower(), column.lower())
+            domain, pool = domains[key], pools[id(domains[key])]
+            if is_key_column(table.name, column) or (key in facts.ordered and key not in facts.grouped):
+                columns.append(distinct_values(pool, domain, rows, rng))
+            elif target is not None and id(domain) in grouped_domains:
+                columns.append([pool.top if row < target else pool.draw(rng, avoid=pool.top) for row in range(rows)])
+            else:
+                columns.append([pool.draw(rng) for _ in range(rows)])
+        data = tuple(tuple(columns[i][row].stored(aff) for i, aff in enumerate(table.affinities))
+                     for row in range(rows))
         filled.append((table, data))
     return tuple(filled)
 

@@ -316,6 +316,35 @@ def test_gold_and_its_rewrites_are_scored_right(verdicts) -> None:
     assert {k for k, *_ in verdicts["rewrite"]} >= {"and_order", "alias", "eq_eq", "identifiers", "literal_form"}
 
 
+@pytest.mark.parametrize(
+    ("context", "gold", "equivalent"),
+    [
+        # GROUP BY a key and show another column of its row: a real table has each key once, so do the fills.
+        ("CREATE TABLE students (student_details VARCHAR, student_id VARCHAR); "
+         "CREATE TABLE student_course_registrations (student_id VARCHAR)",
+         "SELECT T1.student_details FROM students AS T1 JOIN student_course_registrations AS T2 "
+         "ON T1.student_id = T2.student_id GROUP BY T1.student_id ORDER BY COUNT(*) DESC LIMIT 1",
+         "SELECT T1.student_details FROM student_course_registrations AS T2 JOIN students AS T1 "
+         "ON T1.student_id = T2.student_id GROUP BY T1.student_id ORDER BY COUNT(*) DESC LIMIT 1"),
+        # ORDER BY ... LIMIT 1 with the join the other way round: no ties in the ordered column.
+        ("CREATE TABLE student_course_registrations (student_id VARCHAR, registration_date VARCHAR); "
+         "CREATE TABLE students (student_details VARCHAR, student_id VARCHAR)",
+         "SELECT T2.student_details FROM student_course_registrations AS T1 JOIN students AS T2 "
+         "ON T1.student_id = T2.student_id ORDER BY T1.registration_date DESC LIMIT 1",
+         "SELECT T2.student_details FROM students AS T2 JOIN student_course_registrations AS T1 "
+         "ON T1.student_id = T2.student_id ORDER BY T1.registration_date DESC LIMIT 1"),
+        ("CREATE TABLE city (Official_Name VARCHAR, City_ID VARCHAR); "
+         "CREATE TABLE farm_competition (Host_city_ID VARCHAR)",
+         "SELECT T1.Official_Name FROM city AS T1 JOIN farm_competition AS T2 ON T1.City_ID = T2.Host_city_ID "
+         "GROUP BY T2.Host_city_ID HAVING COUNT(*) > 1",
+         "SELECT c.official_name FROM farm_competition AS f JOIN city AS c ON f.host_city_id = c.city_id "
+         "GROUP BY f.host_city_id HAVING count(*) >= 2"),
+    ],
+)
+def test_equivalent_queries_with_another_join_order_are_right(context: str, gold: str, equivalent: str) -> None:
+    assert execution_match_synthesized(equivalent, gold, context).matches
+
+
 # ---------------------------------------------------------------------------------------------- task scores
 def test_score_sql_rows_and_settings() -> None:
     preds = ["SELECT name FROM singer", "SELECT name FROM singer WHERE age > 1", "garbage", 'SELECT "NAME" FROM singer']

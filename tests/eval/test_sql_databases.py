@@ -17,6 +17,7 @@ from eval.sql_databases import (
     fill_database,
     fills_for,
     gold_facts,
+    is_key_column,
     number_cell,
     parse_one,
     query_literals,
@@ -153,3 +154,23 @@ def test_number_cell_is_sqlite_reading_of_a_literal(literal: str, text: str, num
     cell = number_cell(literal)
     assert cell is not None and (cell.text, cell.number) == (text, number)
     assert number_cell("abc") is None and number_cell("1; DROP TABLE x") is None
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "key"),
+    [("station", "id", True), ("students", "student_id", True), ("courses", "course_id", True),
+     ("city", "City_ID", True), ("addresses", "address_id", True), ("farm_competition", "Competition_ID", True),
+     ("status", "station_id", False), ("management", "department_id", False),
+     ("farm_competition", "Host_city_ID", False), ("t", "paid", False), ("head", "age", False)],
+)
+def test_key_columns_by_name(table: str, column: str, key: bool) -> None:
+    assert is_key_column(table, column) is key
+
+
+def test_keys_and_ordered_columns_hold_each_value_once() -> None:
+    context = "CREATE TABLE students (student_id VARCHAR, registration_date VARCHAR, city VARCHAR)"
+    gold = "SELECT student_id FROM students WHERE city = 'Rome' ORDER BY registration_date DESC LIMIT 1"
+    for column in ("student_id", "registration_date"):
+        for values in column_values(context, gold, "students", column):
+            assert len(values) == len(set(values)) == ROWS_PER_TABLE
+    assert any(len(set(v)) < len(v) for v in column_values(context, gold, "students", "city"))
