@@ -8,7 +8,8 @@ its result equals the gold's on every one, the idea of the distilled test suites
 synthesised databases.
 
 Results are compared as Spider's official test-suite evaluator does: as multisets of rows, or in order when the
-gold query orders its result. Two deliberate differences, both stricter: "ordered" means the outermost query has
+gold query orders its result (floats to 12 significant digits, so AVG(x) equals SUM(x) * 1.0 / COUNT(x)). Two
+deliberate differences, both stricter: "ordered" means the outermost query has
 ORDER BY (the official check is the text 'order by' anywhere, which also orders a result whose only ORDER BY sits
 in a subquery and so is in no defined order), and columns must come in the gold's order (the official evaluator
 also accepts a permutation of the result's columns).
@@ -130,11 +131,18 @@ def order_matters(gold: str) -> bool:
     return tree.args.get("order") is not None
 
 
+def _canonical(rows: tuple[tuple[Any, ...], ...]) -> list[tuple[Any, ...]]:
+    """Rows with each float rounded to 12 significant digits: AVG(x) and SUM(x) * 1.0 / COUNT(x) are the same
+    answer but may differ in the last bits of a double."""
+    return [tuple(float(f"{v:.12g}") if isinstance(v, float) else v for v in row) for row in rows]
+
+
 def same_result(a: Execution, b: Execution, ordered: bool = False) -> bool:
     """Both ran and returned the same rows: the same list when ``ordered``, else the same multiset."""
     if not (a.ok and b.ok):
         return False
-    return a.rows == b.rows if ordered else Counter(a.rows) == Counter(b.rows)
+    rows_a, rows_b = _canonical(a.rows), _canonical(b.rows)
+    return rows_a == rows_b if ordered else Counter(rows_a) == Counter(rows_b)
 
 
 @dataclass(frozen=True)

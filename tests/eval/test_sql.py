@@ -119,6 +119,11 @@ def test_same_result_multiset_or_list() -> None:
     assert same_result(a, b) and not same_result(a, b, ordered=True)
     assert not same_result(a, Execution(True, ((1,), (2,))))  # a multiset: duplicates count
     assert not same_result(Execution(False), Execution(False))
+    # Floats equal to 12 significant digits are the same answer (AVG vs SUM * 1.0 / COUNT); 1 and 1.0 too.
+    assert same_result(Execution(True, ((0.1 + 0.2,),)), Execution(True, ((0.3,),)))
+    assert same_result(Execution(True, ((1,),)), Execution(True, ((1.0,),)))
+    assert not same_result(Execution(True, ((0.3001,),)), Execution(True, ((0.3,),)))
+    assert not same_result(Execution(True, (("1",),)), Execution(True, ((1,),)))  # text is not a number
 
 
 def test_spider_compares_in_order_when_the_gold_orders(tmp_path: Path) -> None:
@@ -161,6 +166,10 @@ def test_synthesized_databases_apply_the_same_order_rule() -> None:
          ["SELECT COUNT(*) FROM singer", "SELECT COUNT(DISTINCT name) FROM singer WHERE country = 'France'",
           "SELECT COUNT(*) FROM singer WHERE country = 'france'",
           "SELECT COUNT(*) FROM singer WHERE country LIKE 'France'"]),
+        (CTX, "SELECT AVG(age) FROM singer WHERE country = 'France'",
+         ["SELECT SUM(age) * 1.0 / COUNT(*) FROM singer WHERE country = 'France'"],
+         ["SELECT SUM(age) / COUNT(*) FROM singer WHERE country = 'France'",  # integer division
+          "SELECT AVG(age) FROM singer"]),
         (CTX, "SELECT DISTINCT country FROM singer",
          ["SELECT country FROM singer GROUP BY country"],
          ["SELECT country FROM singer"]),
