@@ -3,7 +3,10 @@ values, SQLite's own typing), that they are deterministic, and how the gold quer
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -174,3 +177,17 @@ def test_keys_and_ordered_columns_hold_each_value_once() -> None:
         for values in column_values(context, gold, "students", column):
             assert len(values) == len(set(values)) == ROWS_PER_TABLE
     assert any(len(set(v)) < len(v) for v in column_values(context, gold, "students", "city"))
+
+
+def test_fills_do_not_depend_on_the_process_hash_seed() -> None:
+    """Every model must be scored on the same databases, also when they are scored in different processes."""
+    program = (
+        "import hashlib; from eval.sql_databases import fills_for, query_literals\n"
+        "c = 'CREATE TABLE department (creation VARCHAR, department_id VARCHAR); "
+        "CREATE TABLE management (department_id VARCHAR, head_id VARCHAR, temporary_acting VARCHAR)'\n"
+        "g = \"SELECT DISTINCT T1.creation FROM department AS T1 JOIN management AS T2 ON "
+        "T1.department_id = T2.department_id WHERE T2.temporary_acting = 'Yes' AND T1.creation > 1990\"\n"
+        "print(hashlib.sha256(repr(fills_for(c, g, query_literals(g, c))).encode()).hexdigest())\n")
+    digests = {subprocess.run([sys.executable, "-c", program], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
