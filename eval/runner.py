@@ -508,7 +508,7 @@ def _run_pair(request: EvalRequest, backend: Backend, model_name: str, identity:
         raise WorkflowError(f"{model_name} x {task}: {len(predictions)} predictions for {len(test)} rows. "
                             f"Fix: report this bug in eval.generate")
     started = time.perf_counter()
-    scores = {k: float(v) for k, v in backend.score(task, test, predictions, resources).items()}
+    scores = {k: float(v) for k, v in backend.score(task, test, predictions, resources).metrics.items()}
     seconds_score = time.perf_counter() - started
     logger.info("%s x %s: %s (generate %.1f s, score %.1f s)", model_name, task, scores, seconds_generate,
                 seconds_score)

@@ -1,10 +1,12 @@
-"""One entry point for every task's metrics: ``score_task(task, test, predictions, resources)``.
+"""One entry point for every task's metrics: ``score_task(task, test, predictions, resources) -> TaskScores``.
 
 Each registered task maps to its scorer and to the one metric the retention matrix uses (higher is better).
 Tasks without an entry, e.g. custom YAML tasks (prep/custom_task.py), get the free-text default: ROUGE-L,
 chrF and exact match. Scales: rates, accuracies, ROUGE-L, STA, SIM and J are in [0, 1]; chrF and BLEU are
-0-100 as sacrebleu reports them; ``n`` (rows scored) and ``n_real_db`` (Spider rows run on a real database) are
-counts.
+0-100 as sacrebleu reports them. ``TaskScores.per_row`` holds one value per test row for every metric that is a
+mean over rows (always the primary one); ``TaskScores.settings`` holds what describes the scoring rather than
+scores it: ``n`` (rows scored), ``n_real_db`` (Spider rows run on a real database), ``n_gold_fails``,
+``J_includes_fluency``, ``classifier_heldout_accuracy``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 from eval.classification import score_choices, score_labels
 from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox
 from eval.sql import score_spider, score_sql, spider_database
+from eval.task_scores import TaskScores
 from eval.text import clean_predictions, references_of, score_text
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.banking77 import INTENTS
@@ -36,7 +39,7 @@ class EvalResources:
     spider_dir: Path | None = None  # Spider folder with database/<db_id>/<db_id>.sqlite
 
 
-Scorer = Callable[[pd.DataFrame, list[str], EvalResources], dict[str, float]]
+Scorer = Callable[[pd.DataFrame, list[str], EvalResources], TaskScores]
 
 
 def _column(test: pd.DataFrame, name: str, task: str) -> list[str]:
@@ -45,11 +48,11 @@ def _column(test: pd.DataFrame, name: str, task: str) -> list[str]:
     return [str(v) for v in test[name]]
 
 
-def _score_sql(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_sql(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_sql(predictions, _column(test, RESPONSE, "sql"), _column(test, "context", "sql"))
 
 
-def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> dict[str, float]:
+def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> TaskScores:
     spider_dir = resources.spider_dir
     if spider_dir is None or not (spider_dir / "database").is_dir():
         where = "no spider_dir" if spider_dir is None else f"{spider_dir / 'database'} not found"
@@ -60,7 +63,7 @@ def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalRes
                         databases)
 
 
-def _score_detox(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> dict[str, float]:
+def _score_detox(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> TaskScores:
     if resources.prepared_dir is None:
         raise WorkflowError("detox: no prepared_dir; pass prepared_dir (--prepared), the folder with "
                             "detox/train.csv from `python -m prep detox`, to train the toxicity classifier")
@@ -70,15 +73,15 @@ def _score_detox(test: pd.DataFrame, predictions: list[str], resources: EvalReso
                        classifier, load_encoder())
 
 
-def _score_banking77(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_banking77(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_labels(predictions, _column(test, RESPONSE, "banking77"), INTENTS)
 
 
-def _score_commonsense_qa(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_commonsense_qa(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_choices(predictions, _column(test, RESPONSE, "commonsense_qa"))
 
 
-def _score_text(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_text(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_text(predictions, references_of(test))
 
 
@@ -106,8 +109,8 @@ PRIMARY_METRIC: dict[str, str] = {task: primary_metric(task) for task in TASKS}
 
 
 def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],
-               resources: EvalResources) -> dict[str, float]:
-    """All metrics of one task, plus ``n``. See the module docstring for the scales.
+               resources: EvalResources) -> TaskScores:
+    """All metrics of one task, their per-row values and the scoring's settings. See the module docstring.
 
     ``test`` is the task's test.csv read with ``pd.read_csv(path, keep_default_na=False, dtype=str)``;
     ``predictions`` is one decoded output per test row, in order. Empty, missing or unparseable predictions are

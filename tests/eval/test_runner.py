@@ -25,6 +25,7 @@ from eval.runner import (
     run_lm_eval,
     settings_key,
 )
+from eval.task_scores import TaskScores
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 TASKS = ("sql", "detox")
@@ -81,10 +82,10 @@ class FakeBackend:
         self.perplexities.append(loaded.name)
         return 10.0 + len(loaded.own)
 
-    def score(self, task: str, test: pd.DataFrame, predictions: list[str], resources: Any) -> dict[str, float]:
+    def score(self, task: str, test: pd.DataFrame, predictions: list[str], resources: Any) -> TaskScores:
         self.scored.append(task)
         hits = sum(p == r for p, r in zip(predictions, test["response"]))
-        return {"exact_match": hits / len(test), "rows": float(len(test))}
+        return TaskScores({"exact_match": hits / len(test), "rows": float(len(test))}, {})
 
 
 def settings_from_config(config: dict[str, Any]) -> FakeSettings:
