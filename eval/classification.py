@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from sklearn.metrics import accuracy_score, f1_score
 
 from eval.text import clean_predictions
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.common import normalise_key
 
 # An unparseable answer becomes this label, which is in no label set: wrong for accuracy, a false negative of

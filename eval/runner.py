@@ -33,8 +33,8 @@ import pandas as pd
 
 from eval.generate import HYPERPARAMETERS, WEIGHTS_DIR, saved_config
 from eval.retention import BASE, Retention, build_retention, perplexity_change
-from ludwig_mt.ludwig_fixes import WorkflowError
-from prep.common import atomic_write_json
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

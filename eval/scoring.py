@@ -19,7 +19,7 @@ from eval.classification import score_choices, score_labels
 from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox
 from eval.sql import score_spider, score_sql, spider_database
 from eval.text import clean_predictions, references_of, score_text
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.banking77 import INTENTS
 from prep.registry import TASKS
 from prep.task import RESPONSE

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,6 @@ def render_overrides(
 
 
 def write_yaml(config: dict[str, Any], path: str | Path, header: str = "") -> Path:
-    from prep.common import atomic_write_text
-
     p = Path(path)
     atomic_write_text(p, header + yaml.safe_dump(config, sort_keys=False))
     return p

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from ludwig_mt.samples import write_detox_sample, write_sql_sample
 from ludwig_mt.tiny_model import build_tiny_llama
 from ludwig_mt.train import ludwig_executable, train

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ludwig_mt import model_loading
-from ludwig_mt.ludwig_fixes import WorkflowError, _once
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_path
+from ludwig_mt.ludwig_fixes import _once
 
 logger = logging.getLogger(__name__)
 
@@ -330,8 +332,6 @@ def _sharded_checkpoint_class():
             finally:
                 self.optimizer = optimizer
             if optimizer is not None:
-                from prep.common import atomic_path
-
                 state = optimizer.state_dict() if self.distributed.uses_deepspeed else local_optimizer_state(optimizer)
                 with atomic_path(Path(self._partition(save_path))) as tmp:
                     torch.save(state, tmp)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ludwig_mt.distributed import ENV_STRATEGY, STRATEGIES, check_strategy_compatible
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 DEFAULT_PORT = 29500
 

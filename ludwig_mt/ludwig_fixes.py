@@ -39,16 +39,14 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ludwig_mt.errors import WorkflowError
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
 _APPLIED: set[str] = set()
-
-
-class WorkflowError(RuntimeError):
-    """An error the user can fix; the CLI wrapper prints it as one line instead of a traceback."""
 
 
 def _once(fn):

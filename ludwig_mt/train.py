@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
 from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, spec_from_args
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 
 def ludwig_executable() -> str:

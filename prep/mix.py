@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from prep.common import PrepError, PrepReport, atomic_write_csv, atomic_write_json, stable_fraction
+from ludwig_mt.io import atomic_write_csv, atomic_write_json
+from prep.common import PrepError, PrepReport, stable_fraction
 from prep.task import PROMPT, RESPONSE, SPLIT, TASK
 
 MIX_TASK = "multitask"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from ludwig_mt.io import atomic_write_csv, atomic_write_json
 from prep.common import (
     LUDWIG_SPLIT_CODE,
     EmptyField,
@@ -25,8 +26,6 @@ from prep.common import (
     DropRow,
     PrepReport,
     SourceRow,
-    atomic_write_csv,
-    atomic_write_json,
     hash_split,
     iter_limited,
     load_hub_rows,

@@ -30,7 +30,7 @@ from eval.generate import (
     settings_from_config,
 )
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 PROMPTS = [
     "SELECT name FROM head",

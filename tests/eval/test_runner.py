@@ -25,7 +25,7 @@ from eval.runner import (
     run_lm_eval,
     settings_key,
 )
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 TASKS = ("sql", "detox")
 

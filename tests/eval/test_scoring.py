@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from eval.scoring import PRIMARY_METRIC, EvalResources, primary_metric, score_task
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.registry import TASKS
 from tests.eval.test_detox import write_prepared_detox
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, validate
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 def test_sql_yaml_declares_qlora() -> None:
     config = load_yaml(task_config_path("sql"))

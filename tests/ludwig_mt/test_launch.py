@@ -9,7 +9,7 @@ import pytest
 
 from ludwig_mt import launch, train
 from ludwig_mt.distributed import ENV_STRATEGY
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 LUDWIG_ARGS = ["train", "--config", "ludwig_configs/sql.yaml", "--dataset", "d.csv"]
 

@@ -14,7 +14,8 @@ import textwrap
 
 import pytest
 
-from ludwig_mt.ludwig_fixes import WorkflowError, check_quantization_supported
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.ludwig_fixes import check_quantization_supported
 
 SAVED_CONFIG_CHECK = textwrap.dedent(
     """
