@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.samples import write_sql_sample
+from workflow.samples import write_sql_sample
 from ludwig_mt.tiny_model import build_tiny_llama
 from prep.registry import get_task
 from prep.task import prepare

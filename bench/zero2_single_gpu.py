@@ -4,7 +4,7 @@ One call, on one GPU:
 
 1. builds a random-weight model from the public Llama-3.2-1B config (hidden 2048, 16 layers, 32 heads, 8 kv heads,
    intermediate 8192, vocab 128256, tied embeddings; ``bench/train_speed.py``'s builder) and synthetic
-   sql-create-context rows (``ludwig_mt.samples`` + ``prep``);
+   sql-create-context rows (``workflow.samples`` + ``prep``);
 2. trains ``ludwig_configs/sql.yaml`` (4-bit NF4 QLoRA, LoRA r16 on all linear layers, 64 rows packed into
    2048-token sequences, gradient checkpointing, paged Adam, as committed; only ``base_model``, ``train_steps`` and ``max_new_tokens`` are overridden) twice for
    the same fixed number of steps:
@@ -52,7 +52,7 @@ def prepare_rows(work: Path, rows: int, validation_rows: int, test_rows: int) ->
     """Synthetic sql-create-context rows through the real prep; a small validation and test set keep eval short."""
     import pandas as pd
 
-    from ludwig_mt.samples import write_sql_sample
+    from workflow.samples import write_sql_sample
     from prep.registry import get_task
     from prep.task import prepare
 

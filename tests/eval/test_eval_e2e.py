@@ -9,8 +9,8 @@ import pytest
 
 from eval.__main__ import main
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.samples import write_detox_sample, write_sql_sample
-from ludwig_mt.train import train
+from workflow.samples import write_detox_sample, write_sql_sample
+from workflow.train import train
 from prep.registry import get_task
 from prep.task import prepare
 

@@ -193,9 +193,9 @@ def test_dequantized_4bit_model_computes_what_the_4bit_model_computes(tiny_model
 @pytest.fixture(scope="module")
 def ludwig_run(eos_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Ludwig LLM trained with ``ludwig train`` and ``ludwig predict``'s output on held-out prompts."""
-    from ludwig_mt.demo import predict
-    from ludwig_mt.samples import write_sql_sample
-    from ludwig_mt.train import train
+    from workflow.demo import predict
+    from workflow.samples import write_sql_sample
+    from workflow.train import train
     from prep.registry import get_task
     from prep.task import prepare
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ludwig_mt.config import CONFIG_DIR, load_yaml, render_overrides, validate, write_yaml
-from ludwig_mt.train import train
+from workflow.train import train
 from prep.mix import build_mixture
 from prep.registry import TASKS, get_task
 from prep.task import prepare

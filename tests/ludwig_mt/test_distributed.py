@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 
 from ludwig_mt import distributed, model_loading
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.demo import predict
+from workflow.demo import predict
 from ludwig_mt.launch import free_port
 from ludwig_mt.errors import WorkflowError
-from ludwig_mt.samples import write_sql_sample
-from ludwig_mt.train import ludwig_executable
+from workflow.samples import write_sql_sample
+from workflow.train import ludwig_executable
 from prep.registry import get_task
 from prep.task import prepare
 

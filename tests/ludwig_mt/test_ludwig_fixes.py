@@ -233,7 +233,7 @@ QUANTIZED_TRAINING = textwrap.dedent(
     from pathlib import Path
     import pandas as pd
     from ludwig.api import LudwigModel
-    from ludwig_mt.samples import sql_rows
+    from workflow.samples import sql_rows
     from ludwig_mt.tiny_model import build_tiny_llama
     work = Path(sys.argv[1])
     if sys.argv[2] == "fixed":

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from ludwig_mt.samples import sql_rows
+from workflow.samples import sql_rows
 from prep.banking77 import INTENTS
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ludwig_mt.samples import sql_rows
+from workflow.samples import sql_rows
 from prep.__main__ import main as prep_main
 from prep.common import PrepError
 from prep.registry import get_task

@@ -20,9 +20,9 @@ from rich.table import Table
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
 from ludwig_mt.errors import WorkflowError
-from ludwig_mt.samples import write_detox_sample, write_sql_sample
+from workflow.samples import write_detox_sample, write_sql_sample
 from ludwig_mt.tiny_model import build_tiny_llama
-from ludwig_mt.train import ludwig_executable, train
+from workflow.train import ludwig_executable, train
 from prep.registry import get_task
 from prep.task import prepare
 
@@ -67,7 +67,7 @@ def run_demo(workdir: Path, *, rows: int = 200, epochs: int = 2, base_model: str
     config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(model_dir), cpu=True,
                               epochs=epochs, batch_size=8, max_new_tokens=24)
     config_path = write_yaml(config, workdir / "sql.cpu.yaml",
-                             header="# ludwig_configs/sql.yaml rendered for the CPU demo (ludwig_mt.demo).\n")
+                             header="# ludwig_configs/sql.yaml rendered for the CPU demo (workflow.demo).\n")
     results = workdir / "results" / "sql"
     model = step("ludwig train", lambda: train(config_path, train_csv, results))
     predictions = step("ludwig predict", lambda: predict(model, test_csv, workdir / "predictions" / "sql",

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.demo import predict
-from ludwig_mt.samples import write_sql_sample
-from ludwig_mt.train import ludwig_executable, train
+from workflow.demo import predict
+from workflow.samples import write_sql_sample
+from workflow.train import ludwig_executable, train
 from prep.registry import get_task
 from prep.task import prepare
 
