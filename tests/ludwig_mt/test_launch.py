@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from ludwig_mt import launch
-from ludwig_mt.distributed import ENV_STRATEGY
+from ludwig_mt.strategies import ENV_STRATEGY
 
 LUDWIG_ARGS = ["train", "--config", "ludwig_configs/sql.yaml", "--dataset", "d.csv"]
 
@@ -50,11 +50,6 @@ def test_parse_args_splits_launcher_and_ludwig_arguments() -> None:
     assert (args.gpus, args.strategy, rest) == (2, "ddp", LUDWIG_ARGS)
     assert launch.config_path_in(rest) == "ludwig_configs/sql.yaml"
     assert launch.config_path_in(["train", "--config=x.yaml"]) == "x.yaml"
-
-
-def test_default_strategy_is_zero2_for_qlora_and_ddp_otherwise() -> None:
-    assert launch.default_strategy({"quantization": {"bits": 4}}) == "zero2"
-    assert launch.default_strategy({"model_type": "llm"}) == "ddp"
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])

@@ -13,7 +13,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+from ludwig_mt import ludwig_fixes
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.ludwig_fixes import check_quantization_supported
 
@@ -270,3 +272,37 @@ def test_4bit_training_reloads_its_best_checkpoint_only_with_the_fix(tmp_path) -
     assert ".weight.absmax" in runs["raw"].stderr
     assert runs["fixed"].returncode == 0, runs["fixed"].stderr[-3000:]
     assert "TRAINED" in runs["fixed"].stdout
+
+
+# ------------------------------------------------------------------- resume: the learning rate and the batches
+def test_batches_per_epoch_counts_the_dropped_one_row_batch() -> None:
+    # Ludwig plans ceil(rows / batch) steps but drops a last batch of one row while training (ignore_last)
+    assert [ludwig_fixes.batches_per_epoch(rows, 8, True) for rows in (48, 49, 50, 55, 56, 57)] == [6, 6, 7, 7, 7, 7]
+    assert [ludwig_fixes.batches_per_epoch(rows, 8, False) for rows in (48, 49, 57)] == [6, 7, 8]
+    assert ludwig_fixes.batches_per_epoch(1, 1, True) == 1  # a batch of one is only dropped when batches are larger
+    assert ludwig_fixes.batches_per_epoch(0, 8, True) == 0
+
+
+def test_batches_done_in_epoch() -> None:
+    # 6 real batches per epoch (49 rows at batch 8): epoch 1 starts at step 6, not at Ludwig's planned step 7
+    assert [ludwig_fixes.batches_done_in_epoch(s, e, 6) for s, e in ((0, 0), (5, 0), (6, 1), (7, 1), (11, 1))] == [
+        0, 5, 0, 1, 5]
+    assert ludwig_fixes.batches_done_in_epoch(12, 1, 6) == 0  # inconsistent with the data: skip nothing
+    assert ludwig_fixes.batches_done_in_epoch(3, 0, 0) == 0
+
+
+def test_fast_forward_scheduler_reaches_the_uninterrupted_learning_rate() -> None:
+    from ludwig.modules.lr_scheduler import LRScheduler
+    from ludwig.schema.lr_scheduler import LRSchedulerConfig
+
+    def scheduler() -> LRScheduler:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return LRScheduler(LRSchedulerConfig(decay="cosine", warmup_fraction=0.2), optimizer, 5, 20)
+
+    uninterrupted, resumed = scheduler(), scheduler()
+    for _ in range(7):
+        uninterrupted.optimizer.step()
+        uninterrupted.step()
+    assert ludwig_fixes.fast_forward_scheduler(resumed, 7) == 7
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted.optimizer.param_groups[0]["lr"])
+    assert ludwig_fixes.fast_forward_scheduler(resumed, 7) == 0  # already there: a no-op

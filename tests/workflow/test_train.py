@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ludwig_mt.distributed import ENV_STRATEGY
+from ludwig_mt.strategies import ENV_STRATEGY
 from ludwig_mt.errors import WorkflowError
 from workflow import train
 
