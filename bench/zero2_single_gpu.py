@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml  # noqa: E402
-from ludwig_mt.instrumentation import ENV_RANK_REPORT  # noqa: E402
+from ludwig_mt.patches.instrumentation import ENV_RANK_REPORT  # noqa: E402
 from ludwig_mt.launch import launcher_command, launcher_env  # noqa: E402
 from ludwig_mt.strategies import ENV_STRATEGY  # noqa: E402
 

@@ -84,7 +84,7 @@ def render_overrides(
 ) -> dict[str, Any]:
     """A copy of ``config`` with run-specific overrides; the input dict is not modified.
 
-    ``cpu=True`` removes ``quantization`` (bitsandbytes 4-bit needs CUDA, see ludwig_fixes), drops paged
+    ``cpu=True`` removes ``quantization`` (bitsandbytes 4-bit needs CUDA, see ludwig_mt.patches.fixes), drops paged
     optimizers (CUDA-only) and gradient checkpointing (no memory pressure on tiny CPU runs).
     """
     out = copy.deepcopy(config)

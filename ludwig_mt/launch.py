@@ -4,9 +4,10 @@
         --dataset data/prepared/sql/train.csv --output_directory results/sql
 
 starts ``torch.distributed.run`` with 4 workers; each worker is ``python -m ludwig_mt.launch worker <ludwig
-args>``, which applies the project's Ludwig fixes (there may be no ``.pth`` hook, e.g. on a lent GPU machine)
-and runs Ludwig's own CLI. :mod:`ludwig_mt.distributed` then gives every worker accelerate's strategy, its share
-of the rows and its own GPU; only rank 0 writes, so the output directory is the one a single-process
+args>``, which applies the project's Ludwig patches (there may be no ``.pth`` hook, e.g. on a lent GPU machine;
+with the same switches as every other process: ``LUDWIG_MT_NO_FIXES=1`` applies none) and runs Ludwig's own CLI.
+The distributed patches (:mod:`ludwig_mt.patches.distributed`) then give every worker accelerate's strategy, its
+share of the rows and its own GPU; only rank 0 writes, so the output directory is the one a single-process
 ``ludwig train`` writes. Multi-node: the same command on every machine with ``--num-machines``,
 ``--machine-rank`` and ``--main-process-ip``/``--main-process-port`` (accelerate's option names).
 
@@ -111,7 +112,7 @@ def check_before_launch(strategy: str, config: Mapping[str, Any] | None, source:
     """Refuse a known-bad strategy/config pair before any process starts, naming ``source`` (the YAML).
 
     ``config`` is the YAML the caller already loaded (None: no ``--config``, nothing to check). The workers check
-    once more at ``LudwigModel.train`` (:mod:`ludwig_mt.distributed`), for runs started by a bare ``torchrun``.
+    once more at ``LudwigModel.train`` (:mod:`ludwig_mt.patches.distributed`), for runs started by a bare ``torchrun``.
     """
     if config is None:
         return
@@ -132,13 +133,16 @@ def load_config_in(ludwig_args: Sequence[str]) -> dict[str, Any] | None:
 
 
 def worker(ludwig_args: Sequence[str]) -> None:
-    """One rank: apply the project's Ludwig fixes in this process, then run Ludwig's CLI on ``ludwig_args``."""
-    from ludwig_mt import autoload, ludwig_fixes
+    """One rank: apply the project's Ludwig patches in this process (as the ``.pth`` hook would, under the same
+    switches), then run Ludwig's CLI on ``ludwig_args``."""
+    from ludwig_mt import autoload
+    from ludwig_mt.patches import registry
 
-    autoload.install_hook()
+    if not registry.raw_ludwig():
+        autoload.install_hook()
     import ludwig.cli  # first: the hook patches ludwig.cli.main as it loads
 
-    ludwig_fixes.apply_all()  # idempotent: a no-op where the .pth hook already applied them
+    registry.apply_all()  # once per process: a no-op where the .pth hook already applied them
 
     sys.argv = ["ludwig", *ludwig_args]
     ludwig.cli.main()

@@ -2,8 +2,8 @@
 
 Ludwig reads and writes the trainable (LoRA) weights on rank 0 alone (checkpoints, the best-checkpoint reload, the
 saved adapter); under ZeRO-3 and FSDP each rank holds only its shard of them. The helpers here gather them on every
-rank together (a collective) and load whole tensors back into the shards; :mod:`ludwig_mt.distributed` applies them
-wherever Ludwig touches the weights, and the rank report (:mod:`ludwig_mt.instrumentation`) reads them.
+rank together (a collective) and load whole tensors back into the shards; :mod:`ludwig_mt.patches.distributed` applies them
+wherever Ludwig touches the weights, and the rank report (:mod:`ludwig_mt.patches.instrumentation`) reads them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which data-parallel strategy a run uses, and what it may be combined with: plain rules, no Ludwig, no torch.
 
 The launcher (:mod:`ludwig_mt.launch`) checks a task config against them before any process starts, and the
-workers' patches (:mod:`ludwig_mt.distributed`) read the strategy from the environment the launcher sets. The
+workers' patches (:mod:`ludwig_mt.patches.distributed`) read the strategy from the environment the launcher sets. The
 DeepSpeed files in ``ludwig_configs/distributed/`` are rendered here with the trainer's batch sizes.
 """
 
@@ -19,7 +19,7 @@ ENV_STRATEGY = "LUDWIG_MT_STRATEGY"
 DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ludwig_configs" / "distributed"
 
 # strategy name -> DeepSpeed file in ludwig_configs/distributed/ (None: no file; ddp is accelerate's plain DDP, fsdp
-# PyTorch's FSDP2 ``fully_shard`` through accelerate, set up in code: see ``ludwig_mt.distributed.fsdp_plugin``)
+# PyTorch's FSDP2 ``fully_shard`` through accelerate, set up in code: see ``ludwig_mt.patches.distributed.fsdp_plugin``)
 STRATEGY_FILES: dict[str, str | None] = {"ddp": None, "zero2": "zero2.json", "zero3": "zero3.json", "fsdp": None}
 STRATEGIES = tuple(STRATEGY_FILES)
 # strategies that shard the weights themselves: Ludwig's rank-0-only reads and writes of weights need gathering

@@ -28,7 +28,7 @@ from prep.task import prepare
 
 
 def predict(model: Path, dataset: Path, out_dir: Path, log: Path) -> Path:
-    """The plain ``ludwig predict`` command (fixed by ludwig_mt.ludwig_fixes); returns the predictions file."""
+    """The plain ``ludwig predict`` command (patched by ludwig_mt.patches); returns the predictions file."""
     cmd = [ludwig_executable(), "predict", "--model_path", str(model), "--dataset", str(dataset),
            "--output_directory", str(out_dir)]
     with open(log, "w", encoding="utf-8") as fh:

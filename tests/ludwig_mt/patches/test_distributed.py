@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ludwig_mt import distributed, model_loading
 from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_RANK_REPORT
 from ludwig_mt.launch import free_port
+from ludwig_mt.patches import distributed, model_loading
+from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_RANK_REPORT
 from ludwig_mt.strategies import ENV_STRATEGY
 from prep.registry import get_task
 from prep.task import prepare

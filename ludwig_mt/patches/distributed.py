@@ -2,12 +2,12 @@
 
 Ludwig 0.17.10 removed its DeepSpeed/DDP/FSDP backends but kept ``AccelerateStrategy`` (never instantiated: the
 local backend always starts a ``LocalStrategy``) and a trainer and batcher written against the strategy
-interface. :func:`apply_all` (called by ``ludwig_mt.ludwig_fixes.apply_all``) wakes that path up, only in a
+interface. The patch bodies here wake that path up; the registry (:mod:`ludwig_mt.patches`) applies them only in a
 process started by a distributed launcher (``WORLD_SIZE`` > 1, or ``LUDWIG_MT_STRATEGY`` set by
-:mod:`ludwig_mt.launch`); in every other process it changes nothing. Which strategy, and what it may be combined
-with: :mod:`ludwig_mt.strategies`.
+:mod:`ludwig_mt.launch`); in every other process nothing here is applied. Which strategy, and what it may be
+combined with: :mod:`ludwig_mt.strategies`.
 
-What each patch fixes (all small, idempotent, applied from the outside):
+What each patch fixes (all small, applied from the outside through :func:`ludwig_mt.patches.core.rebind`):
 
 * the local backend starts :class:`WorkflowAccelerateStrategy` instead of ``LocalStrategy``, answers
   ``is_coordinator()`` with the real rank (so only rank 0 writes the output directory) and hands the strategy
@@ -28,10 +28,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ludwig_mt import model_loading
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_path
-from ludwig_mt.ludwig_fixes import _once
+from ludwig_mt.patches.model_loading import add_load_rule
+from ludwig_mt.patches.core import rebind
 from ludwig_mt.sharded_weights import (
     has_sharded_weights,
     is_sharded,
@@ -45,7 +45,6 @@ from ludwig_mt.strategies import (
     SHARDED_WEIGHT_STRATEGIES,
     check_strategy_compatible,
     deepspeed_config,
-    is_distributed_launch,
     plugin_file,
     strategy_name,
 )
@@ -53,6 +52,11 @@ from ludwig_mt.strategies import (
 logger = logging.getLogger(__name__)
 
 
+#: the name :class:`WorkflowAccelerateStrategy` is registered under in Ludwig's strategy registry
+LUDWIG_STRATEGY_KEY = "ludwig_mt_accelerate"
+
+
+@functools.cache
 def _strategy_class():
     """Build the subclass lazily: importing Ludwig's accelerate module pulls in torch and accelerate."""
     from ludwig.distributed.accelerate import AccelerateStrategy
@@ -297,13 +301,16 @@ def current_strategy():
     return get_current_dist_strategy()
 
 
-@_once
 def start_accelerate_strategy_under_launcher() -> None:
-    """Local backend: accelerate strategy, real coordinator answer, and the strategy handed to the trainer."""
-    from ludwig import distributed as ludwig_distributed
-    from ludwig.backend.base import LocalBackend, LocalTrainingMixin
+    """Local backend: accelerate strategy, real coordinator answer, and the strategy handed to the trainer.
 
-    original_create_trainer = LocalBackend.create_trainer
+    :class:`WorkflowAccelerateStrategy` is registered in Ludwig's own strategy registry
+    (``ludwig.distributed.STRATEGIES``, its extension point) and started through ``init_dist_strategy``, as Ludwig
+    starts its own.
+    """
+    from ludwig import distributed as ludwig_distributed
+
+    ludwig_distributed.STRATEGIES.setdefault(LUDWIG_STRATEGY_KEY, _strategy_class)
 
     def initialize() -> None:
         name = strategy_name()
@@ -313,39 +320,42 @@ def start_accelerate_strategy_under_launcher() -> None:
         current = ludwig_distributed._current_strategy
         if getattr(current, "strategy", None) == name:
             return  # Ludwig initializes the backend more than once; accelerate allows one Accelerator per plugin
-        ludwig_distributed._current_strategy = _strategy_class()(name)
+        ludwig_distributed.init_dist_strategy({"type": LUDWIG_STRATEGY_KEY, "strategy": name})
 
     def is_coordinator() -> bool:
         if strategy_name() is None or ludwig_distributed._current_strategy is None:
             return True
         return ludwig_distributed._current_strategy.is_coordinator()
 
-    @functools.wraps(original_create_trainer)
-    def create_trainer(self, config, model, **kwargs):
-        if strategy_name() is not None and kwargs.get("distributed") is None:
-            kwargs["distributed"] = current_strategy()
-        return original_create_trainer(self, config, model, **kwargs)
+    def handing_strategy(original_create_trainer):
+        @functools.wraps(original_create_trainer)
+        def create_trainer(self, config, model, **kwargs):
+            if strategy_name() is not None and kwargs.get("distributed") is None:
+                kwargs["distributed"] = current_strategy()
+            return original_create_trainer(self, config, model, **kwargs)
 
-    LocalTrainingMixin.initialize = staticmethod(initialize)
-    LocalTrainingMixin.is_coordinator = staticmethod(is_coordinator)
-    LocalBackend.create_trainer = create_trainer
+        return create_trainer
+
+    rebind("ludwig.backend.base:LocalTrainingMixin.initialize", lambda _ludwigs: initialize)
+    rebind("ludwig.backend.base:LocalTrainingMixin.is_coordinator", lambda _ludwigs: is_coordinator)
+    rebind("ludwig.backend.base:LocalBackend.create_trainer", handing_strategy)
 
 
-@_once
 def refuse_incompatible_strategy() -> None:
-    """Stop ZeRO-3/FSDP + 4-bit at ``LudwigModel.train`` (before preprocessing) with one line."""
-    from ludwig.api import LudwigModel
+    """Stop ZeRO-3/FSDP + 4-bit at ``LudwigModel.train`` (before preprocessing) with one line: the check for runs
+    started by a bare ``torchrun``; ``ludwig_mt.launch`` checks the same before it starts any process."""
 
-    original = LudwigModel.train
+    def checking(original):
+        @functools.wraps(original)
+        def train(self, *args, **kwargs):
+            name = strategy_name()
+            if name is not None:
+                check_strategy_compatible(name, self.config_obj.to_dict())
+            return original(self, *args, **kwargs)
 
-    @functools.wraps(original)
-    def train(self, *args, **kwargs):
-        name = strategy_name()
-        if name is not None:
-            check_strategy_compatible(name, self.config_obj.to_dict())
-        return original(self, *args, **kwargs)
+        return train
 
-    LudwigModel.train = train
+    rebind("ludwig.api:LudwigModel.train", checking)
 
 
 def rank_device_map(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -358,9 +368,9 @@ def rank_device_map(kwargs: dict[str, Any]) -> dict[str, Any]:
     return dict(kwargs)
 
 
-@_once
 def place_quantized_model_on_local_rank() -> None:
-    model_loading.add_load_rule(rank_device_map)
+    """Ludwig's LLM loads get :func:`rank_device_map` (through the one stand-in loader)."""
+    add_load_rule(rank_device_map)
 
 
 def whole_weights(model: Any) -> contextlib.AbstractContextManager:
@@ -373,7 +383,6 @@ def whole_weights(model: Any) -> contextlib.AbstractContextManager:
     return standing_in(getattr(model, "_ludwig_mt_whole_weights", None) or [])
 
 
-@_once
 def gather_weights_after_sharded_training() -> None:
     """ZeRO-3/FSDP: the best-checkpoint reload at the end of training on all ranks, and whole weights for the save.
 
@@ -383,56 +392,55 @@ def gather_weights_after_sharded_training() -> None:
     :class:`ShardedCheckpoint`) go through unchanged. Afterwards every rank gathers the trainable weights once more
     so rank 0's ``LLM.save`` can write them (:func:`whole_weights`).
     """
-    from ludwig.models.llm import LLM
-    from ludwig.trainers.trainer import Trainer
 
-    original_train, original_save = Trainer.train, LLM.save
+    def gathering(original_train):
+        @functools.wraps(original_train)
+        def train(self, *args, **kwargs):
+            return train_gathering_sharded_weights(original_train, self, *args, **kwargs)
 
-    @functools.wraps(original_train)
-    def train(self, *args, **kwargs):
-        model = self.model
-        if not has_sharded_weights(model):
-            return original_train(self, *args, **kwargs)
-        kept_aside: list[dict[str, Any]] = []
-        load_now = model.load_state_dict
+        return train
 
-        def load_state_dict(state_dict, strict: bool = True, **kw):
-            names = dict(model.named_parameters())
-            if any(is_sharded(names[k]) for k in state_dict if k in names):
-                import torch
+    def saving_whole(original_save):
+        @functools.wraps(original_save)
+        def save(self, save_path):
+            with whole_weights(self):
+                return original_save(self, save_path)
 
-                kept_aside[:] = [state_dict]
-                return torch.nn.modules.module._IncompatibleKeys([], [])
-            return load_now(state_dict, strict=strict, **kw)
+        return save
 
-        model.load_state_dict = load_state_dict  # instance attribute: this model, this call only
-        try:
-            result = original_train(self, *args, **kwargs)
-        finally:
-            del model.load_state_dict
-        best = self.distributed.broadcast_object(kept_aside[0] if kept_aside else None)
-        if best is not None:
-            load_weights_on_all_ranks(model, best)
-            logger.info("ludwig_mt: best checkpoint loaded on every rank (sharded weights)")
-        with whole_trainable_weights(model):
-            whole = [(m, n, p.detach().clone()) for m, n, p in trainable_slots(model)]
-        object.__setattr__(model, "_ludwig_mt_whole_weights", whole)
-        return result
-
-    @functools.wraps(original_save)
-    def save(self, save_path):
-        with whole_weights(self):
-            return original_save(self, save_path)
-
-    Trainer.train, LLM.save = train, save
+    rebind("ludwig.trainers.trainer:Trainer.train", gathering)
+    rebind("ludwig.models.llm:LLM.save", saving_whole)
 
 
-def apply_all() -> None:
-    """Apply the distributed patches under a distributed launcher; safe to call many times, a no-op elsewhere."""
-    if not is_distributed_launch():
-        return
-    start_accelerate_strategy_under_launcher()
-    refuse_incompatible_strategy()
-    place_quantized_model_on_local_rank()
-    if strategy_name() in SHARDED_WEIGHT_STRATEGIES:
-        gather_weights_after_sharded_training()
+def train_gathering_sharded_weights(original_train: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+    """``Trainer.train`` (``original_train``) with the best-checkpoint reload done on every rank and the whole
+    trainable weights kept for the save; see :func:`gather_weights_after_sharded_training`."""
+    model = trainer.model
+    if not has_sharded_weights(model):
+        return original_train(trainer, *args, **kwargs)
+    kept_aside: list[dict[str, Any]] = []
+    load_now = model.load_state_dict
+
+    def load_state_dict(state_dict, strict: bool = True, **kw):
+        names = dict(model.named_parameters())
+        if any(is_sharded(names[k]) for k in state_dict if k in names):
+            import torch
+
+            kept_aside[:] = [state_dict]
+            return torch.nn.modules.module._IncompatibleKeys([], [])
+        return load_now(state_dict, strict=strict, **kw)
+
+    model.load_state_dict = load_state_dict  # instance attribute: this model, this call only
+    try:
+        result = original_train(trainer, *args, **kwargs)
+    finally:
+        del model.load_state_dict
+    best = trainer.distributed.broadcast_object(kept_aside[0] if kept_aside else None)
+    if best is not None:
+        load_weights_on_all_ranks(model, best)
+        logger.info("ludwig_mt: best checkpoint loaded on every rank (sharded weights)")
+    with whole_trainable_weights(model):
+        whole = [(m, n, p.detach().clone()) for m, n, p in trainable_slots(model)]
+    object.__setattr__(model, "_ludwig_mt_whole_weights", whole)
+    return result
+

@@ -1,11 +1,12 @@
-"""Every workaround for Ludwig 0.17.10 lives here, and only here.
+"""The correctness fixes: every workaround for a Ludwig 0.17.10 bug, one patch body each.
 
-Each fix is one small function that patches Ludwig from the outside (never site-packages) and is idempotent.
-They are applied by :func:`apply_all`, which runs automatically whenever ``ludwig.api`` is imported (see
+Each body patches Ludwig from the outside (never site-packages), only through
+:func:`ludwig_mt.patches.core.rebind`, and is applied by the registry (:mod:`ludwig_mt.patches`: its table names
+each patch's targets and switch), which runs them whenever ``ludwig.api`` is imported (see
 :mod:`ludwig_mt.autoload`, wired into the virtualenv by a ``.pth`` file that ``./run.sh setup`` installs), so the
 plain ``ludwig train`` / ``ludwig predict`` commands and ``LudwigModel`` in user code all get them.
 
-Known problems (details: the project README, section "Ludwig 0.17.10 fixes"):
+Known problems (one line each in the registry's table: README, section "Ludwig 0.17.10 patches"):
 
 1. ``LudwigModel.load`` / ``ludwig predict`` fail on every LLM model: the saved config holds ``adapters: null``
    and the JSON schema of ``adapters`` accepts objects only. Fixed at the schema: ``null`` is allowed, exactly as
@@ -30,77 +31,66 @@ Known problems (details: the project README, section "Ludwig 0.17.10 fixes"):
    ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) as "unexpected keys". That
    state belongs to the frozen 4-bit base weights, which training never changes and the model already holds; we
    leave it out of the state dict before loading (best-checkpoint reload and resume alike).
+7. ``trainer.packing: true`` crashes: Ludwig's own packed forward hands transformers a 3-D attention mask, and
+   aligns the targets with the unpacked batch. Training steps that do not take the lean path of the speed-ups
+   (:mod:`ludwig_mt.patches.speedups`, which packs correctly) run Ludwig's forward unpacked.
+8. A resumed run does not end where an uninterrupted one ends: Ludwig rebuilds the learning-rate scheduler at step 0
+   after restoring it, and restarts a killed epoch at its first batch. On a resumed run (and only then) we move the
+   schedule on to the checkpoint's step and skip the batches the checkpoint already holds.
+9. Errors raised by these checks would reach the ``ludwig`` command as tracebacks: it prints them as one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ludwig_mt.errors import WorkflowError
+from ludwig_mt.patches.core import rebind
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
-_APPLIED: set[str] = set()
-
-
-def _once(fn):
-    """Apply a patch at most once per process, however often ``apply_all`` runs."""
-
-    @functools.wraps(fn)
-    def wrapper() -> None:
-        if fn.__name__ not in _APPLIED:
-            fn()
-            _APPLIED.add(fn.__name__)
-
-    return wrapper
-
-
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"oneOf": [{"type": "null", "title": "disabled"}, schema]}
 
 
-@_once
 def allow_null_adapters_schema() -> None:
     """Let ``adapters: null`` (what Ludwig itself saves) pass JSON-schema validation, so saved models load."""
     from ludwig.config_validation import validation
-    from ludwig.schema.llms import peft
 
-    for field_cls in (peft.NamedAdaptersConfigField, peft.MergeAdaptersConfigField):
-        original = field_cls._jsonschema_type_mapping
-        if getattr(original, "_ludwig_mt_nullable", False):
-            continue
+    def nullable(original):
+        def nullable_mapping(self):
+            return _nullable(original(self))
 
-        def nullable_mapping(self, _original=original):
-            return _nullable(_original(self))
+        return nullable_mapping
 
-        nullable_mapping._ludwig_mt_nullable = True  # type: ignore[attr-defined]
-        field_cls._jsonschema_type_mapping = nullable_mapping
+    for field_cls in ("NamedAdaptersConfigField", "MergeAdaptersConfigField"):
+        rebind(f"ludwig.schema.llms.peft:{field_cls}._jsonschema_type_mapping", nullable)
     validation.get_schema.cache_clear()  # the schema is lru-cached; rebuild it with the patched fields
 
 
-@_once
 def keep_text_fill_value_when_tokenizer_has_no_unk() -> None:
     """Stop ``TextFeatureMixin.feature_data`` from replacing the fill value by ``None`` in saved metadata."""
-    from ludwig.features.text_feature import TextFeatureMixin
-
-    original = TextFeatureMixin.feature_data
     keys = ("fill_value", "computed_fill_value")
 
-    def feature_data(column, metadata, preprocessing_parameters, backend):
-        before = {k: preprocessing_parameters.get(k) for k in keys}
-        result = original(column, metadata, preprocessing_parameters, backend)
-        for key, value in before.items():
-            if key in preprocessing_parameters and preprocessing_parameters[key] is None:
-                preprocessing_parameters[key] = value
-        return result
+    def keeping_fill_value(original):
+        def feature_data(column, metadata, preprocessing_parameters, backend):
+            before = {k: preprocessing_parameters.get(k) for k in keys}
+            result = original(column, metadata, preprocessing_parameters, backend)
+            for key, value in before.items():
+                if key in preprocessing_parameters and preprocessing_parameters[key] is None:
+                    preprocessing_parameters[key] = value
+            return result
 
-    TextFeatureMixin.feature_data = staticmethod(feature_data)
+        return feature_data
+
+    rebind("ludwig.features.text_feature:TextFeatureMixin.feature_data", keeping_fill_value)
 
 
 def check_quantization_supported(config: dict[str, Any], cuda_available: bool) -> None:
@@ -115,21 +105,20 @@ def check_quantization_supported(config: dict[str, Any], cuda_available: bool) -
         )
 
 
-@_once
 def refuse_quantized_training_without_cuda() -> None:
     """Wrap ``LudwigModel.train``/``experiment`` with :func:`check_quantization_supported`."""
     import torch
-    from ludwig.api import LudwigModel
+
+    def checking(original):
+        @functools.wraps(original)
+        def checked(self, *args, **kwargs):
+            check_quantization_supported(self.config_obj.to_dict(), torch.cuda.is_available())
+            return original(self, *args, **kwargs)
+
+        return checked
 
     for name in ("train", "experiment"):
-        original = getattr(LudwigModel, name)
-
-        @functools.wraps(original)
-        def checked(self, *args, _original=original, **kwargs):
-            check_quantization_supported(self.config_obj.to_dict(), torch.cuda.is_available())
-            return _original(self, *args, **kwargs)
-
-        setattr(LudwigModel, name, checked)
+        rebind(f"ludwig.api:LudwigModel.{name}", checking)
 
 
 #: Ludwig optimizer arguments that bitsandbytes (0.50.2 here) no longer takes, and the value that means "what
@@ -158,20 +147,19 @@ def drop_removed_bnb_arguments(optimizer_cls: type, kwargs: dict[str, Any]) -> d
     return out
 
 
-@_once
 def build_bitsandbytes_optimizers_without_removed_arguments() -> None:
     """Make Ludwig's optimizer factory stop passing ``block_wise`` / ``percentile_clipping`` to bitsandbytes."""
-    from ludwig.modules import optimization_modules
 
-    original = optimization_modules.get_optimizer_class_and_kwargs
+    def dropping(original):
+        @functools.wraps(original)
+        def get_optimizer_class_and_kwargs(optimizer_config, learning_rate):
+            optimizer_cls, kwargs = original(optimizer_config, learning_rate)
+            return optimizer_cls, drop_removed_bnb_arguments(optimizer_cls, kwargs)
 
-    @functools.wraps(original)
-    def get_optimizer_class_and_kwargs(optimizer_config, learning_rate):
-        optimizer_cls, kwargs = original(optimizer_config, learning_rate)
-        return optimizer_cls, drop_removed_bnb_arguments(optimizer_cls, kwargs)
+        return get_optimizer_class_and_kwargs
 
     # create_optimizer looks the function up in the module's globals at call time
-    optimization_modules.get_optimizer_class_and_kwargs = get_optimizer_class_and_kwargs
+    rebind("ludwig.modules.optimization_modules:get_optimizer_class_and_kwargs", dropping)
 
 
 def blank_after_first_eos(predictions: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -184,24 +172,23 @@ def blank_after_first_eos(predictions: torch.Tensor, eos_token_id: int) -> torch
     return predictions.masked_fill(eos_strictly_before, eos_token_id)
 
 
-@_once
 def stop_responses_at_eos() -> None:
     """Wrap ``LLM.generate`` so Ludwig's id-0 padding after an early end of sequence decodes to nothing."""
     from ludwig.constants import PREDICTIONS
-    from ludwig.models.llm import LLM
 
-    original = LLM.generate
+    def stopping(original):
+        @functools.wraps(original)
+        def generate(self, *args, **kwargs):
+            outputs = original(self, *args, **kwargs)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            predictions = outputs.get(PREDICTIONS) if isinstance(outputs, dict) else None
+            if eos is not None and predictions is not None and predictions.dim() == 2:
+                outputs[PREDICTIONS] = blank_after_first_eos(predictions, int(eos))
+            return outputs
 
-    @functools.wraps(original)
-    def generate(self, *args, **kwargs):
-        outputs = original(self, *args, **kwargs)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        predictions = outputs.get(PREDICTIONS) if isinstance(outputs, dict) else None
-        if eos is not None and predictions is not None and predictions.dim() == 2:
-            outputs[PREDICTIONS] = blank_after_first_eos(predictions, int(eos))
-        return outputs
+        return generate
 
-    LLM.generate = generate
+    rebind("ludwig.models.llm:LLM.generate", stopping)
 
 
 #: what bitsandbytes' ``Linear4bit`` adds to a state dict next to each packed 4-bit ``weight``
@@ -214,18 +201,43 @@ def without_4bit_quant_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in state_dict.items() if not key.endswith(_BNB_4BIT_STATE_SUFFIXES)}
 
 
-@_once
 def reload_checkpoints_of_4bit_models() -> None:
     """Make ``LLM.load_state_dict`` (Ludwig's checkpoint reloads) skip 4-bit quantization state, see item 6."""
-    from ludwig.models.llm import LLM
 
-    original = LLM.load_state_dict
+    def skipping(original):
+        @functools.wraps(original)
+        def load_state_dict(self, state_dict, *args, **kwargs):
+            return original(self, without_4bit_quant_state(state_dict), *args, **kwargs)
 
-    @functools.wraps(original)
-    def load_state_dict(self, state_dict, *args, **kwargs):
-        return original(self, without_4bit_quant_state(state_dict), *args, **kwargs)
+        return load_state_dict
 
-    LLM.load_state_dict = load_state_dict
+    rebind("ludwig.models.llm:LLM.load_state_dict", skipping)
+
+
+@contextlib.contextmanager
+def packing_off(trainer_config: Any) -> Iterator[None]:
+    """Inside the block ``trainer.packing`` reads False (for the steps that run Ludwig's own forward)."""
+    trainer_config.packing = False
+    try:
+        yield
+    finally:
+        trainer_config.packing = True
+
+
+def unpacked_forward_instead_of_broken_packing() -> None:
+    """Make ``LLM.forward`` run Ludwig's training forward unpacked when ``trainer.packing`` is on (see item 7)."""
+
+    def unpacking(original):
+        @functools.wraps(original)
+        def forward(self, inputs, mask=None):
+            if self.training and getattr(self.config_obj.trainer, "packing", False):
+                with packing_off(self.config_obj.trainer):  # Ludwig's own packing misaligns the targets
+                    return original(self, inputs, mask)
+            return original(self, inputs, mask)
+
+        return forward
+
+    rebind("ludwig.models.llm:LLM.forward", unpacking)
 
 
 def batches_per_epoch(rows: int, batch_size: int, ignore_last: bool) -> int:
@@ -270,7 +282,6 @@ def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
     return missing
 
 
-@_once
 def resume_mid_epoch_where_it_stopped() -> None:
     """On resume, and only then: the learning rate of step N, not of step 0, and skip the batches the checkpoint
     already holds.
@@ -280,70 +291,50 @@ def resume_mid_epoch_where_it_stopped() -> None:
     fresh run, are Ludwig's own. (Acting on every epoch loop made a fresh run of ``k * batch + 1`` rows skip a whole
     epoch forever: Ludwig's ``steps_per_epoch`` counts the dropped one-row batch.)
     """
-    from ludwig.trainers.trainer import Trainer
+    def noting_resume(original_tracker):
+        @functools.wraps(original_tracker)
+        def _create_or_resume_progress_tracker(self, *args, **kwargs):
+            progress_tracker = original_tracker(self, *args, **kwargs)
+            self._ludwig_mt_resumed_at = progress_tracker.steps if progress_tracker.steps > 0 else None
+            return progress_tracker
 
-    original_tracker, original_loop = Trainer._create_or_resume_progress_tracker, Trainer._train_loop
+        return _create_or_resume_progress_tracker
 
-    @functools.wraps(original_tracker)
-    def _create_or_resume_progress_tracker(self, *args, **kwargs):
-        progress_tracker = original_tracker(self, *args, **kwargs)
-        self._ludwig_mt_resumed_at = progress_tracker.steps if progress_tracker.steps > 0 else None
-        return progress_tracker
+    def resuming(original_loop):
+        @functools.wraps(original_loop)
+        def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+            resumed_at, self._ludwig_mt_resumed_at = getattr(self, "_ludwig_mt_resumed_at", None), None
+            if resumed_at is not None:
+                if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
+                    logger.info("ludwig_mt: resumed at step %d, learning-rate schedule moved on to it",
+                                progress_tracker.steps)
+                per_epoch = batches_per_epoch(batcher.total_size, batcher.batch_size, batcher.ignore_last)
+                done = batches_done_in_epoch(progress_tracker.steps, progress_tracker.epoch, per_epoch)
+                if done and getattr(batcher, "step", None) == 0:
+                    logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
+                    for _ in range(done):
+                        batcher.next_batch()
+            return original_loop(self, batcher, progress_tracker, *args, **kwargs)
 
-    @functools.wraps(original_loop)
-    def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
-        resumed_at, self._ludwig_mt_resumed_at = getattr(self, "_ludwig_mt_resumed_at", None), None
-        if resumed_at is not None:
-            if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
-                logger.info("ludwig_mt: resumed at step %d, learning-rate schedule moved on to it",
-                            progress_tracker.steps)
-            per_epoch = batches_per_epoch(batcher.total_size, batcher.batch_size, batcher.ignore_last)
-            done = batches_done_in_epoch(progress_tracker.steps, progress_tracker.epoch, per_epoch)
-            if done and getattr(batcher, "step", None) == 0:
-                logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
-                for _ in range(done):
-                    batcher.next_batch()
-        return original_loop(self, batcher, progress_tracker, *args, **kwargs)
+        return _train_loop
 
-    Trainer._create_or_resume_progress_tracker = _create_or_resume_progress_tracker
-    Trainer._train_loop = _train_loop
+    rebind("ludwig.trainers.trainer:Trainer._create_or_resume_progress_tracker", noting_resume)
+    rebind("ludwig.trainers.trainer:Trainer._train_loop", resuming)
 
 
-@_once
 def one_line_errors_in_cli() -> None:
     """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
-    import importlib
     import sys
 
-    # via sys.modules: this runs while ``ludwig.cli`` is still being imported, before ``ludwig`` has the attribute
-    cli = sys.modules.get("ludwig.cli") or importlib.import_module("ludwig.cli")
-    original = cli.main
+    def one_line(original):
+        @functools.wraps(original)
+        def main() -> None:
+            try:
+                original()
+            except WorkflowError as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
 
-    @functools.wraps(original)
-    def main() -> None:
-        try:
-            original()
-        except WorkflowError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+        return main
 
-    cli.main = main
-
-
-def apply_all() -> None:
-    """Apply every fix; safe to call many times."""
-    allow_null_adapters_schema()
-    keep_text_fill_value_when_tokenizer_has_no_unk()
-    refuse_quantized_training_without_cuda()
-    build_bitsandbytes_optimizers_without_removed_arguments()
-    stop_responses_at_eos()
-    reload_checkpoints_of_4bit_models()
-    one_line_errors_in_cli()
-
-    resume_mid_epoch_where_it_stopped()
-
-    from ludwig_mt import distributed, instrumentation, speedups
-
-    speedups.apply_all()
-    instrumentation.apply_all()
-    distributed.apply_all()
+    rebind("ludwig.cli:main", one_line)
