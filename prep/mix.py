@@ -18,6 +18,7 @@ from prep.common import PrepError, PrepReport, stable_fraction
 from prep.task import PROMPT, RESPONSE, SPLIT, TASK
 
 MIX_TASK = "multitask"
+MIX_CONFIG = "multitask.yaml"  # the YAML in ludwig_configs/ that trains the mixture
 
 
 def parse_caps(items: list[str]) -> dict[str, int | None]:

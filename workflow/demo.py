@@ -18,13 +18,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from ludwig_mt.errors import WorkflowError
-from workflow.samples import write_detox_sample, write_sql_sample
 from ludwig_mt.tiny_model import build_tiny_llama
-from workflow.train import ludwig_executable, train
 from prep.registry import get_task
 from prep.task import prepare
+from workflow.samples import write_detox_sample, write_sql_sample
+from workflow.train import ludwig_executable, train
 
 
 def predict(model: Path, dataset: Path, out_dir: Path, log: Path) -> Path:
@@ -64,7 +64,7 @@ def run_demo(workdir: Path, *, rows: int = 200, epochs: int = 2, base_model: str
     sample = step("write sample rows", lambda: write_sql_sample(workdir / "raw" / "sql_create_context_v4.json", rows))
     report = step("prep sql", lambda: prepare(get_task("sql"), str(sample), workdir / "prepared"))
     train_csv, test_csv = Path(report.files["train"]), Path(report.files["test"])
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(model_dir), cpu=True,
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(model_dir), cpu=True,
                               epochs=epochs, batch_size=8, max_new_tokens=24)
     config_path = write_yaml(config, workdir / "sql.cpu.yaml",
                              header="# ludwig_configs/sql.yaml rendered for the CPU demo (workflow.demo).\n")

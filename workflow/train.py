@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, spec_from_args
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from ludwig_mt.errors import WorkflowError
+from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, spec_from_args
+from prep.registry import config_path
 
 
 def ludwig_executable() -> str:
@@ -90,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_arguments(parser, default_gpus=None)
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    path = Path(args.task) if args.task.endswith((".yaml", ".yml")) else task_config_path(args.task)
-    task = path.stem
+    yaml_given = args.task.endswith((".yaml", ".yml"))
+    try:
+        path = Path(args.task) if yaml_given else config_path(args.task)  # the task's record names its YAML
+    except WorkflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    task = path.stem if yaml_given else args.task
     dataset = args.dataset or Path("data/prepared") / task / "train.csv"
     out = args.output_directory or Path("results") / task
     try:

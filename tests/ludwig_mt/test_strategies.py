@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from ludwig_mt import strategies
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path
+from ludwig_mt.config import load_yaml, render_overrides, config_file
 from ludwig_mt.errors import WorkflowError
 
 
 def test_zero3_and_fsdp_are_refused_for_4bit_with_the_reason_and_the_fix() -> None:
-    qlora = load_yaml(task_config_path("sql"))
+    qlora = load_yaml(config_file("sql"))
     for strategy, reason in (("zero3", "4-bit"), ("fsdp", "bnb_4bit_quant_storage")):
         with pytest.raises(WorkflowError, match="--strategy zero2") as err:
             strategies.check_strategy_compatible(strategy, qlora)
@@ -24,7 +24,7 @@ def test_zero3_and_fsdp_are_refused_for_4bit_with_the_reason_and_the_fix() -> No
 
 @pytest.mark.parametrize("strategy", strategies.SHARDED_WEIGHT_STRATEGIES)
 def test_sharded_weights_refuse_merging_the_adapter_into_sharded_base_weights(strategy: str) -> None:
-    config = render_overrides(load_yaml(task_config_path("sql")), cpu=True)
+    config = render_overrides(load_yaml(config_file("sql")), cpu=True)
     config["adapter"]["postprocessor"] = {"merge_adapter_into_base_model": True}
     with pytest.raises(WorkflowError, match="merge_adapter_into_base_model") as err:
         strategies.check_strategy_compatible(strategy, config)

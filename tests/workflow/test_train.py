@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ludwig_mt.strategies import ENV_STRATEGY
 from ludwig_mt.errors import WorkflowError
+from ludwig_mt.strategies import ENV_STRATEGY
 from workflow import train
 
 
@@ -54,3 +54,18 @@ def test_resume_continues_the_newest_run_with_a_checkpoint(tmp_path: Path) -> No
         checkpoints.mkdir(parents=True)
         (checkpoints / "latest.ckpt").write_bytes(b"")
     assert train.resume_args(tmp_path) == ["--model_resume_path", str(tmp_path / "experiment_run_1")]
+
+
+def test_run_sh_train_takes_the_yaml_from_the_task_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    calls: list = []
+    monkeypatch.setattr(train.subprocess, "run", fake_run(calls, tmp_path))
+    dataset = tmp_path / "train.csv"
+    dataset.write_text("prompt,response,split\n")
+    assert train.main(["multitask", "--dataset", str(dataset), "--output-directory", str(tmp_path)]) == 0
+    (cmd, _), = calls
+    assert cmd[cmd.index("--config") + 1].endswith("ludwig_configs/multitask.yaml")
+    assert train.main(["spider"]) == 2 and train.main(["nope"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[0].startswith("error: spider: evaluation-only task") and errors[1].startswith("error: nope: no such")
+    assert len(errors) == 2 and len(calls) == 1

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
+from ludwig_mt.config import load_yaml, render_overrides, config_file, write_yaml
 from ludwig_mt.launch import free_port
 from ludwig_mt.patches import distributed, model_loading
 from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_RANK_REPORT
@@ -73,7 +73,7 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     rows = pd.concat([rows[rows.split == 0].head(TRAIN_ROWS), rows[rows.split == 1].head(VALIDATION_ROWS)])
     assert (rows.split == 0).sum() == TRAIN_ROWS
     rows.to_csv(root / "train.csv", index=False)
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny_model), cpu=True,
+    config = render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), cpu=True,
                               epochs=EPOCHS, batch_size=BATCH, max_sequence_length=48, max_new_tokens=4)
     config["adapter"]["dropout"] = 0.0
     config["trainer"].update(learning_rate=0.01, steps_per_checkpoint=STEPS_PER_CHECKPOINT)
