@@ -21,11 +21,18 @@ def fake_run(calls: list, out: Path):
     return run
 
 
-def test_run_sh_train_with_gpus_goes_through_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def ludwig_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, Path]:
+    """The (command, environment) of every ``ludwig train`` workflow.train would start, none started; a dataset."""
     calls: list = []
     monkeypatch.setattr(train.subprocess, "run", fake_run(calls, tmp_path))
     dataset = tmp_path / "train.csv"
     dataset.write_text("prompt,response,split\n")
+    return calls, dataset
+
+
+def test_run_sh_train_with_gpus_goes_through_the_launcher(tmp_path: Path, ludwig_calls: tuple[list, Path]) -> None:
+    calls, dataset = ludwig_calls
     code = train.main(["sql", "--dataset", str(dataset), "--output-directory", str(tmp_path), "--gpus", "4",
                        "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1"])
     assert code == 0
@@ -36,11 +43,8 @@ def test_run_sh_train_with_gpus_goes_through_the_launcher(tmp_path: Path, monkey
     assert cmd[cmd.index("--config") + 1].endswith("ludwig_configs/sql.yaml")
 
 
-def test_run_sh_train_without_gpus_is_plain_ludwig_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list = []
-    monkeypatch.setattr(train.subprocess, "run", fake_run(calls, tmp_path))
-    dataset = tmp_path / "train.csv"
-    dataset.write_text("prompt,response,split\n")
+def test_run_sh_train_without_gpus_is_plain_ludwig_train(tmp_path: Path, ludwig_calls: tuple[list, Path]) -> None:
+    calls, dataset = ludwig_calls
     assert train.main(["sql", "--dataset", str(dataset), "--output-directory", str(tmp_path)]) == 0
     (cmd, env), = calls
     assert Path(cmd[0]).name == "ludwig" and cmd[1] == "train" and ENV_STRATEGY not in env
@@ -56,12 +60,9 @@ def test_resume_continues_the_newest_run_with_a_checkpoint(tmp_path: Path) -> No
     assert train.resume_args(tmp_path) == ["--model_resume_path", str(tmp_path / "experiment_run_1")]
 
 
-def test_run_sh_train_takes_the_yaml_from_the_task_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_run_sh_train_takes_the_yaml_from_the_task_record(tmp_path: Path, ludwig_calls: tuple[list, Path],
                                                           capsys: pytest.CaptureFixture) -> None:
-    calls: list = []
-    monkeypatch.setattr(train.subprocess, "run", fake_run(calls, tmp_path))
-    dataset = tmp_path / "train.csv"
-    dataset.write_text("prompt,response,split\n")
+    calls, dataset = ludwig_calls
     assert train.main(["multitask", "--dataset", str(dataset), "--output-directory", str(tmp_path)]) == 0
     (cmd, _), = calls
     assert cmd[cmd.index("--config") + 1].endswith("ludwig_configs/multitask.yaml")
