@@ -3,7 +3,7 @@
 # random-weight Llama with a YAML WITHOUT quantization (the sql.yaml --cpu rendering): per strategy
 #   python -m ludwig_mt.launch --gpus 1 --strategy S -- train ...   then   ludwig predict on the saved model,
 # and a check that the saved adapter holds whole, non-empty tensors equal to the last checkpoint's.
-# The CPU tests (tests/ludwig_mt/test_distributed.py) cover 2 ranks on gloo; this covers CUDA + NCCL + FSDP2 +
+# The CPU tests (tests/ludwig_mt/patches/test_distributed.py) cover 2 ranks on gloo; this covers CUDA + NCCL + FSDP2 +
 # deepspeed.zero.Init on a GPU. Run from the project root on the device, with packages from .gpu-site:
 #   OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh                 # STRATEGIES="zero3 fsdp" by default
 #   STRATEGIES=fsdp OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh   # one of them

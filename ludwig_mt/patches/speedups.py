@@ -88,6 +88,7 @@ from typing import Any
 
 from ludwig_mt.patches.model_loading import add_load_rule
 from ludwig_mt.patches.core import rebind
+from ludwig_mt.patches.env import env_names
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def enabled(name: str) -> bool:
         raise KeyError(f"unknown speed-up {name!r}; known: {', '.join(SPEEDUPS)}")
     if os.environ.get("LUDWIG_MT_SPEEDUPS", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
-    off = {s.strip() for s in os.environ.get("LUDWIG_MT_SPEEDUPS_OFF", "").split(",") if s.strip()}
-    return name not in off
+    return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF")
 
 
 def _cuda_bf16() -> bool:
