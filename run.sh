@@ -65,9 +65,9 @@ case "$cmd" in
   setup) setup ;;
   test)  setup; cd "$ROOT"; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 exec "$PY" -m pytest "$@" ;;
   # DS_ACCELERATOR: the demo is CPU-only; saves DeepSpeed (imported by transformers) a detection warning.
-  demo)  setup; cd "$ROOT"; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu exec "$PY" -m ludwig_mt.demo "$@" ;;
+  demo)  setup; cd "$ROOT"; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu exec "$PY" -m workflow.demo "$@" ;;
   prep)  setup; exec "$PY" -m prep "$@" ;;
-  train) setup; exec "$PY" -m ludwig_mt.train "$@" ;;
+  train) setup; exec "$PY" -m workflow.train "$@" ;;
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
   model) setup; exec "$PY" -m workflow.model "$@" ;;

@@ -285,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ludwig_mt.ludwig_fixes import apply_all
+    from ludwig_mt.patches.registry import apply_all
 
-    apply_all()  # what the venv's .pth hook does for `ludwig predict`; the GPU machine has no hook
+    apply_all()  # what the venv's .pth hook does for `ludwig predict` (same switches); the GPU machine has no hook
     cuda = torch.cuda.is_available() and not args.smoke
     shape_name = "tiny" if args.smoke else "llama3.2-1b"
     shape = SHAPES[shape_name]

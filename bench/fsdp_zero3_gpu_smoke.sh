@@ -3,7 +3,7 @@
 # random-weight Llama with a YAML WITHOUT quantization (the sql.yaml --cpu rendering): per strategy
 #   python -m ludwig_mt.launch --gpus 1 --strategy S -- train ...   then   ludwig predict on the saved model,
 # and a check that the saved adapter holds whole, non-empty tensors equal to the last checkpoint's.
-# The CPU tests (tests/ludwig_mt/test_distributed.py) cover 2 ranks on gloo; this covers CUDA + NCCL + FSDP2 +
+# The CPU tests (tests/ludwig_mt/patches/test_distributed.py) cover 2 ranks on gloo; this covers CUDA + NCCL + FSDP2 +
 # deepspeed.zero.Init on a GPU. Run from the project root on the device, with packages from .gpu-site:
 #   OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh                 # STRATEGIES="zero3 fsdp" by default
 #   STRATEGIES=fsdp OUT=$OUT bash bench/fsdp_zero3_gpu_smoke.sh   # one of them
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.samples import write_sql_sample
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from ludwig_mt.tiny_model import build_tiny_llama
 from prep.registry import get_task
 from prep.task import prepare
+from workflow.samples import write_sql_sample
 
 root = Path(sys.argv[1])
 tiny = build_tiny_llama(root / "tiny")
@@ -38,7 +38,7 @@ report = prepare(get_task("sql"), str(write_sql_sample(root / "v4.json", 120)), 
 rows = pd.read_csv(report.files["train"], keep_default_na=False)
 pd.concat([rows[rows.split == 0].head(64), rows[rows.split == 1].head(8)]).to_csv(root / "train.csv", index=False)
 (root / "test.csv").write_bytes(Path(report.files["test"]).read_bytes())
-config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny), cpu=True, epochs=2,
+config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(tiny), cpu=True, epochs=2,
                           batch_size=4, max_sequence_length=48, max_new_tokens=4)  # cpu=True: no quantization
 config["trainer"].update(learning_rate=0.01, steps_per_checkpoint=5)
 write_yaml(config, root / "sql.yaml")

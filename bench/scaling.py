@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from ludwig_mt.config import write_yaml  # noqa: E402
-from ludwig_mt.distributed import ENV_RANK_REPORT  # noqa: E402
 from ludwig_mt.launch import launcher_command, launcher_env  # noqa: E402
+from ludwig_mt.patches.instrumentation import ENV_RANK_REPORT  # noqa: E402
 from zero2_single_gpu import base_env, bench_config, prepare_rows, run_logged  # noqa: E402
 
 SHAPES = ("llama3.2-1b", "llama3.1-8b")

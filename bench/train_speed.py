@@ -308,21 +308,13 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     import torch
     from ludwig.api import LudwigModel
     from ludwig.callbacks import Callback
-    from ludwig.trainers.trainer import Trainer
 
-    from ludwig_mt import ludwig_fixes
+    from ludwig_mt.patches import instrumentation, registry
 
-    ludwig_fixes.apply_all()  # the .pth auto-loader is not installed on the GPU machine's Python
+    registry.apply_all()  # the .pth auto-loader is not installed on the GPU machine's Python (same switches)
+    registry.apply("record_step_losses")  # after the others: the outermost layer of Trainer.train_step
     cuda = torch.cuda.is_available()
-    losses: list[float] = []
-    original_step = Trainer.train_step
-
-    def train_step(self, inputs, targets, should_step=True, profiler=None):
-        out = original_step(self, inputs, targets, should_step=should_step, profiler=profiler)
-        losses.append(float(out[0].detach()) * self.gradient_accumulation_steps)
-        return out
-
-    Trainer.train_step = train_step
+    losses = instrumentation.STEP_LOSSES
 
     class Timer(Callback):
         def __init__(self) -> None:

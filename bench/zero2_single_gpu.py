@@ -4,7 +4,7 @@ One call, on one GPU:
 
 1. builds a random-weight model from the public Llama-3.2-1B config (hidden 2048, 16 layers, 32 heads, 8 kv heads,
    intermediate 8192, vocab 128256, tied embeddings; ``bench/train_speed.py``'s builder) and synthetic
-   sql-create-context rows (``ludwig_mt.samples`` + ``prep``);
+   sql-create-context rows (``workflow.samples`` + ``prep``);
 2. trains ``ludwig_configs/sql.yaml`` (4-bit NF4 QLoRA, LoRA r16 on all linear layers, 64 rows packed into
    2048-token sequences, gradient checkpointing, paged Adam, as committed; only ``base_model``, ``train_steps`` and ``max_new_tokens`` are overridden) twice for
    the same fixed number of steps:
@@ -41,9 +41,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml  # noqa: E402
-from ludwig_mt.distributed import ENV_RANK_REPORT, ENV_STRATEGY  # noqa: E402
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml  # noqa: E402
 from ludwig_mt.launch import launcher_command, launcher_env  # noqa: E402
+from ludwig_mt.patches.instrumentation import ENV_RANK_REPORT  # noqa: E402
+from ludwig_mt.strategies import ENV_STRATEGY  # noqa: E402
+from prep.registry import get_task  # noqa: E402
 
 SHAPE, SMOKE_SHAPE = "llama3.2-1b", "tiny-llama"
 
@@ -52,9 +54,8 @@ def prepare_rows(work: Path, rows: int, validation_rows: int, test_rows: int) ->
     """Synthetic sql-create-context rows through the real prep; a small validation and test set keep eval short."""
     import pandas as pd
 
-    from ludwig_mt.samples import write_sql_sample
-    from prep.registry import get_task
     from prep.task import prepare
+    from workflow.samples import write_sql_sample
 
     report = prepare(get_task("sql"), str(write_sql_sample(work / "sql_create_context_v4.json", rows)),
                      work / "prepared")
@@ -67,7 +68,7 @@ def prepare_rows(work: Path, rows: int, validation_rows: int, test_rows: int) ->
 
 def bench_config(model_dir: Path, steps: int, smoke: bool, optimizer: str | None = None) -> dict[str, Any]:
     """sql.yaml as committed, on the local model, for ``steps`` steps (smoke: the CPU rendering, batch 4)."""
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(model_dir), cpu=smoke,
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(model_dir), cpu=smoke,
                               max_new_tokens=8, batch_size=4 if smoke else None,
                               max_sequence_length=48 if smoke else None)
     config["trainer"].update(train_steps=steps, epochs=100)

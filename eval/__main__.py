@@ -27,7 +27,7 @@ from rich.table import Table
 from eval.report import LOG_FILE, fmt_delta, logging_to, matrix_table, perplexity_table, summary_table, write_report
 from eval.runner import EvalRequest, EvalResult, ModelSpec, Probe, parse_assignment, read_probe, \
     require_model_dir, resolve_own_tasks, run_eval, validate_request
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.common import PrepError
 
 BUILTIN_PROBE = "builtin"

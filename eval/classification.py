@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score
 
 from eval.task_scores import TaskScores, scores_from_rows
 from eval.text import clean_predictions
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.common import normalise_key
 
 # An unparseable answer becomes this label, which is in no label set: wrong for accuracy, a false negative of
@@ -22,7 +22,7 @@ from prep.common import normalise_key
 INVALID = "<invalid>"
 # Characters around an answer that are part of no label: quotes, code ticks, brackets and final punctuation,
 # including '!' (a model's "card_arrival!", and Ludwig's padding with token id 0, which is '!' for Qwen2.5 and
-# Llama 3 tokenizers when the ludwig_fixes patch is off).
+# Llama 3 tokenizers when the stop_responses_at_eos patch is off).
 _PUNCTUATION = " \t.,;:!?'\"`*"
 _WRAPPING = _PUNCTUATION + "()[]"
 

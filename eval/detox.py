@@ -36,8 +36,9 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 
 from eval.task_scores import TaskScores, scores_from_rows
 from eval.text import bleu, chrf, clean_predictions, references_of
-from ludwig_mt.ludwig_fixes import WorkflowError
-from prep.common import LUDWIG_SPLIT_CODE, TRAIN, atomic_path, normalise_key
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_path
+from prep.common import LUDWIG_SPLIT_CODE, TRAIN, normalise_key
 from prep.task import RESPONSE, SPLIT
 
 TOXIC, NEUTRAL = 1, 0

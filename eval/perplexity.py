@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from eval.generate import LoadedModel
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 #: The built-in probe: paragraphs separated by blank lines, one document each.
 DEFAULT_PROBE = Path(__file__).with_name("probe_general.txt")

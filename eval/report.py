@@ -19,7 +19,7 @@ from typing import Any
 
 from eval.retention import BASE
 from eval.runner import EvalResult
-from prep.common import atomic_path, atomic_write_json, atomic_write_text
+from ludwig_mt.io import atomic_path, atomic_write_json, atomic_write_text
 
 Table = tuple[list[str], list[list[str]]]  # header, rows
 

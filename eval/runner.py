@@ -33,8 +33,8 @@ import pandas as pd
 
 from eval.generate import HYPERPARAMETERS, WEIGHTS_DIR, saved_config
 from eval.retention import BASE, Retention, build_retention, perplexity_change
-from ludwig_mt.ludwig_fixes import WorkflowError
-from prep.common import atomic_write_json
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +197,12 @@ def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
     3. else the tasks of the training data's ``task`` column (the multitask mixture has one);
     4. else a one-line error asking for ``--owns``.
     """
+    from prep.registry import owned_by_name
+
     if name in owns:
         return tuple(owns[name])
-    if name in known_tasks:
-        return (name,)
+    if named := owned_by_name(name, known_tasks):
+        return named
     found = trained_tasks(path)
     if found:
         return found
@@ -281,12 +283,13 @@ def load_test(prepared: Path, task: str, max_rows: int | None) -> tuple[pd.DataF
 
 def task_config(task: str, models: Sequence[ModelSpec]) -> tuple[dict[str, Any], str]:
     """The Ludwig config that sets a task's generation limits, and where it came from (see module docstring)."""
-    from ludwig_mt.config import load_yaml, task_config_path
+    from ludwig_mt.config import load_yaml
+    from prep.registry import get_task
 
     for spec in models:
         if spec.path is not None and spec.own_tasks == (task,):
             return saved_config(spec.path), str(spec.path / HYPERPARAMETERS)
-    path = task_config_path(task)
+    path = get_task(task).config_path()
     return load_yaml(path), str(path)
 
 

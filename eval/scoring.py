@@ -1,12 +1,12 @@
 """One entry point for every task's metrics: ``score_task(task, test, predictions, resources) -> TaskScores``.
 
-Each registered task maps to its scorer and to the one metric the retention matrix uses (higher is better).
-Tasks without an entry, e.g. custom YAML tasks (prep/custom_task.py), get the free-text default: ROUGE-L,
-chrF and exact match. Scales: rates, accuracies, ROUGE-L, STA, SIM and J are in [0, 1]; chrF and BLEU are
-0-100 as sacrebleu reports them. ``TaskScores.per_row`` holds one value per test row for every metric that is a
-mean over rows (always the primary one); ``TaskScores.settings`` holds what describes the scoring rather than
-scores it: ``n`` (rows scored), ``n_real_db`` (Spider rows run on a real database), ``n_gold_fails``,
-``J_includes_fluency``, ``classifier_heldout_accuracy``.
+Each task's record (``prep/task.py`` TaskSpec) names its scorer kind and the one metric the retention matrix uses
+(higher is better); here are the scorers, by kind. Custom YAML tasks (prep/custom_task.py) and unregistered ones
+get the free-text default: ROUGE-L, chrF and exact match. Scales: rates, accuracies, ROUGE-L, STA, SIM and J are in
+[0, 1]; chrF and BLEU are 0-100 as sacrebleu reports them. ``TaskScores.per_row`` holds one value per test row for
+every metric that is a mean over rows (always the primary one); ``TaskScores.settings`` holds what describes the
+scoring rather than scores it: ``n`` (rows scored), ``n_real_db`` (Spider rows run on a real database),
+``n_gold_fails``, ``J_includes_fluency``, ``classifier_heldout_accuracy``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_det
 from eval.sql import score_spider, score_sql, spider_database
 from eval.task_scores import TaskScores
 from eval.text import clean_predictions, references_of, score_text
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.banking77 import INTENTS
 from prep.registry import TASKS
-from prep.task import RESPONSE
+from prep.task import DEFAULT_METRIC, DEFAULT_SCORER, RESPONSE
 
 TOXICITY_CLASSIFIER_FILE = "toxicity_classifier.joblib"
 
@@ -85,23 +85,29 @@ def _score_text(test: pd.DataFrame, predictions: list[str], _: EvalResources) ->
     return score_text(predictions, references_of(test))
 
 
-# task -> (scorer, primary metric); everything else is free text.
-SCORERS: dict[str, tuple[Scorer, str]] = {
-    "sql": (_score_sql, "execution_match"),
-    "spider": (_score_spider, "execution_accuracy"),
-    "detox": (_score_detox, "J"),
-    "instruct": (_score_text, "rougeL"),
-    "samsum": (_score_text, "rougeL"),
-    "lamini_docs": (_score_text, "rougeL"),
-    "banking77": (_score_banking77, "accuracy"),
-    "commonsense_qa": (_score_commonsense_qa, "accuracy"),
+# scorer kind -> scorer; which task uses which kind is its record's ``scorer`` (prep/task.py TaskSpec).
+SCORERS: dict[str, Scorer] = {
+    "sql": _score_sql,
+    "spider": _score_spider,
+    "detox": _score_detox,
+    "text": _score_text,
+    "intents": _score_banking77,
+    "choices": _score_commonsense_qa,
 }
-DEFAULT_SCORER: tuple[Scorer, str] = (_score_text, "rougeL")
+
+
+def scorer_of(task: str) -> Scorer:
+    """The scorer of ``task``'s kind (free text for tasks not registered); a one-line error for an unknown kind."""
+    kind = TASKS[task].scorer if task in TASKS else DEFAULT_SCORER
+    if kind not in SCORERS:
+        raise WorkflowError(f"{task}: scorer {kind!r} is unknown. Fix: set its task spec's scorer to one of: "
+                            f"{', '.join(SCORERS)}")
+    return SCORERS[kind]
 
 
 def primary_metric(task: str) -> str:
-    """The metric of ``task`` used in the retention matrix (higher is better); rougeL for tasks not listed."""
-    return SCORERS.get(task, DEFAULT_SCORER)[1]
+    """The metric of ``task`` used in the retention matrix (higher is better); rougeL for tasks not registered."""
+    return TASKS[task].primary_metric if task in TASKS else DEFAULT_METRIC
 
 
 # Every registered task (built-in and prep/custom/*.yaml) -> its primary metric.
@@ -119,5 +125,4 @@ def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],
     if len(predictions) != len(test):
         raise WorkflowError(f"{task}: {len(predictions)} predictions for {len(test)} test rows; "
                             "predict on exactly the task's test.csv")
-    scorer, _ = SCORERS.get(task, DEFAULT_SCORER)
-    return scorer(test, clean_predictions(predictions), resources)
+    return scorer_of(task)(test, clean_predictions(predictions), resources)

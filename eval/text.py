@@ -21,7 +21,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from eval.task_scores import TaskScores, mean, scores_from_rows
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.common import normalise_key
 from prep.task import REFERENCES, RESPONSE
 

@@ -1,33 +1,51 @@
-"""Apply :mod:`ludwig_mt.ludwig_fixes` the moment Ludwig is imported, in any Python process of the venv.
+"""Apply the patch registry (:mod:`ludwig_mt.patches.registry`) the moment Ludwig is imported, in any Python
+process of the venv.
 
 ``./run.sh setup`` writes ``ludwig_mt_fixes.pth`` into the venv's site-packages with the single line
 ``import ludwig_mt.autoload``. Python runs it at start-up; it only registers an import hook (cheap: Ludwig itself
-is not imported), and the fixes run right after ``ludwig.cli`` or ``ludwig.api`` finishes loading. This is why the
-plain ``ludwig`` command needs no wrapper script and no manual step.
+is not imported), which checks the installed versions before ``ludwig.cli`` or ``ludwig.api`` loads (one line and
+exit 2 on an untested one, before Ludwig's slow import) and applies the patches right after it. This is why the
+plain ``ludwig`` command needs no wrapper script and no manual step; the launcher's workers install the same hook.
 
 Install by hand (a venv not made by run.sh): ``python -m ludwig_mt.autoload install``.
-Set ``LUDWIG_MT_NO_FIXES=1`` to run raw Ludwig (the regression tests and benchmarks use it to show what breaks).
+Set ``LUDWIG_MT_NO_FIXES=1`` to run raw Ludwig (the regression tests and benchmarks use it to show what breaks):
+then no hook is installed and ``apply_all`` applies nothing, in every process alike.
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import os
 import sys
 import sysconfig
 from pathlib import Path
+
+from ludwig_mt.patches.env import ENV_NO_FIXES, env_flag
 
 PTH_NAME = "ludwig_mt_fixes.pth"
 WATCHED = {"ludwig.cli", "ludwig.api"}
 
 
 def _after_load(name: str) -> None:
-    from ludwig_mt import ludwig_fixes
+    from ludwig_mt.patches import registry
 
-    if name == "ludwig.cli":
-        ludwig_fixes.one_line_errors_in_cli()
-    else:
-        ludwig_fixes.apply_all()
+    registry.apply_all(registry.CLI_PATCHES if name == "ludwig.cli" else None)
+
+
+def _guard_versions() -> None:
+    from ludwig_mt.patches.core import guard_versions
+
+    guard_versions()
+
+
+def _stopping_on_untested_versions(step) -> None:
+    """Run ``step``; an installed version outside the known set ends the process with one line (exit 2)."""
+    from ludwig_mt.patches.core import UntestedVersionError
+
+    try:
+        step()
+    except UntestedVersionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -38,8 +56,9 @@ class _PatchingLoader(importlib.abc.Loader):
         return self._wrapped.create_module(spec)
 
     def exec_module(self, module) -> None:
+        _stopping_on_untested_versions(_guard_versions)
         self._wrapped.exec_module(module)
-        _after_load(self._name)
+        _stopping_on_untested_versions(lambda: _after_load(self._name))
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
@@ -63,7 +82,7 @@ def install_hook() -> None:
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
     for name in sorted(WATCHED & set(sys.modules)):
-        _after_load(name)
+        _stopping_on_untested_versions(lambda: _after_load(name))
 
 
 def install_pth(site_packages: Path | None = None) -> Path:
@@ -73,7 +92,7 @@ def install_pth(site_packages: Path | None = None) -> Path:
     return target
 
 
-if os.environ.get("LUDWIG_MT_NO_FIXES", "") not in ("1", "true"):
+if not env_flag(ENV_NO_FIXES):
     install_hook()
 
 if __name__ == "__main__" and sys.argv[1:] == ["install"]:

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "ludwig_configs"
 
 
-def task_config_path(task: str) -> Path:
-    """``sql`` -> ``ludwig_configs/sql.yaml``; a clear error listing the tasks that exist otherwise."""
-    path = CONFIG_DIR / f"{task}.yaml"
+def config_file(name: str) -> Path:
+    """``sql.yaml`` (or ``sql``) -> ``ludwig_configs/sql.yaml``; a clear error listing the YAMLs there otherwise.
+
+    A file lookup, not a task lookup: which YAML trains which task is the task's record (``prep/task.py``).
+    """
+    path = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise WorkflowError(f"{path}: no such task config. Fix: use one of: {known}")
@@ -83,7 +87,7 @@ def render_overrides(
 ) -> dict[str, Any]:
     """A copy of ``config`` with run-specific overrides; the input dict is not modified.
 
-    ``cpu=True`` removes ``quantization`` (bitsandbytes 4-bit needs CUDA, see ludwig_fixes), drops paged
+    ``cpu=True`` removes ``quantization`` (bitsandbytes 4-bit needs CUDA, see ludwig_mt.patches.fixes), drops paged
     optimizers (CUDA-only) and gradient checkpointing (no memory pressure on tiny CPU runs).
     """
     out = copy.deepcopy(config)
@@ -114,8 +118,6 @@ def render_overrides(
 
 
 def write_yaml(config: dict[str, Any], path: str | Path, header: str = "") -> Path:
-    from prep.common import atomic_write_text
-
     p = Path(path)
     atomic_write_text(p, header + yaml.safe_dump(config, sort_keys=False))
     return p
@@ -123,7 +125,7 @@ def write_yaml(config: dict[str, Any], path: str | Path, header: str = "") -> Pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Validate a task YAML, or render a copy with overrides.")
-    parser.add_argument("config", help="a YAML file, or a task name from ludwig_configs/")
+    parser.add_argument("config", help="a YAML file, or the name of one in ludwig_configs/")
     parser.add_argument("--out", type=Path, help="write the rendered YAML here")
     parser.add_argument("--cpu", action="store_true", help="drop quantization and CUDA-only settings")
     parser.add_argument("--base-model", help="a local model folder or hub name to use instead")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-sequence-length", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     args = parser.parse_args(argv)
-    path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else task_config_path(args.config)
+    path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else config_file(args.config)
     config = render_overrides(
         load_yaml(path), base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
         batch_size=args.batch_size, max_sequence_length=args.max_sequence_length,

@@ -4,9 +4,10 @@
         --dataset data/prepared/sql/train.csv --output_directory results/sql
 
 starts ``torch.distributed.run`` with 4 workers; each worker is ``python -m ludwig_mt.launch worker <ludwig
-args>``, which applies the project's Ludwig fixes (there may be no ``.pth`` hook, e.g. on a lent GPU machine)
-and runs Ludwig's own CLI. :mod:`ludwig_mt.distributed` then gives every worker accelerate's strategy, its share
-of the rows and its own GPU; only rank 0 writes, so the output directory is the one a single-process
+args>``, which applies the project's Ludwig patches (there may be no ``.pth`` hook, e.g. on a lent GPU machine;
+with the same switches as every other process: ``LUDWIG_MT_NO_FIXES=1`` applies none) and runs Ludwig's own CLI.
+The distributed patches (:mod:`ludwig_mt.patches.distributed`) then give every worker accelerate's strategy, its
+share of the rows and its own GPU; only rank 0 writes, so the output directory is the one a single-process
 ``ludwig train`` writes. Multi-node: the same command on every machine with ``--num-machines``,
 ``--machine-rank`` and ``--main-process-ip``/``--main-process-port`` (accelerate's option names).
 
@@ -20,11 +21,12 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from ludwig_mt.distributed import ENV_STRATEGY, STRATEGIES, check_strategy_compatible
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.strategies import ENV_STRATEGY, STRATEGIES, check_strategy_compatible, default_strategy
 
 DEFAULT_PORT = 29500
 
@@ -106,26 +108,41 @@ def config_path_in(ludwig_args: Sequence[str]) -> str | None:
     return None
 
 
-def check_before_launch(strategy: str, ludwig_args: Sequence[str]) -> None:
-    """Refuse a known-bad strategy/config pair before any process starts (the workers check again)."""
-    path = config_path_in(ludwig_args)
-    if path is not None:
-        from ludwig_mt.config import load_yaml
+def check_before_launch(strategy: str, config: Mapping[str, Any] | None, source: str) -> None:
+    """Refuse a known-bad strategy/config pair before any process starts, naming ``source`` (the YAML).
 
-        try:
-            check_strategy_compatible(strategy, load_yaml(path))
-        except WorkflowError as err:
-            raise WorkflowError(f"{path}: {err}") from None
+    ``config`` is the YAML the caller already loaded (None: no ``--config``, nothing to check). The workers check
+    once more at ``LudwigModel.train`` (:mod:`ludwig_mt.patches.distributed`), for runs started by a bare ``torchrun``.
+    """
+    if config is None:
+        return
+    try:
+        check_strategy_compatible(strategy, config)
+    except WorkflowError as err:
+        raise WorkflowError(f"{source}: {err}") from None
+
+
+def load_config_in(ludwig_args: Sequence[str]) -> dict[str, Any] | None:
+    """The YAML named by ``--config`` in a ``ludwig train`` command line, loaded once; None without ``--config``."""
+    path = config_path_in(ludwig_args)
+    if path is None:
+        return None
+    from ludwig_mt.config import load_yaml
+
+    return load_yaml(path)
 
 
 def worker(ludwig_args: Sequence[str]) -> None:
-    """One rank: apply the project's Ludwig fixes in this process, then run Ludwig's CLI on ``ludwig_args``."""
-    from ludwig_mt import autoload, ludwig_fixes
+    """One rank: apply the project's Ludwig patches in this process (as the ``.pth`` hook would, under the same
+    switches), then run Ludwig's CLI on ``ludwig_args``."""
+    from ludwig_mt import autoload
+    from ludwig_mt.patches import registry
 
-    autoload.install_hook()
+    if not registry.raw_ludwig():
+        autoload.install_hook()
     import ludwig.cli  # first: the hook patches ludwig.cli.main as it loads
 
-    ludwig_fixes.apply_all()  # idempotent: a no-op where the .pth hook already applied them
+    registry.apply_all()  # once per process: a no-op where the .pth hook already applied them
 
     sys.argv = ["ludwig", *ludwig_args]
     ludwig.cli.main()
@@ -143,12 +160,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser, *, default_gpus: int |
     parser.add_argument("--main-process-port", type=int, help=f"port on machine 0 (multi-node default {DEFAULT_PORT})")
 
 
-def default_strategy(config: dict | None) -> str:
-    """ZeRO-2 for quantized (QLoRA) configs, plain DDP otherwise (nothing to shard in a small LoRA)."""
-    return "zero2" if config and config.get("quantization") else "ddp"
-
-
-def spec_from_args(args: argparse.Namespace, config: dict | None, *, cpu: bool = False) -> LaunchSpec:
+def spec_from_args(args: argparse.Namespace, config: Mapping[str, Any] | None, *, cpu: bool = False) -> LaunchSpec:
+    """The launch the options ask for; without ``--strategy``, the config's default (:func:`ludwig_mt.strategies.default_strategy`)."""
     return LaunchSpec(processes_per_machine=args.gpus or 1, strategy=args.strategy or default_strategy(config),
                       cpu=cpu, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
@@ -165,9 +178,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     return args, rest
 
 
-def command_and_env(spec: LaunchSpec, ludwig_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Check the pair, then the launcher command and the workers' environment for ``spec``."""
-    check_before_launch(spec.strategy, ludwig_args)
+def command_and_env(spec: LaunchSpec, ludwig_args: Sequence[str],
+                    config: Mapping[str, Any] | None) -> tuple[list[str], dict[str, str]]:
+    """Check the strategy against ``config`` (the already loaded ``--config`` YAML), then the launcher command and
+    the workers' environment for ``spec``."""
+    check_before_launch(spec.strategy, config, config_path_in(ludwig_args) or "config")
     cmd = launcher_command(spec.processes_per_machine, ludwig_args, num_machines=spec.num_machines,
                            machine_rank=spec.machine_rank, main_process_ip=spec.main_process_ip,
                            main_process_port=spec.main_process_port)
@@ -183,14 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, ludwig_args = parse_args(argv)
     try:
-        path = config_path_in(ludwig_args)
-        if path is not None:
-            from ludwig_mt.config import load_yaml
-
-            config = load_yaml(path)
-        else:
-            config = None
-        cmd, env = command_and_env(spec_from_args(args, config, cpu=args.cpu), ludwig_args)
+        config = load_config_in(ludwig_args)
+        cmd, env = command_and_env(spec_from_args(args, config, cpu=args.cpu), ludwig_args, config)
         return subprocess.run(cmd, env=env, check=False).returncode
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from prep.common import PrepError, PrepReport
 from prep.custom_task import load_spec
 from prep.mix import build_mixture, parse_caps
-from prep.registry import SOURCE_FOLDERS, TASKS, get_task
+from prep.registry import TASKS, get_task
 from prep.task import TaskSpec, prepare
 
 
@@ -38,14 +38,16 @@ def _progress(name: str):
 
 
 def prepare_all(root: Path, out: Path, max_rows: int | None, strict: bool) -> list[PrepReport]:
-    """Every built-in task whose published folder exists under ``root`` (named as in SOURCE_FOLDERS)."""
+    """Every task with a source folder (its record's) whose published folder exists under ``root``."""
     reports = []
-    for name, folder in SOURCE_FOLDERS.items():
-        if not (root / folder).exists():
-            print(f"skip {name}: no folder {root / folder}", file=sys.stderr)
+    for name, spec in TASKS.items():
+        if spec.source_folder is None:
             continue
-        reports.append(prepare(get_task(name), str(root / folder), out, max_rows=max_rows,
-                               progress=_progress(name), strict=strict))
+        folder = root / spec.source_folder
+        if not folder.exists():
+            print(f"skip {name}: no folder {folder}", file=sys.stderr)
+            continue
+        reports.append(prepare(spec, str(folder), out, max_rows=max_rows, progress=_progress(name), strict=strict))
     return reports
 
 

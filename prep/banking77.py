@@ -80,4 +80,8 @@ TASK = TaskSpec(
     group_key=group_key,
     keep_columns=("text",),
     official_splits={"train": TRAIN, "test": TEST},
+    source_folder="banking77",
+    ludwig_config="banking77.yaml",
+    scorer="intents",
+    primary_metric="accuracy",
 )

@@ -1,18 +1,17 @@
-"""Shared plumbing for every dataset module: reading published files, clear errors, splits, atomic writes.
+"""Shared plumbing for every dataset module: reading published files, clear errors, splits.
 
 Every dataset in ``prep/`` is one module that only knows its own schema; everything that must behave the same
-for all of them (how a bad row is reported, how a split is drawn, how a file is written) lives here once.
+for all of them (how a bad row is reported, how a split is drawn) lives here once; files are written atomically
+through :mod:`ludwig_mt.io`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,35 +219,6 @@ def hash_split(key: str, *, test_fraction: float, validation_fraction: float, sa
 def normalise_key(*parts: str) -> str:
     """Case- and whitespace-insensitive key used for de-duplication and grouping."""
     return "\x1f".join(" ".join(p.lower().split()) for p in parts)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file in ``path``'s folder to write to; renamed onto ``path`` when the block succeeds, removed when
-    it fails: a crash or an error never leaves half a file, and an existing ``path`` stays as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8, newlines as given) through :func:`atomic_path`."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="")
-
-
-def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    atomic_write_text(path, frame.to_csv(index=False, lineterminator="\n"))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 @dataclass

@@ -75,4 +75,8 @@ TASK = TaskSpec(
     to_fields=to_fields,
     group_key=group_key,
     official_splits={"train": TRAIN, "validation": TEST},
+    source_folder="commonsense_qa",
+    ludwig_config="commonsense_qa.yaml",
+    scorer="choices",
+    primary_metric="accuracy",
 )

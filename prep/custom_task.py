@@ -2,15 +2,20 @@
 
 A spec maps a dataset's columns to the instruction format; no Python is needed unless the format is truly new::
 
-    name: claims                                   # task name (also ludwig_configs/<name>.yaml if you train it)
+    name: claims                                   # task name
     hub_name: infinite-dataset-hub/TextClaimsDataset   # loaded with `datasets` when --source is not a local path
     template: "### Task: Is this text a claim?\\n### Text:\\n{text}\\n### Answer:\\n"
     response: label                                # the column holding the target
     fields: {text: text}                           # optional: template field -> column (default: same names)
     group_by: [text]                               # optional: split key columns (default: the template fields)
     test_fraction: 0.1                             # optional (default 0.05; validation_fraction likewise)
+    ludwig_config: claims.yaml                     # optional: its YAML in ludwig_configs/ (default: <name>.yaml)
+    scorer: text                                   # optional: eval's scorer kind (default: text, free text)
+    primary_metric: rougeL                         # optional: the retention matrix's metric (default: rougeL)
 
 Specs in ``prep/custom/*.yaml`` are registered as tasks; ``python -m prep --spec my.yaml`` loads one from anywhere.
+Each becomes a :class:`~prep.task.TaskSpec`, the same record a built-in task has (no source folder: ``prep all``
+reads built-in datasets only).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import yaml
 
 from prep.common import PrepError, SourceRow, normalise_key, read_file_or_folder, require_text
-from prep.task import RESPONSE, TaskSpec
+from prep.task import DEFAULT_METRIC, DEFAULT_SCORER, RESPONSE, TaskSpec
 
 CUSTOM_DIR = Path(__file__).resolve().parent / "custom"
 _REQUIRED = ("name", "template", "response")
@@ -65,6 +70,9 @@ def spec_from_dict(raw: Mapping[str, Any], where: str) -> TaskSpec:
         test_fraction=float(raw.get("test_fraction", 0.05)),
         validation_fraction=float(raw.get("validation_fraction", 0.05)),
         hub_split=raw.get("hub_split"),
+        ludwig_config=str(raw.get("ludwig_config") or f"{raw['name']}.yaml"),
+        scorer=str(raw.get("scorer", DEFAULT_SCORER)),
+        primary_metric=str(raw.get("primary_metric", DEFAULT_METRIC)),
     )
 
 

@@ -43,4 +43,8 @@ TASK = TaskSpec(
     group_key=group_key,
     hub_split="train",
     dedupe_on_group=True,
+    source_folder="gpteacher",
+    ludwig_config="instruct.yaml",
+    scorer="text",
+    primary_metric="rougeL",
 )

@@ -36,4 +36,8 @@ TASK = TaskSpec(
     group_key=group_key,
     test_fraction=0.1,
     official_splits={"train": TRAIN, "test": TEST},
+    source_folder="lamini_docs",
+    ludwig_config="lamini_docs.yaml",
+    scorer="text",
+    primary_metric="rougeL",
 )

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from prep.common import PrepError, PrepReport, atomic_write_csv, atomic_write_json, stable_fraction
+from ludwig_mt.io import atomic_write_csv, atomic_write_json
+from prep.common import PrepError, PrepReport, stable_fraction
 from prep.task import PROMPT, RESPONSE, SPLIT, TASK
 
 MIX_TASK = "multitask"
+MIX_CONFIG = "multitask.yaml"  # the YAML in ludwig_configs/ that trains the mixture
 
 
 def parse_caps(items: list[str]) -> dict[str, int | None]:

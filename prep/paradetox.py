@@ -51,4 +51,8 @@ TASK = TaskSpec(
     keep_columns=("source",),
     hub_split="train",
     one_test_row_per_group=True,
+    source_folder="paradetox",
+    ludwig_config="detox.yaml",
+    scorer="detox",
+    primary_metric="J",
 )

@@ -48,4 +48,8 @@ TASK = TaskSpec(
     to_fields=to_fields,
     group_key=group_key,
     official_splits={"train": TRAIN, "validation": VALIDATION, "test": TEST},
+    source_folder="samsum",
+    ludwig_config="samsum.yaml",
+    scorer="text",
+    primary_metric="rougeL",
 )

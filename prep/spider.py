@@ -74,4 +74,8 @@ TASK = TaskSpec(
     test_fraction=1.0,
     validation_fraction=0.0,
     hub_split="validation",
+    source_folder="spider",
+    ludwig_config=None,  # evaluation only
+    scorer="spider",
+    primary_metric="execution_accuracy",
 )

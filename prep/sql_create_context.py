@@ -47,4 +47,8 @@ TASK = TaskSpec(
     group_key=group_key,
     keep_columns=("question", "context"),
     hub_split="train",
+    source_folder="sql_create_context",
+    ludwig_config="sql.yaml",
+    scorer="sql",
+    primary_metric="execution_match",
 )

@@ -1,8 +1,11 @@
 """What a task is, and the one pipeline that turns any task's source into train/test CSVs.
 
-A dataset module in ``prep/`` defines a single :class:`TaskSpec`: how to read its published files, how one raw row
-becomes template fields, its prompt template, and which key groups rows for a leak-free split. Everything else
-(reading, de-duplication, splitting, atomic writing, the report) is shared and lives in :func:`prepare`.
+A dataset module in ``prep/`` defines a single :class:`TaskSpec`, the task's one record, read by every layer: how to
+read its published files and where they sit under a data root, how one raw row becomes template fields, its prompt
+template, which key groups rows for a leak-free split, the Ludwig YAML that trains it, and how eval scores it (scorer
+kind and primary metric). Adding a task touches that record, its module's reader, one line in ``prep/registry.py``
+and its YAML. Everything else (reading, de-duplication, splitting, atomic writing, the report) is shared and lives
+in :func:`prepare`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any
 
 import pandas as pd
 
+from ludwig_mt.config import config_file
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_write_csv, atomic_write_json
 from prep.common import (
     LUDWIG_SPLIT_CODE,
     EmptyField,
@@ -25,8 +31,6 @@ from prep.common import (
     DropRow,
     PrepReport,
     SourceRow,
-    atomic_write_csv,
-    atomic_write_json,
     hash_split,
     iter_limited,
     load_hub_rows,
@@ -38,13 +42,15 @@ PROMPT, RESPONSE, TASK, SPLIT, REFERENCES = "prompt", "response", "task", "split
 # Rows longer than this (prompt + response, in characters) are dropped: they would be truncated in training and
 # make every batch that contains them slow. Well above every seed dataset's real rows.
 MAX_ROW_CHARS = 20_000
+#: how eval scores a task whose record does not say (and a task it does not know): free text, ROUGE-L
+DEFAULT_SCORER, DEFAULT_METRIC = "text", "rougeL"
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything that makes one dataset a fine-tuning task; see the module docstring."""
 
-    name: str  # the task name used on the command line and as ludwig_configs/<name>.yaml
+    name: str  # the task name used on the command line, in the CSVs' task column and as a model name (owns it)
     hub_name: str  # Hugging Face dataset id, loaded with ``datasets`` when --source is not a local path
     template: str  # the prompt template, ``str.format`` fields from ``to_fields``; defined once, used by prep+eval
     read_local: Callable[[Path], list[SourceRow]]  # a file or folder in the published format -> raw rows
@@ -60,9 +66,25 @@ class TaskSpec:
     # test.csv: one row per group with a JSON ``references`` column holding every response of the group
     # (ParaDetox: all neutral rewrites of one toxic sentence, for multi-reference BLEU/chrF)
     one_test_row_per_group: bool = False
+    source_folder: str | None = None  # its published files' folder under one data root (`prep all`); None: not there
+    ludwig_config: str | None = None  # the YAML in ludwig_configs/ that trains it; None: evaluation only (spider)
+    scorer: str = DEFAULT_SCORER  # how eval scores it: a scorer kind, a key of eval.scoring.SCORERS
+    primary_metric: str = DEFAULT_METRIC  # the one metric of the retention matrix (higher is better)
 
     def render_prompt(self, fields: Mapping[str, str]) -> str:
         return self.template.format(**fields)
+
+    def config_path(self) -> Path:
+        """The Ludwig YAML that trains this task; a one-line error when it has none or the file is missing."""
+        if self.ludwig_config is None:
+            raise WorkflowError(f"{self.name}: evaluation-only task, no Ludwig config trains it. "
+                                "Fix: train a task that has one (python -m prep lists them)")
+        return config_file(self.ludwig_config)
+
+    def owned_by(self, model_name: str) -> bool:
+        """A model named after the task owns it (``--model sql=DIR`` is the sql adapter): the one place that rule
+        lives."""
+        return model_name == self.name
 
 
 def load_rows(spec: TaskSpec, source: str) -> list[SourceRow]:

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from ludwig_mt.ludwig_fixes import WorkflowError
-from prep.common import atomic_path
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.io import atomic_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

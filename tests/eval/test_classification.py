@@ -13,7 +13,7 @@ from eval.classification import (
     score_choices,
     score_labels,
 )
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from prep.banking77 import INTENTS
 
 

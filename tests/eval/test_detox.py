@@ -13,7 +13,7 @@ import pytest
 
 from eval.detox import load_encoder, load_or_train_classifier, score_detox, similarity, train_classifier
 from eval.text import bleu, chrf
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 SUBJECTS = ("you", "he", "she", "they", "my neighbour", "the manager", "this guy", "that politician")
 ACTIONS = ("talks about the weather", "wrote the report", "runs the shop", "answered the phone", "cooks dinner")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from eval.__main__ import main
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.samples import write_detox_sample, write_sql_sample
-from ludwig_mt.train import train
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from prep.registry import get_task
 from prep.task import prepare
+from workflow.samples import write_detox_sample, write_sql_sample
+from workflow.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     prepared = work / "prepared"
     sql = prepare(get_task("sql"), str(write_sql_sample(work / "raw" / "v4.json", 80)), prepared)
     prepare(get_task("detox"), str(write_detox_sample(work / "raw" / "paradetox.tsv", 80)), prepared)
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny_model), cpu=True,
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(tiny_model), cpu=True,
                               epochs=1, batch_size=8, max_new_tokens=12)
     model = train(write_yaml(config, work / "sql.cpu.yaml"), Path(sql.files["train"]), work / "results" / "sql")
     return {"work": work, "prepared": prepared, "model": model, "base": tiny_model}

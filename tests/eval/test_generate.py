@@ -29,8 +29,9 @@ from eval.generate import (
     prompt_ids,
     settings_from_config,
 )
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
+from ludwig_mt.errors import WorkflowError
+from prep.registry import get_task
 
 PROMPTS = [
     "SELECT name FROM head",
@@ -79,7 +80,7 @@ def test_settings_from_config_derives_max_new_tokens_like_ludwig() -> None:
 
 
 def test_settings_from_task_yaml() -> None:
-    config = load_yaml(task_config_path("sql"))
+    config = load_yaml(get_task("sql").config_path())
     settings = settings_from_config(config)
     assert settings.max_input_tokens == config["input_features"][0]["preprocessing"]["max_sequence_length"]
     assert settings.max_new_tokens == config["generation"]["max_new_tokens"]
@@ -193,15 +194,14 @@ def test_dequantized_4bit_model_computes_what_the_4bit_model_computes(tiny_model
 @pytest.fixture(scope="module")
 def ludwig_run(eos_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Ludwig LLM trained with ``ludwig train`` and ``ludwig predict``'s output on held-out prompts."""
-    from ludwig_mt.demo import predict
-    from ludwig_mt.samples import write_sql_sample
-    from ludwig_mt.train import train
-    from prep.registry import get_task
     from prep.task import prepare
+    from workflow.demo import predict
+    from workflow.samples import write_sql_sample
+    from workflow.train import train
 
     work = tmp_path_factory.mktemp("faithful")
     report = prepare(get_task("sql"), str(write_sql_sample(work / "v4.json", 60)), work / "prepared")
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(eos_model), cpu=True, epochs=1,
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(eos_model), cpu=True, epochs=1,
                               batch_size=8, max_new_tokens=20)
     model = train(write_yaml(config, work / "sql.cpu.yaml"), Path(report.files["train"]), work / "results")
     test = pd.read_csv(report.files["test"], keep_default_na=False)["prompt"].tolist()[:8]

@@ -11,7 +11,7 @@ import torch
 
 from eval.generate import GenerationSettings, LoadedModel, load_base_model
 from eval.perplexity import DEFAULT_PROBE, perplexity, token_rows
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 OWN_TEXT = [
     "SELECT name FROM head WHERE age > 56 ORDER BY age DESC LIMIT 1",

@@ -26,7 +26,7 @@ from eval.runner import (
     settings_key,
 )
 from eval.task_scores import TaskScores
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 TASKS = ("sql", "detox")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eval.scoring import PRIMARY_METRIC, EvalResources, TaskScores, primary_metric, score_task
-from ludwig_mt.ludwig_fixes import WorkflowError
+from eval.scoring import PRIMARY_METRIC, SCORERS, EvalResources, TaskScores, primary_metric, score_task
+from ludwig_mt.errors import WorkflowError
 from prep.registry import TASKS
 from tests.eval.test_detox import write_prepared_detox
 
@@ -66,6 +66,20 @@ def test_every_registered_task_has_a_primary_metric() -> None:
     assert PRIMARY_METRIC["sql"] == "execution_match" and PRIMARY_METRIC["spider"] == "execution_accuracy"
     assert PRIMARY_METRIC["detox"] == "J" and PRIMARY_METRIC["banking77"] == "accuracy"
     assert primary_metric("a_task_nobody_registered") == "rougeL"
+    assert {spec.scorer for spec in TASKS.values()} <= set(SCORERS)  # every record names a scorer that exists
+
+
+def test_a_record_with_an_unknown_scorer_kind_is_one_clear_error(resources: EvalResources,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from prep import registry
+
+    monkeypatch.setitem(registry.TASKS, "instruct", replace(registry.TASKS["instruct"], scorer="bleurt"))
+    test = example_test("instruct", resources.prepared_dir)
+    with pytest.raises(WorkflowError, match="instruct: scorer 'bleurt' is unknown. Fix: .*text") as err:
+        score_task("instruct", test, list(test["response"]), resources)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -21,7 +21,7 @@ from eval.text import (
     rouge_l_per_sentence,
     score_text,
 )
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 
 PREDS = ["the cat sat on the mat", "a quick brown fox jumps", "hello there general kenobi"]
 REFS = [["the cat is on the mat"], ["the quick brown fox jumped over the dog"], ["general kenobi, hello there"]]

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from ludwig_mt.config import CONFIG_DIR, load_yaml, render_overrides, validate, write_yaml
-from ludwig_mt.train import train
-from prep.mix import build_mixture
-from prep.registry import TASKS, get_task
+from prep.mix import MIX_CONFIG, MIX_TASK, build_mixture
+from prep.registry import TASKS, config_path, get_task
 from prep.task import prepare
+from workflow.train import train
 from tests.prep.published_fixtures import WRITERS
 
 TASK_YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -25,6 +25,9 @@ def test_every_trainable_task_has_a_yaml() -> None:
     trainable = {name for name in WRITERS if name != "spider"}  # spider is evaluation-only
     assert trainable | {"multitask"} <= {p.stem for p in TASK_YAMLS}
     assert all(p.stem in TASKS or p.stem == "multitask" for p in TASK_YAMLS)
+    # the records name them: every built-in task's YAML, the mixture's, and nothing else
+    assert {config_path(name) for name in trainable} | {config_path(MIX_TASK)} == set(TASK_YAMLS)
+    assert config_path(MIX_TASK).name == MIX_CONFIG and get_task("spider").ludwig_config is None
 
 
 @pytest.mark.parametrize("path", TASK_YAMLS, ids=lambda p: p.stem)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, validate
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.config import load_yaml, render_overrides, config_file, validate
+from ludwig_mt.errors import WorkflowError
 
 def test_sql_yaml_declares_qlora() -> None:
-    config = load_yaml(task_config_path("sql"))
+    config = load_yaml(config_file("sql"))
     quant = config["quantization"]
     assert (quant["bits"], quant["bnb_4bit_quant_type"], quant["bnb_4bit_use_double_quant"],
             quant["bnb_4bit_compute_dtype"]) == (4, "nf4", True, "bfloat16")
@@ -20,7 +20,7 @@ def test_sql_yaml_declares_qlora() -> None:
 
 
 def test_cpu_rendering_drops_cuda_only_settings_and_leaves_the_input_alone(tiny_model: Path) -> None:
-    original = load_yaml(task_config_path("sql"))
+    original = load_yaml(config_file("sql"))
     before = copy.deepcopy(original)
     cpu = render_overrides(original, base_model=str(tiny_model), cpu=True, epochs=1, batch_size=2)
     assert original == before
@@ -29,9 +29,10 @@ def test_cpu_rendering_drops_cuda_only_settings_and_leaves_the_input_alone(tiny_
     validate(cpu, "rendered")
 
 
-def test_unknown_task_lists_the_known_ones() -> None:
+def test_unknown_config_lists_the_known_ones() -> None:
     with pytest.raises(WorkflowError, match=r"no such task config.*sql"):
-        task_config_path("nope")
+        config_file("nope")
+    assert config_file("sql.yaml") == config_file("sql")
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_bad_yaml_is_one_clear_line(tmp_path: Path, content: str, expected: str)
 
 
 def test_schema_rejection_names_the_file(tiny_model: Path) -> None:
-    config = load_yaml(task_config_path("sql"))
+    config = load_yaml(config_file("sql"))
     config["adapter"]["type"] = "not-an-adapter"
     with pytest.raises(WorkflowError, match="sql.yaml: rejected by Ludwig's schema"):
         validate(config, "sql.yaml", base_model=str(tiny_model))

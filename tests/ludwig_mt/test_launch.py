@@ -1,15 +1,13 @@
-"""ludwig_mt.launch and the launcher options of ./run.sh train: the commands they build, their refusals."""
+"""ludwig_mt.launch: the commands it builds, its refusals."""
 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from ludwig_mt import launch, train
-from ludwig_mt.distributed import ENV_STRATEGY
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt import launch
+from ludwig_mt.strategies import ENV_STRATEGY
 
 LUDWIG_ARGS = ["train", "--config", "ludwig_configs/sql.yaml", "--dataset", "d.csv"]
 
@@ -54,11 +52,6 @@ def test_parse_args_splits_launcher_and_ludwig_arguments() -> None:
     assert launch.config_path_in(["train", "--config=x.yaml"]) == "x.yaml"
 
 
-def test_default_strategy_is_zero2_for_qlora_and_ddp_otherwise() -> None:
-    assert launch.default_strategy({"quantization": {"bits": 4}}) == "zero2"
-    assert launch.default_strategy({"model_type": "llm"}) == "ddp"
-
-
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
 def test_4bit_yaml_with_zero3_or_fsdp_stops_before_any_process_starts(
         strategy: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,47 +59,3 @@ def test_4bit_yaml_with_zero3_or_fsdp_stops_before_any_process_starts(
     assert launch.main(["--gpus", "2", "--strategy", strategy, "--", *LUDWIG_ARGS]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ludwig_configs/sql.yaml: ") and "zero2" in lines[0]
-
-
-def fake_run(calls: list, out: Path):
-    """Stands in for subprocess.run in ludwig_mt.train: records the call, writes a trained-model folder."""
-    def run(cmd, **kwargs):
-        calls.append((cmd, kwargs["env"]))
-        (out / "experiment_run" / "model").mkdir(parents=True, exist_ok=True)
-        return subprocess.CompletedProcess(cmd, 0)
-    return run
-
-
-def test_run_sh_train_with_gpus_goes_through_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list = []
-    monkeypatch.setattr(train.subprocess, "run", fake_run(calls, tmp_path))
-    dataset = tmp_path / "train.csv"
-    dataset.write_text("prompt,response,split\n")
-    code = train.main(["sql", "--dataset", str(dataset), "--output-directory", str(tmp_path), "--gpus", "4",
-                       "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1"])
-    assert code == 0
-    (cmd, env), = calls
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in cmd
-    assert cmd[cmd.index("--nproc_per_node") + 1] == "4" and cmd[cmd.index("--node_rank") + 1] == "1"
-    assert env[ENV_STRATEGY] == "zero2"  # the YAML is 4-bit QLoRA
-    assert cmd[cmd.index("--config") + 1].endswith("ludwig_configs/sql.yaml")
-
-
-def test_run_sh_train_without_gpus_is_plain_ludwig_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list = []
-    monkeypatch.setattr(train.subprocess, "run", fake_run(calls, tmp_path))
-    dataset = tmp_path / "train.csv"
-    dataset.write_text("prompt,response,split\n")
-    assert train.main(["sql", "--dataset", str(dataset), "--output-directory", str(tmp_path)]) == 0
-    (cmd, env), = calls
-    assert Path(cmd[0]).name == "ludwig" and cmd[1] == "train" and ENV_STRATEGY not in env
-
-
-def test_resume_continues_the_newest_run_with_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(WorkflowError, match="no run with a checkpoint"):
-        train.resume_args(tmp_path)
-    for run in ("experiment_run", "experiment_run_1"):
-        checkpoints = tmp_path / run / "model" / "training_checkpoints"
-        checkpoints.mkdir(parents=True)
-        (checkpoints / "latest.ckpt").write_bytes(b"")
-    assert train.resume_args(tmp_path) == ["--model_resume_path", str(tmp_path / "experiment_run_1")]

@@ -6,8 +6,8 @@ import csv
 import json
 from pathlib import Path
 
-from ludwig_mt.samples import sql_rows
 from prep.banking77 import INTENTS
+from workflow.samples import sql_rows
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -47,6 +47,18 @@ def test_yaml_spec_maps_any_file_format(tmp_path: Path, fmt: str) -> None:
     assert set(test["response"]) <= {"Claim", "Not a Claim"}
 
 
+def test_a_custom_task_gets_the_same_record_as_a_builtin_one(tmp_path: Path) -> None:
+    (tmp_path / "claims.yaml").write_text(SPEC, encoding="utf-8")
+    spec = load_spec(tmp_path / "claims.yaml")
+    assert (spec.source_folder, spec.ludwig_config, spec.scorer, spec.primary_metric) == (
+        None, "claims.yaml", "text", "rougeL")
+    (tmp_path / "own.yaml").write_text(SPEC + "ludwig_config: sql.yaml\nscorer: intents\nprimary_metric: accuracy\n",
+                                       encoding="utf-8")
+    own = load_spec(tmp_path / "own.yaml")
+    assert (own.ludwig_config, own.scorer, own.primary_metric) == ("sql.yaml", "intents", "accuracy")
+    assert own.owned_by("claims") and own.config_path().name == "sql.yaml"
+
+
 def test_the_shipped_example_is_registered() -> None:
     assert TASKS["claims"].hub_name == "infinite-dataset-hub/TextClaimsDataset"
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from prep import registry
 from prep.common import PrepError
-from prep.registry import SOURCE_FOLDERS, get_task
+from prep.registry import get_task
 from prep.task import prepare
 from tests.prep.published_fixtures import WRITERS
 
@@ -100,4 +101,6 @@ def test_empty_fields_are_dropped_and_counted_or_stop_when_strict(tmp_path: Path
 
 
 def test_every_builtin_task_has_a_source_folder_name() -> None:
-    assert set(SOURCE_FOLDERS) == set(WRITERS)
+    source_folders = {name: spec.source_folder for name, spec in registry.TASKS.items() if spec.source_folder}
+    assert set(source_folders) == set(WRITERS)
+    assert source_folders["instruct"] == "gpteacher" and source_folders["sql"] == "sql_create_context"

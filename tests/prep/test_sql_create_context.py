@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ludwig_mt.samples import sql_rows
 from prep.__main__ import main as prep_main
 from prep.common import PrepError
 from prep.registry import get_task
 from prep.sql_create_context import TEMPLATE
 from prep.task import prepare
+from workflow.samples import sql_rows
 
 SQL = get_task("sql")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ludwig_mt.ludwig_fixes import WorkflowError
+from ludwig_mt.errors import WorkflowError
 from workflow.model import (
     MARKER,
     MODELS,

@@ -9,12 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.demo import predict
-from ludwig_mt.samples import write_sql_sample
-from ludwig_mt.train import ludwig_executable, train
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from prep.registry import get_task
 from prep.task import prepare
+from workflow.demo import predict
+from workflow.samples import write_sql_sample
+from workflow.train import ludwig_executable, train
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("slice")
     report = prepare(get_task("sql"), str(write_sql_sample(work / "v4.json", 120)), work / "prepared")
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny_model), cpu=True,
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(tiny_model), cpu=True,
                               epochs=1, batch_size=8, max_new_tokens=12)
     config_path = write_yaml(config, work / "sql.cpu.yaml")
     model = train(config_path, Path(report.files["train"]), work / "results")
@@ -71,7 +71,7 @@ def test_ludwig_model_load_in_process(trained: dict[str, Path]) -> None:
 
 def test_4bit_yaml_on_cpu_stops_before_any_work_with_one_line(tiny_model: Path, tmp_path: Path,
                                                               trained: dict[str, Path]) -> None:
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny_model))  # keeps 4-bit
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(tiny_model))  # keeps 4-bit
     assert "quantization" in config
     out = tmp_path / "results"
     proc = subprocess.run([ludwig_executable(), "train", "--config", str(write_yaml(config, tmp_path / "q.yaml")),

@@ -1,9 +1,11 @@
 """The one wrapper around the ``AutoModelForCausalLM`` that Ludwig's LLM loader calls (``ludwig.utils.llm_utils``).
 
-Several project modules change how Ludwig 0.17.10 loads a base model: :mod:`ludwig_mt.speedups` (bf16 weights,
-SDPA instead of eager attention, Liger kernels) and :mod:`ludwig_mt.distributed` (each rank's own GPU). Each
-registers its rule here with :func:`add_load_rule`; one stand-in applies every rule, in registration order, so
-loading is patched in a single place instead of by a stack of look-alike wrappers.
+Several patches change how Ludwig 0.17.10 loads a base model: the speed-ups (bf16 weights, SDPA instead of eager
+attention, Liger kernels: :mod:`ludwig_mt.patches.speedups`) and the distributed placement (each rank's own GPU:
+:mod:`ludwig_mt.patches.distributed`). Each registers its rule here with :func:`add_load_rule`; one stand-in applies
+every rule, in registration order (the registry's order), so loading is patched in a single place instead of by a
+stack of look-alike wrappers. Whichever of those patches comes first installs the stand-in; each declares its
+target, ``ludwig.utils.llm_utils:AutoModelForCausalLM``, in the registry.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from ludwig_mt.patches.core import rebind
+
+TARGET = "ludwig.utils.llm_utils:AutoModelForCausalLM"
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ def install() -> None:
     from ludwig.utils import llm_utils
 
     if not isinstance(llm_utils.AutoModelForCausalLM, LudwigModelLoader):
-        llm_utils.AutoModelForCausalLM = LudwigModelLoader(llm_utils.AutoModelForCausalLM)
+        rebind(TARGET, LudwigModelLoader)
 
 
 def add_load_rule(kwargs_rule: KwargsRule | None = None, *, after_load: AfterLoad | None = None) -> None:

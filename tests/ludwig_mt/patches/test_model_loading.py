@@ -1,10 +1,10 @@
-"""ludwig_mt/model_loading.py: one stand-in for Ludwig's AutoModelForCausalLM applies every registered rule."""
+"""ludwig_mt/patches/model_loading.py: one stand-in for Ludwig's AutoModelForCausalLM applies every registered rule."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ludwig_mt import model_loading
+from ludwig_mt.patches import core, model_loading, registry
 
 
 class FakeAutoModel:
@@ -41,13 +41,16 @@ def test_install_wraps_ludwig_once_and_rules_register_once(monkeypatch) -> None:
     monkeypatch.setattr(llm_utils, "AutoModelForCausalLM", FakeAutoModel)
     monkeypatch.setattr(model_loading, "_KWARGS_RULES", [])
     monkeypatch.setattr(model_loading, "_AFTER_LOAD", [])
+    monkeypatch.setattr(core, "_LAYERS", {})
+    monkeypatch.setattr(core, "_ORIGINALS", {})
 
     def rule(kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**kwargs, "ruled": True}
 
-    model_loading.add_load_rule(rule)
-    model_loading.add_load_rule(rule)
-    model_loading.install()
+    with core.applying(registry.get("bf16_weights")):  # a patch that declares the loader as its target
+        model_loading.add_load_rule(rule)
+        model_loading.add_load_rule(rule)
+        model_loading.install()
     assert isinstance(llm_utils.AutoModelForCausalLM, model_loading.LudwigModelLoader)
     assert llm_utils.AutoModelForCausalLM._real is FakeAutoModel, "wrapped once, not a wrapper of a wrapper"
     assert model_loading._KWARGS_RULES == [rule]

@@ -15,11 +15,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
+from ludwig_mt.errors import WorkflowError
 from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, spec_from_args
-from ludwig_mt.ludwig_fixes import WorkflowError
+from prep.registry import config_path
 
 
 def ludwig_executable() -> str:
@@ -46,10 +49,13 @@ def resume_args(output_directory: Path) -> list[str]:
 
 
 def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_args: list[str] | None = None,
-          log_name: str = "train.log", launch: LaunchSpec | None = None, resume: bool = False) -> Path:
+          log_name: str = "train.log", launch: LaunchSpec | None = None, config: Mapping[str, Any] | None = None,
+          resume: bool = False) -> Path:
     """Run ``ludwig train`` as a subprocess with its output in a log file; return the trained model folder.
 
-    ``launch`` runs it data-parallel through :mod:`ludwig_mt.launch`; ``resume`` continues the newest run.
+    ``launch`` runs it data-parallel through :mod:`ludwig_mt.launch`, which checks the strategy against ``config``
+    (the YAML at ``config_path`` as the caller loaded it, handed down so it is read once; loaded here if not given);
+    ``resume`` continues the newest run.
     """
     if not dataset.exists():
         raise WorkflowError(f"{dataset}: dataset not found. Fix: run ./run.sh prep first or pass --dataset")
@@ -61,7 +67,7 @@ def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_arg
     if launch is None:
         cmd, env = [ludwig_executable(), *ludwig_args], os.environ.copy()
     else:
-        cmd, env = command_and_env(launch, ludwig_args)
+        cmd, env = command_and_env(launch, ludwig_args, load_yaml(config_path) if config is None else config)
     with open(log, "a" if resume else "w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
@@ -85,19 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_arguments(parser, default_gpus=None)
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    path = Path(args.task) if args.task.endswith((".yaml", ".yml")) else task_config_path(args.task)
-    task = path.stem
+    yaml_given = args.task.endswith((".yaml", ".yml"))
+    try:
+        path = Path(args.task) if yaml_given else config_path(args.task)  # the task's record names its YAML
+    except WorkflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    task = path.stem if yaml_given else args.task
     dataset = args.dataset or Path("data/prepared") / task / "train.csv"
     out = args.output_directory or Path("results") / task
     try:
-        if args.cpu or args.base_model or args.epochs or args.batch_size:
-            config = render_overrides(load_yaml(path), base_model=args.base_model, cpu=args.cpu,
-                                      epochs=args.epochs, batch_size=args.batch_size)
+        rendered = args.cpu or args.base_model or args.epochs or args.batch_size
+        distributed = args.gpus is not None or args.strategy is not None or args.num_machines > 1
+        config = load_yaml(path) if rendered or distributed else None  # read once, handed down to the launcher
+        if rendered:
+            config = render_overrides(config, base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
+                                      batch_size=args.batch_size)
             path = write_yaml(config, out / f"{task}.rendered.yaml",
                               header=f"# Rendered from {path} by ./run.sh train; do not edit.\n")
-        distributed = args.gpus is not None or args.strategy is not None or args.num_machines > 1
-        launch = spec_from_args(args, load_yaml(path), cpu=args.cpu) if distributed else None
-        model = train(path, dataset, out, extra_args=extra, launch=launch, resume=args.resume)
+        launch = spec_from_args(args, config, cpu=args.cpu) if distributed else None
+        model = train(path, dataset, out, extra_args=extra, launch=launch, config=config, resume=args.resume)
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

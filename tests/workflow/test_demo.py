@@ -1,4 +1,4 @@
-"""ludwig_mt/demo.py: the terminal shows the demo's own progress and summary, not library chatter."""
+"""workflow/demo.py: the terminal shows the demo's own progress and summary, not library chatter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from transformers.utils import logging as hf_logging
 
-from ludwig_mt.demo import quiet_library_chatter
+from workflow.demo import quiet_library_chatter
 
 
 def test_quiet_library_chatter_silences_torch_deprecations_and_transformers_bars() -> None:

@@ -1,14 +1,16 @@
 """Speed-ups for LLM fine-tuning inside the declarative workflow (issue #6: fast training on GPU).
 
-Each speed-up is one small, idempotent patch of Ludwig 0.17.10 applied from the outside by :func:`apply_all`
-(called by ``ludwig_mt.ludwig_fixes.apply_all``), on by default, and measured by ``bench/train_speed.py``
-(predictions and outcomes: ``bench/NOTES-speed.md``). Switches:
+Each speed-up is one small patch body of Ludwig 0.17.10, applied from the outside by the registry
+(:mod:`ludwig_mt.patches`, where each is a row named like the speed-up), only through
+:func:`ludwig_mt.patches.core.rebind`; on by default, and measured by ``bench/train_speed.py`` (predictions and
+outcomes: ``bench/NOTES-speed.md``). Switches:
 
 * ``LUDWIG_MT_SPEEDUPS=0`` turns every speed-up off (raw Ludwig speed, for the benchmark's "raw" column);
-* ``LUDWIG_MT_SPEEDUPS_OFF=name,name`` turns single ones off (the names are the keys of :data:`SPEEDUPS`).
+* ``LUDWIG_MT_SPEEDUPS_OFF=name,name`` turns single ones off (the names are :data:`SPEEDUPS`, the registry's).
 
 The switches are read when a model is loaded / prepared, not when the patch is installed, so one process can
-compare on and off (the tests do).
+compare on and off (the tests do). (``LUDWIG_MT_PATCHES_OFF=name`` instead leaves a patch out when patches are
+applied; every patch here works without the others.)
 
 What Ludwig does without them, and why each change is safe:
 
@@ -68,7 +70,8 @@ What Ludwig does without them, and why each change is safe:
 
 ``trainer.packing: true`` (Ludwig's own switch, off by default) is made correct and fast on those steps: Ludwig
 0.17.10 builds its block-diagonal mask with a Python loop over every (i, j) token pair of every pack and then
-aligns the targets with the unpacked batch, not the packs. We pack whole rows (prompt + response + EOS) first-fit
+aligns the targets with the unpacked batch, not the packs (the correctness fix in :mod:`ludwig_mt.patches.fixes`
+runs every other step unpacked). We pack whole rows (prompt + response + EOS) first-fit
 into rows of at most ``preprocessing.global_max_sequence_length`` tokens, restart ``position_ids`` at 0 for each
 sequence and pass no attention mask, so transformers builds the block-diagonal causal mask itself (its
 packed-sequence support); rows never attend to each other and the loss is the same mean over response tokens.
@@ -83,10 +86,9 @@ import logging
 import os
 from typing import Any
 
-from ludwig_mt import model_loading
-
-# Not circular: ludwig_fixes imports this module only inside its apply_all(), never at import time.
-from ludwig_mt.ludwig_fixes import _once
+from ludwig_mt.patches.model_loading import add_load_rule
+from ludwig_mt.patches.core import rebind
+from ludwig_mt.patches.env import env_names
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +109,7 @@ def enabled(name: str) -> bool:
         raise KeyError(f"unknown speed-up {name!r}; known: {', '.join(SPEEDUPS)}")
     if os.environ.get("LUDWIG_MT_SPEEDUPS", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
-    off = {s.strip() for s in os.environ.get("LUDWIG_MT_SPEEDUPS_OFF", "").split(",") if s.strip()}
-    return name not in off
+    return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF")
 
 
 def _cuda_bf16() -> bool:
@@ -117,11 +118,9 @@ def _cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def adjust_load_kwargs(kwargs: dict[str, Any], *, cuda_bf16: bool) -> dict[str, Any]:
-    """The ``from_pretrained`` keyword arguments Ludwig built, changed by the enabled load-time speed-ups.
-
-    Pure (returns a new dict) so the rule is unit-testable without loading a model.
-    """
+def bf16_load_kwargs(kwargs: dict[str, Any], *, cuda_bf16: bool) -> dict[str, Any]:
+    """``bf16_weights``: the ``from_pretrained`` keyword arguments with bfloat16 weights instead of float32, on a
+    CUDA GPU with bf16 and without quantization. Pure (returns a new dict)."""
     import torch
 
     out = dict(kwargs)
@@ -129,6 +128,12 @@ def adjust_load_kwargs(kwargs: dict[str, Any], *, cuda_bf16: bool) -> dict[str, 
         if out.get("dtype", out.get("torch_dtype")) in (None, torch.float32):
             out.pop("torch_dtype", None)
             out["dtype"] = torch.bfloat16
+    return out
+
+
+def sdpa_load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``sdpa_attention``: the keyword arguments without Ludwig's forced eager attention. Pure (a new dict)."""
+    out = dict(kwargs)
     if enabled("sdpa_attention") and out.get("attn_implementation") == "eager":
         # transformers' own default: SDPA for architectures that support it (Llama, Qwen2...), eager otherwise
         # (Bloom). Asking for "sdpa" explicitly would fail on the latter.
@@ -136,9 +141,15 @@ def adjust_load_kwargs(kwargs: dict[str, Any], *, cuda_bf16: bool) -> dict[str, 
     return out
 
 
-def speedup_load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """:func:`adjust_load_kwargs` for this machine: the load rule registered by :func:`patch_model_loading`."""
-    return adjust_load_kwargs(kwargs, cuda_bf16=_cuda_bf16())
+def adjust_load_kwargs(kwargs: dict[str, Any], *, cuda_bf16: bool) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword arguments Ludwig built, changed by the enabled load-time speed-ups, in the
+    order the loader applies them. Pure (returns a new dict) so the rules are unit-testable without a model."""
+    return sdpa_load_kwargs(bf16_load_kwargs(kwargs, cuda_bf16=cuda_bf16))
+
+
+def bf16_load_rule(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`bf16_load_kwargs` for this machine: the load rule of ``bf16_weights``."""
+    return bf16_load_kwargs(kwargs, cuda_bf16=_cuda_bf16())
 
 
 def liger_usable() -> bool:
@@ -166,10 +177,19 @@ def apply_liger_kernels(model) -> bool:
     return True
 
 
-@_once
-def patch_model_loading() -> None:
-    """Ludwig's LLM loads get the load-time speed-ups (``bf16_weights``, ``sdpa_attention``, ``liger_kernels``)."""
-    model_loading.add_load_rule(speedup_load_kwargs, after_load=apply_liger_kernels)
+def patch_bf16_weights() -> None:
+    """Ludwig's LLM loads get ``bf16_weights`` (through the one stand-in loader)."""
+    add_load_rule(bf16_load_rule)
+
+
+def patch_sdpa_attention() -> None:
+    """Ludwig's LLM loads get ``sdpa_attention`` (through the one stand-in loader)."""
+    add_load_rule(sdpa_load_kwargs)
+
+
+def patch_liger_kernels() -> None:
+    """Ludwig's loaded LLMs get ``liger_kernels`` (an after-load hook of the one stand-in loader)."""
+    add_load_rule(after_load=apply_liger_kernels)
 
 
 def lean_prepare_for_kbit_training(model):
@@ -185,20 +205,19 @@ def lean_prepare_for_kbit_training(model):
     return model
 
 
-@_once
-def patch_kbit_preparation() -> None:
+def patch_lean_kbit_prep() -> None:
     """Make ``LLM.prepare_for_quantized_training`` use :func:`lean_prepare_for_kbit_training` (``lean_kbit_prep``)."""
-    from ludwig.models.llm import LLM
 
-    original = LLM.prepare_for_quantized_training
+    def lean(original):
+        @functools.wraps(original)
+        def prepare_for_quantized_training(self):
+            if not enabled("lean_kbit_prep"):
+                return original(self)
+            self.model = lean_prepare_for_kbit_training(self.model)
 
-    @functools.wraps(original)
-    def prepare_for_quantized_training(self):
-        if not enabled("lean_kbit_prep"):
-            return original(self)
-        self.model = lean_prepare_for_kbit_training(self.model)
+        return prepare_for_quantized_training
 
-    LLM.prepare_for_quantized_training = prepare_for_quantized_training
+    rebind("ludwig.models.llm:LLM.prepare_for_quantized_training", lean)
 
 
 def training_metrics_due(trainer) -> bool:
@@ -221,23 +240,20 @@ def metric_sample_outputs(trainer) -> tuple[dict, dict]:
     return outputs, wanted
 
 
-@_once
-def patch_training_metrics() -> None:
+def patch_sampled_train_metrics() -> None:
     """Make ``Trainer._update_training_metrics`` run on one step in TRAIN_METRICS_EVERY (``sampled_train_metrics``)."""
-    from ludwig.trainers.trainer import Trainer
 
-    original = Trainer._update_training_metrics
+    def sampled(original):
+        @functools.wraps(original)
+        def _update_training_metrics(self, model_outputs, targets):
+            due = training_metrics_due(self)
+            self._ludwig_mt_metric_steps = getattr(self, "_ludwig_mt_metric_steps", 0) + 1
+            if due:
+                original(self, model_outputs, targets)
 
-    @functools.wraps(original)
-    def _update_training_metrics(self, model_outputs, targets):
-        due = training_metrics_due(self)
-        self._ludwig_mt_metric_steps = getattr(self, "_ludwig_mt_metric_steps", 0) + 1
-        if due:
-            if LEAN_LOSS in model_outputs:  # a lean step has no logits: measure a few of its rows again
-                model_outputs, targets = metric_sample_outputs(self)
-            original(self, model_outputs, targets)
+        return _update_training_metrics
 
-    Trainer._update_training_metrics = _update_training_metrics
+    rebind("ludwig.trainers.trainer:Trainer._update_training_metrics", sampled)
 
 
 # ------------------------------------------------------------------------------------------ target_only_logits
@@ -407,70 +423,71 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids, generate_merged_ids)
             "n_tokens": n_tokens}
 
 
-@_once
-def patch_llm_training_forward() -> None:
+def patch_target_only_logits() -> None:
     """Lean training forward for ``LLM`` (``target_only_logits``), and Ludwig's packing made correct on it.
 
     ``Trainer._forward_pass`` marks the model lean (and keeps the batch for the training-metric sample); ``LLM.forward``
-    then returns the loss itself and ``LLM.train_loss`` passes it on.
+    then returns the loss itself, ``LLM.train_loss`` passes it on, and ``Trainer._update_training_metrics`` measures a
+    few rows of a lean step again (a lean step has no logits for Ludwig's metrics).
     """
     from ludwig.constants import USED_TOKENS
     from ludwig.models.llm import LLM
-    from ludwig.trainers.trainer import Trainer
     from ludwig.utils.torch_utils import reg_loss
 
-    original_pass, original_forward, original_loss = Trainer._forward_pass, LLM.forward, LLM.train_loss
-
-    @functools.wraps(original_pass)
-    def _forward_pass(self, inputs, targets, should_step):
-        lean = enabled("target_only_logits") and isinstance(self.model, LLM) and lean_forward_supported(self.model)
-        self.model._ludwig_mt_lean = lean
-        self._ludwig_mt_last_batch = (inputs, targets) if lean else None
-        try:
-            with training_autocast(self):
+    def marking(original_pass):
+        @functools.wraps(original_pass)
+        def _forward_pass(self, inputs, targets, should_step):
+            lean = enabled("target_only_logits") and isinstance(self.model, LLM) and lean_forward_supported(self.model)
+            self.model._ludwig_mt_lean = lean
+            self._ludwig_mt_last_batch = (inputs, targets) if lean else None
+            try:
                 return original_pass(self, inputs, targets, should_step)
-        finally:
-            self.model._ludwig_mt_lean = False
+            finally:
+                self.model._ludwig_mt_lean = False
 
-    @functools.wraps(original_forward)
-    def forward(self, inputs, mask=None):
-        if not (self.training and getattr(self, "_ludwig_mt_lean", False) and isinstance(inputs, tuple)):
-            if self.training and getattr(self.config_obj.trainer, "packing", False):
-                with _packing_off(self.config_obj.trainer):  # Ludwig's own packing misaligns the targets
-                    return original_forward(self, inputs, mask)
-            return original_forward(self, inputs, mask)
-        input_ids, target_ids = self._unpack_inputs(inputs)
-        batch = lean_training_batch(self, input_ids, target_ids)
-        return {LEAN_LOSS: target_only_loss(self.model, batch), USED_TOKENS: batch["n_tokens"]}
+        return _forward_pass
 
-    @functools.wraps(original_loss)
-    def train_loss(self, targets, predictions, regularization_type=None, regularization_lambda=None):
-        if LEAN_LOSS not in predictions:
-            return original_loss(self, targets, predictions, regularization_type, regularization_lambda)
-        (name, feature), = self.output_features.items()
-        of_loss = predictions[LEAN_LOSS]
-        loss = feature.loss.weight * of_loss
-        additional = self.losses()
-        if additional:
-            loss = loss + sum(additional)
-        if regularization_type is not None and regularization_lambda != 0:
-            loss = loss + reg_loss(self, regularization_type, l1=regularization_lambda, l2=regularization_lambda)
-        return loss, {name: of_loss}
+    def lean_forward(original_forward):
+        @functools.wraps(original_forward)
+        def forward(self, inputs, mask=None):
+            if not (self.training and getattr(self, "_ludwig_mt_lean", False) and isinstance(inputs, tuple)):
+                return original_forward(self, inputs, mask)
+            input_ids, target_ids = self._unpack_inputs(inputs)
+            batch = lean_training_batch(self, input_ids, target_ids)
+            return {LEAN_LOSS: target_only_loss(self.model, batch), USED_TOKENS: batch["n_tokens"]}
 
-    Trainer._forward_pass, LLM.forward, LLM.train_loss = _forward_pass, forward, train_loss
+        return forward
 
+    def passing_lean_loss(original_loss):
+        @functools.wraps(original_loss)
+        def train_loss(self, targets, predictions, regularization_type=None, regularization_lambda=None):
+            if LEAN_LOSS not in predictions:
+                return original_loss(self, targets, predictions, regularization_type, regularization_lambda)
+            (name, feature), = self.output_features.items()
+            of_loss = predictions[LEAN_LOSS]
+            loss = feature.loss.weight * of_loss
+            additional = self.losses()
+            if additional:
+                loss = loss + sum(additional)
+            if regularization_type is not None and regularization_lambda != 0:
+                loss = loss + reg_loss(self, regularization_type, l1=regularization_lambda, l2=regularization_lambda)
+            return loss, {name: of_loss}
 
-class _packing_off:
-    """Context manager: ``trainer.packing`` reads False inside (for the steps that run Ludwig's own forward)."""
+        return train_loss
 
-    def __init__(self, trainer_config) -> None:
-        self._config = trainer_config
+    def sampling_lean_steps(original_update):
+        @functools.wraps(original_update)
+        def _update_training_metrics(self, model_outputs, targets):
+            if LEAN_LOSS in model_outputs:  # a lean step has no logits: measure a few of its rows again
+                model_outputs, targets = metric_sample_outputs(self)
+            return original_update(self, model_outputs, targets)
 
-    def __enter__(self) -> None:
-        self._config.packing = False
+        return _update_training_metrics
 
-    def __exit__(self, *exc) -> None:
-        self._config.packing = True
+    rebind("ludwig.trainers.trainer:Trainer._forward_pass", marking)
+    rebind("ludwig.models.llm:LLM.forward", lean_forward)
+    rebind("ludwig.models.llm:LLM.train_loss", passing_lean_loss)
+    rebind("ludwig.trainers.trainer:Trainer._update_training_metrics", sampling_lean_steps)
 
 
 # ----------------------------------------------------------------------------------------------- bf16_autocast
@@ -536,29 +553,29 @@ def bf16_adapter_step(trainer, device: str):
             layer.cast_input_dtype_enabled = True
 
 
-@_once
 def patch_bf16_autocast() -> None:
-    """Run ``Trainer.train_step`` with the adapters' input cast off and its forwards under bf16 autocast
-    (``bf16_autocast``); the backward and optimizer step stay outside autocast, as torch's AMP recipe says."""
-    from ludwig.trainers.trainer import Trainer
+    """Run ``Trainer.train_step`` with the adapters' input cast off and its forward pass (``Trainer._forward_pass``)
+    under bf16 autocast (``bf16_autocast``); the backward and optimizer step stay outside autocast, as torch's AMP
+    recipe says."""
 
-    original = Trainer.train_step
+    def adapter_step(original):
+        @functools.wraps(original)
+        def train_step(self, inputs, targets, should_step=True, profiler=None):
+            device = autocast_device(self)
+            if device is None:
+                return original(self, inputs, targets, should_step=should_step, profiler=profiler)
+            with bf16_adapter_step(self, device):
+                return original(self, inputs, targets, should_step=should_step, profiler=profiler)
 
-    @functools.wraps(original)
-    def train_step(self, inputs, targets, should_step=True, profiler=None):
-        device = autocast_device(self)
-        if device is None:
-            return original(self, inputs, targets, should_step=should_step, profiler=profiler)
-        with bf16_adapter_step(self, device):
-            return original(self, inputs, targets, should_step=should_step, profiler=profiler)
+        return train_step
 
-    Trainer.train_step = train_step
+    def autocast_forward(original_pass):
+        @functools.wraps(original_pass)
+        def _forward_pass(self, inputs, targets, should_step):
+            with training_autocast(self):
+                return original_pass(self, inputs, targets, should_step)
 
+        return _forward_pass
 
-def apply_all() -> None:
-    """Install every speed-up patch; safe to call many times. The env switches are honoured at use time."""
-    patch_model_loading()
-    patch_kbit_preparation()
-    patch_training_metrics()
-    patch_llm_training_forward()
-    patch_bf16_autocast()
+    rebind("ludwig.trainers.trainer:Trainer.train_step", adapter_step)
+    rebind("ludwig.trainers.trainer:Trainer._forward_pass", autocast_forward)

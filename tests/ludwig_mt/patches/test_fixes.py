@@ -1,4 +1,4 @@
-"""Regression tests for every Ludwig 0.17.10 workaround in ludwig_mt/ludwig_fixes.py.
+"""Regression tests for every Ludwig 0.17.10 workaround in ludwig_mt/patches/fixes.py.
 
 Each test shows the failure with raw Ludwig (LUDWIG_MT_NO_FIXES=1 in a subprocess) and the fixed behaviour, so
 removing a fix makes its test fail.
@@ -13,8 +13,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-from ludwig_mt.ludwig_fixes import WorkflowError, check_quantization_supported
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.patches import fixes
+from ludwig_mt.patches.fixes import check_quantization_supported
 
 SAVED_CONFIG_CHECK = textwrap.dedent(
     """
@@ -51,7 +54,7 @@ def test_saved_llm_config_with_null_adapters_validates_only_with_the_fix() -> No
 
 
 def test_fixes_are_applied_automatically_when_ludwig_api_is_imported() -> None:
-    code = "import ludwig.api\nfrom ludwig_mt import ludwig_fixes\nprint(sorted(ludwig_fixes._APPLIED))"
+    code = "import ludwig.api\nfrom ludwig_mt.patches import core\nprint(sorted(core.applied()))"
     out = run_python(code, fixes=True)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("allow_null_adapters_schema", "keep_text_fill_value_when_tokenizer_has_no_unk",
@@ -123,7 +126,7 @@ def test_bitsandbytes_optimizers_build_only_with_the_fix() -> None:
 
 
 def test_removed_bnb_arguments_are_dropped_only_when_harmless() -> None:
-    from ludwig_mt.ludwig_fixes import drop_removed_bnb_arguments
+    from ludwig_mt.patches.fixes import drop_removed_bnb_arguments
 
     class NewStyle:  # the bitsandbytes 0.50 signature: neither argument exists any more
         def __init__(self, params, lr=1e-3, betas=(0.9, 0.999)): ...
@@ -141,7 +144,7 @@ def test_removed_bnb_arguments_are_dropped_only_when_harmless() -> None:
 def test_blank_after_first_eos_keeps_everything_up_to_the_first_eos() -> None:
     import torch
 
-    from ludwig_mt.ludwig_fixes import blank_after_first_eos
+    from ludwig_mt.patches.fixes import blank_after_first_eos
 
     eos = 2
     predictions = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 0], [2, 0, 0, 0, 0], [5, 2, 3, 2, 0]])
@@ -215,7 +218,7 @@ def test_responses_that_stop_early_carry_no_padding_only_with_the_fix(tmp_path) 
 
 
 def test_without_4bit_quant_state_keeps_weights_and_adapters() -> None:
-    from ludwig_mt.ludwig_fixes import without_4bit_quant_state
+    from ludwig_mt.patches.fixes import without_4bit_quant_state
 
     layer = "model.base_model.model.model.layers.0.self_attn.q_proj"
     state = {f"{layer}.base_layer.weight": 1, f"{layer}.lora_A.default.weight": 2,
@@ -232,12 +235,12 @@ QUANTIZED_TRAINING = textwrap.dedent(
     from pathlib import Path
     import pandas as pd
     from ludwig.api import LudwigModel
-    from ludwig_mt.samples import sql_rows
+    from workflow.samples import sql_rows
     from ludwig_mt.tiny_model import build_tiny_llama
     work = Path(sys.argv[1])
     if sys.argv[2] == "fixed":
-        from ludwig_mt import ludwig_fixes
-        ludwig_fixes.reload_checkpoints_of_4bit_models()
+        from ludwig_mt.patches import registry
+        registry.apply("reload_checkpoints_of_4bit_models")
     build_tiny_llama(work / "base")
     rows = pd.DataFrame(sql_rows(24))
     frame = pd.DataFrame({"prompt": rows["question"], "response": rows["answer"], "split": [0] * 20 + [1] * 4})
@@ -269,3 +272,37 @@ def test_4bit_training_reloads_its_best_checkpoint_only_with_the_fix(tmp_path) -
     assert ".weight.absmax" in runs["raw"].stderr
     assert runs["fixed"].returncode == 0, runs["fixed"].stderr[-3000:]
     assert "TRAINED" in runs["fixed"].stdout
+
+
+# ------------------------------------------------------------------- resume: the learning rate and the batches
+def test_batches_per_epoch_counts_the_dropped_one_row_batch() -> None:
+    # Ludwig plans ceil(rows / batch) steps but drops a last batch of one row while training (ignore_last)
+    assert [fixes.batches_per_epoch(rows, 8, True) for rows in (48, 49, 50, 55, 56, 57)] == [6, 6, 7, 7, 7, 7]
+    assert [fixes.batches_per_epoch(rows, 8, False) for rows in (48, 49, 57)] == [6, 7, 8]
+    assert fixes.batches_per_epoch(1, 1, True) == 1  # a batch of one is only dropped when batches are larger
+    assert fixes.batches_per_epoch(0, 8, True) == 0
+
+
+def test_batches_done_in_epoch() -> None:
+    # 6 real batches per epoch (49 rows at batch 8): epoch 1 starts at step 6, not at Ludwig's planned step 7
+    assert [fixes.batches_done_in_epoch(s, e, 6) for s, e in ((0, 0), (5, 0), (6, 1), (7, 1), (11, 1))] == [
+        0, 5, 0, 1, 5]
+    assert fixes.batches_done_in_epoch(12, 1, 6) == 0  # inconsistent with the data: skip nothing
+    assert fixes.batches_done_in_epoch(3, 0, 0) == 0
+
+
+def test_fast_forward_scheduler_reaches_the_uninterrupted_learning_rate() -> None:
+    from ludwig.modules.lr_scheduler import LRScheduler
+    from ludwig.schema.lr_scheduler import LRSchedulerConfig
+
+    def scheduler() -> LRScheduler:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return LRScheduler(LRSchedulerConfig(decay="cosine", warmup_fraction=0.2), optimizer, 5, 20)
+
+    uninterrupted, resumed = scheduler(), scheduler()
+    for _ in range(7):
+        uninterrupted.optimizer.step()
+        uninterrupted.step()
+    assert fixes.fast_forward_scheduler(resumed, 7) == 7
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted.optimizer.param_groups[0]["lr"])
+    assert fixes.fast_forward_scheduler(resumed, 7) == 0  # already there: a no-op

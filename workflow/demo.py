@@ -18,17 +18,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.ludwig_fixes import WorkflowError
-from ludwig_mt.samples import write_detox_sample, write_sql_sample
+from ludwig_mt.config import load_yaml, render_overrides, write_yaml
+from ludwig_mt.errors import WorkflowError
 from ludwig_mt.tiny_model import build_tiny_llama
-from ludwig_mt.train import ludwig_executable, train
 from prep.registry import get_task
 from prep.task import prepare
+from workflow.samples import write_detox_sample, write_sql_sample
+from workflow.train import ludwig_executable, train
 
 
 def predict(model: Path, dataset: Path, out_dir: Path, log: Path) -> Path:
-    """The plain ``ludwig predict`` command (fixed by ludwig_mt.ludwig_fixes); returns the predictions file."""
+    """The plain ``ludwig predict`` command (patched by ludwig_mt.patches); returns the predictions file."""
     cmd = [ludwig_executable(), "predict", "--model_path", str(model), "--dataset", str(dataset),
            "--output_directory", str(out_dir)]
     with open(log, "w", encoding="utf-8") as fh:
@@ -64,10 +64,10 @@ def run_demo(workdir: Path, *, rows: int = 200, epochs: int = 2, base_model: str
     sample = step("write sample rows", lambda: write_sql_sample(workdir / "raw" / "sql_create_context_v4.json", rows))
     report = step("prep sql", lambda: prepare(get_task("sql"), str(sample), workdir / "prepared"))
     train_csv, test_csv = Path(report.files["train"]), Path(report.files["test"])
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(model_dir), cpu=True,
+    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(model_dir), cpu=True,
                               epochs=epochs, batch_size=8, max_new_tokens=24)
     config_path = write_yaml(config, workdir / "sql.cpu.yaml",
-                             header="# ludwig_configs/sql.yaml rendered for the CPU demo (ludwig_mt.demo).\n")
+                             header="# ludwig_configs/sql.yaml rendered for the CPU demo (workflow.demo).\n")
     results = workdir / "results" / "sql"
     model = step("ludwig train", lambda: train(config_path, train_csv, results))
     predictions = step("ludwig predict", lambda: predict(model, test_csv, workdir / "predictions" / "sql",

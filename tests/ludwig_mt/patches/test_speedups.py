@@ -1,4 +1,4 @@
-"""Correctness guards for ludwig_mt/speedups.py: each speed-up that applies on CPU leaves the loss unchanged.
+"""Correctness guards for ludwig_mt/patches/speedups.py: each speed-up that applies on CPU leaves the loss unchanged.
 
 Speed itself is measured by bench/train_speed.py (GPU), never here.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ludwig_mt import speedups
+from ludwig_mt.patches import core, speedups
 
 TOLERANCE = 1e-5  # fp32 on CPU: the lean loss sums the same terms in another order
 
@@ -22,13 +22,13 @@ TOLERANCE = 1e-5  # fp32 on CPU: the lean loss sums the same terms in another or
 @pytest.fixture(scope="module")
 def llm(tiny_model: Path):
     """A Ludwig ``LLM`` (tiny Llama + LoRA without dropout, so two forwards are comparable) in training mode."""
-    import ludwig.api  # noqa: F401  (the import hook applies ludwig_fixes + speedups)
+    import ludwig.api  # noqa: F401  (the import hook applies the registry's patches)
     from ludwig.models.llm import LLM
     from ludwig.schema.model_types.base import ModelConfig
 
-    from ludwig_mt import ludwig_fixes
+    from ludwig_mt.patches import registry
 
-    ludwig_fixes.apply_all()
+    registry.apply_all()
     config = {"model_type": "llm", "base_model": str(tiny_model),
               "input_features": [{"name": "prompt", "type": "text"}],
               "output_features": [{"name": "response", "type": "text"}],
@@ -237,9 +237,7 @@ def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
 
 def test_raw_ludwig_packing_crashes_on_this_stack(llm) -> None:
     """Why packing goes through the lean path: Ludwig 0.17.10's own packed forward hands transformers a 3-D mask."""
-    from ludwig.models.llm import LLM
-
-    raw_forward = LLM.forward.__wrapped__
+    raw_forward = core.original("ludwig.models.llm:LLM.forward")
     inputs, targets = ludwig_batch(llm.tokenizer, [12, 20], [5, 9])
     llm.config_obj.trainer.packing = True
     try:
@@ -306,7 +304,7 @@ TRAIN_AND_RECORD_LOSSES = textwrap.dedent(
     if sys.argv[4:] == ["autocast"]:  # bf16_autocast, on CPU too; record each training forward's state
         import torch
         from ludwig.models.llm import LLM
-        from ludwig_mt import speedups
+        from ludwig_mt.patches import speedups
         speedups.AUTOCAST_DEVICES = ("cuda", "cpu")
         forward = LLM.forward
         def recording_forward(self, inputs, mask=None):

@@ -17,92 +17,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ludwig_mt import distributed, model_loading
-from ludwig_mt.config import load_yaml, render_overrides, task_config_path, write_yaml
-from ludwig_mt.demo import predict
+from ludwig_mt.config import load_yaml, render_overrides, config_file, write_yaml
 from ludwig_mt.launch import free_port
-from ludwig_mt.ludwig_fixes import WorkflowError
-from ludwig_mt.samples import write_sql_sample
-from ludwig_mt.train import ludwig_executable
+from ludwig_mt.patches import distributed, model_loading
+from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_RANK_REPORT
+from ludwig_mt.strategies import ENV_STRATEGY
 from prep.registry import get_task
 from prep.task import prepare
+from workflow.demo import predict
+from workflow.samples import write_sql_sample
+from workflow.train import ludwig_executable
 
 TRAIN_ROWS, VALIDATION_ROWS, BATCH = 64, 8, 4
 EPOCHS, STEPS_PER_CHECKPOINT = 2, 5  # 2 ranks: 8 steps per epoch, so checkpoint 1 (step 5) is mid-epoch
 
 
 # ---------------------------------------------------------------------------------------------- fast: pure helpers
-def test_zero3_and_fsdp_are_refused_for_4bit_with_the_reason_and_the_fix() -> None:
-    qlora = load_yaml(task_config_path("sql"))
-    for strategy, reason in (("zero3", "4-bit"), ("fsdp", "bnb_4bit_quant_storage")):
-        with pytest.raises(WorkflowError, match="--strategy zero2") as err:
-            distributed.check_strategy_compatible(strategy, qlora)
-        assert reason in str(err.value) and "\n" not in str(err.value)
-    for config in (qlora, render_overrides(qlora, cpu=True)):
-        distributed.check_strategy_compatible("zero2", config)
-        distributed.check_strategy_compatible("ddp", config)
-    for strategy in distributed.SHARDED_WEIGHT_STRATEGIES:  # no quantization: allowed
-        distributed.check_strategy_compatible(strategy, render_overrides(qlora, cpu=True))
-
-
-@pytest.mark.parametrize("strategy", distributed.SHARDED_WEIGHT_STRATEGIES)
-def test_sharded_weights_refuse_merging_the_adapter_into_sharded_base_weights(strategy: str) -> None:
-    config = render_overrides(load_yaml(task_config_path("sql")), cpu=True)
-    config["adapter"]["postprocessor"] = {"merge_adapter_into_base_model": True}
-    with pytest.raises(WorkflowError, match="merge_adapter_into_base_model") as err:
-        distributed.check_strategy_compatible(strategy, config)
-    assert "\n" not in str(err.value)
-    distributed.check_strategy_compatible("zero2", config)
-
-
-def test_zero3_file_is_stage_3_and_comments_are_dropped_at_every_depth() -> None:
-    class Trainer:
-        batch_size, gradient_accumulation_steps, gradient_clipping = 4, 1, None
-
-    config = distributed.deepspeed_config("zero3", Trainer(), world_size=2)
-    assert config["zero_optimization"]["stage"] == 3 and config["train_batch_size"] == 8
-    assert distributed.without_comments({"_a": 1, "b": {"_c": 2, "d": [3]}}) == {"b": {"d": [3]}}
-    assert not any(k.startswith("_") for k in config["zero_optimization"])
-
-
-def test_deepspeed_config_takes_batch_sizes_and_clipping_from_the_trainer() -> None:
-    class Clip:
-        clipglobalnorm = 0.5
-
-    class Trainer:
-        batch_size, gradient_accumulation_steps, gradient_clipping = 8, 2, Clip()
-
-    config = distributed.deepspeed_config("zero2", Trainer(), world_size=4)
-    assert config["zero_optimization"]["stage"] == 2
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (8, 2)
-    assert config["train_batch_size"] == 64 and config["gradient_clipping"] == 0.5
-    assert not any(key.startswith("_") for key in config)
-    Trainer.batch_size = "auto"
-    with pytest.raises(WorkflowError, match="trainer.batch_size"):
-        distributed.deepspeed_config("zero2", Trainer(), world_size=4)
-
-
-def test_every_strategy_is_documented_and_its_file_exists() -> None:
-    readme = (distributed.DISTRIBUTED_CONFIG_DIR / "README.md").read_text(encoding="utf-8")
-    for name in distributed.STRATEGIES:
-        assert f"--strategy {name}" in readme
-    for file in filter(None, distributed.STRATEGY_FILES.values()):
-        assert (distributed.DISTRIBUTED_CONFIG_DIR / file).exists() and file in readme
-
-
-def test_strategy_comes_from_the_launcher_switch_or_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(distributed.ENV_STRATEGY, raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.strategy_name() is None and not distributed.is_distributed_launch()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.strategy_name() == "ddp"
-    monkeypatch.setenv(distributed.ENV_STRATEGY, "zero2")
-    assert distributed.strategy_name() == "zero2"
-    monkeypatch.setenv(distributed.ENV_STRATEGY, "horovod")
-    with pytest.raises(WorkflowError, match="unknown strategy"):
-        distributed.strategy_name()
-
-
 def test_4bit_model_is_placed_on_the_rank_gpu_only_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[dict] = []
 
@@ -115,53 +45,20 @@ def test_4bit_model_is_placed_on_the_rank_gpu_only_under_a_launcher(monkeypatch:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv(distributed.ENV_STRATEGY, raising=False)
+    monkeypatch.delenv(ENV_STRATEGY, raising=False)
     placement.from_pretrained("m", device_map="auto")  # plain process: Ludwig's choice stays
-    monkeypatch.setenv(distributed.ENV_STRATEGY, "zero2")
+    monkeypatch.setenv(ENV_STRATEGY, "zero2")
     placement.from_pretrained("m", device_map="auto")
     placement.from_pretrained("m", dtype="float32")  # no device map asked for: none added
     assert [kw.get("device_map") for kw in seen] == ["auto", {"": 3}, None]
     assert placement.from_pretrained is not Loader.from_pretrained and placement.__name__ == "Loader"
 
 
-def test_batches_per_epoch_counts_the_dropped_one_row_batch() -> None:
-    # Ludwig plans ceil(rows / batch) steps but drops a last batch of one row while training (ignore_last)
-    assert [distributed.batches_per_epoch(rows, 8, True) for rows in (48, 49, 50, 55, 56, 57)] == [6, 6, 7, 7, 7, 7]
-    assert [distributed.batches_per_epoch(rows, 8, False) for rows in (48, 49, 57)] == [6, 7, 8]
-    assert distributed.batches_per_epoch(1, 1, True) == 1  # a batch of one is only dropped when batches are larger
-    assert distributed.batches_per_epoch(0, 8, True) == 0
-
-
-def test_batches_done_in_epoch() -> None:
-    # 6 real batches per epoch (49 rows at batch 8): epoch 1 starts at step 6, not at Ludwig's planned step 7
-    assert [distributed.batches_done_in_epoch(s, e, 6) for s, e in ((0, 0), (5, 0), (6, 1), (7, 1), (11, 1))] == [
-        0, 5, 0, 1, 5]
-    assert distributed.batches_done_in_epoch(12, 1, 6) == 0  # inconsistent with the data: skip nothing
-    assert distributed.batches_done_in_epoch(3, 0, 0) == 0
-
-
-def test_fast_forward_scheduler_reaches_the_uninterrupted_learning_rate() -> None:
-    from ludwig.modules.lr_scheduler import LRScheduler
-    from ludwig.schema.lr_scheduler import LRSchedulerConfig
-
-    def scheduler() -> LRScheduler:
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return LRScheduler(LRSchedulerConfig(decay="cosine", warmup_fraction=0.2), optimizer, 5, 20)
-
-    uninterrupted, resumed = scheduler(), scheduler()
-    for _ in range(7):
-        uninterrupted.optimizer.step()
-        uninterrupted.step()
-    assert distributed.fast_forward_scheduler(resumed, 7) == 7
-    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted.optimizer.param_groups[0]["lr"])
-    assert distributed.fast_forward_scheduler(resumed, 7) == 0  # already there: a no-op
-
-
 @pytest.mark.slow  # a fresh interpreter importing Ludwig: ~20 s on 2 shared cores
 def test_plain_process_keeps_the_local_strategy() -> None:
     code = ("import ludwig.api; from ludwig.backend import initialize_backend; from ludwig import distributed as d; "
             "b = initialize_backend('local'); print(type(d.get_current_dist_strategy()).__name__, b.is_coordinator())")
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", distributed.ENV_STRATEGY)}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", ENV_STRATEGY)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip().splitlines()[-1:] == ["LocalStrategy True"], out.stderr[-2000:]
 
@@ -176,7 +73,7 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     rows = pd.concat([rows[rows.split == 0].head(TRAIN_ROWS), rows[rows.split == 1].head(VALIDATION_ROWS)])
     assert (rows.split == 0).sum() == TRAIN_ROWS
     rows.to_csv(root / "train.csv", index=False)
-    config = render_overrides(load_yaml(task_config_path("sql")), base_model=str(tiny_model), cpu=True,
+    config = render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), cpu=True,
                               epochs=EPOCHS, batch_size=BATCH, max_sequence_length=48, max_new_tokens=4)
     config["adapter"]["dropout"] = 0.0
     config["trainer"].update(learning_rate=0.01, steps_per_checkpoint=STEPS_PER_CHECKPOINT)
@@ -216,8 +113,8 @@ def train_command(work: dict[str, Path], name: str, config: str, processes: int,
 
 
 def train_env(work: dict[str, Path], name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", distributed.ENV_STRATEGY)}
-    return {**env, distributed.ENV_RANK_REPORT: str(work["root"] / f"{name}.report"), **(extra or {})}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", ENV_STRATEGY)}
+    return {**env, ENV_RANK_REPORT: str(work["root"] / f"{name}.report"), **(extra or {})}
 
 
 def rank_report(work: dict[str, Path], name: str, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -411,7 +308,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_
     strategy = "zero2" if reference == "single" else reference  # ignored by a single process
     name = f"killed_{reference}"
     crashed = ludwig_train(work, name, processes=processes, strategy=strategy,
-                           env={distributed.ENV_CRASH_AFTER_CHECKPOINT: "1"})
+                           env={ENV_CRASH_AFTER_CHECKPOINT: "1"})
     assert crashed.returncode != 0
     progress = json.loads((work["root"] / name / "experiment_run/model/training_progress.json").read_text())
     total = rank_report(work, reference, 0)[0]["steps"]
@@ -469,7 +366,7 @@ def test_every_remainder_of_rows_trains_to_the_end_fresh_and_resumed(remainder_w
     assert fresh.returncode == 0, log_tail(remainder_work, f"fresh_r{r}")
     assert "skipping" not in (remainder_work["root"] / f"fresh_r{r}.log").read_text(errors="replace")
     report, expected = rank_report(remainder_work, f"fresh_r{r}", 0)
-    crashed = remainder_train(remainder_work, r, f"resumed_r{r}", env={distributed.ENV_CRASH_AFTER_CHECKPOINT: "1"})
+    crashed = remainder_train(remainder_work, r, f"resumed_r{r}", env={ENV_CRASH_AFTER_CHECKPOINT: "1"})
     assert crashed.returncode != 0
     resumed = remainder_train(remainder_work, r, f"resumed_r{r}", resume=True)
     assert resumed.returncode == 0, log_tail(remainder_work, f"resumed_r{r}")
