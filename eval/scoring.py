@@ -10,13 +10,14 @@ counts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from eval.classification import score_choices, score_labels
-from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox
+from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox, similarity
 from eval.sql import score_spider, score_sql, spider_database
 from eval.text import clean_predictions, references_of, score_text
 from ludwig_mt.ludwig_fixes import WorkflowError
@@ -35,6 +36,24 @@ class EvalResources:
     prepared_dir: Path | None = None  # prepared data root (detox/train.csv trains the toxicity classifier)
     spider_dir: Path | None = None  # Spider folder with database/<db_id>/<db_id>.sqlite
 
+
+@dataclass(frozen=True)
+class TaskScores:
+    """One task's scores for one model: aggregates, one value per test row, and what describes the scoring.
+
+    ``per_row`` holds, for every metric that is a mean over rows (always the primary one), one value per test row
+    (``fmean(per_row[m]) == metrics[m]``): the report's bootstrap intervals resample these rows. ``settings`` are
+    facts about the scoring, not scores (row counts, the toxicity classifier's held-out accuracy ...): listed apart
+    in the report, never shown as a change from the base.
+    """
+
+    metrics: dict[str, float]
+    per_row: dict[str, list[float]]
+    settings: dict[str, object] = field(default_factory=dict)
+
+
+# Keys the scorers return that describe the scoring rather than score it (see TaskScores.settings).
+SETTING_KEYS = frozenset({"n", "n_real_db", "n_gold_fails", "classifier_heldout_accuracy", "J_includes_fluency"})
 
 Scorer = Callable[[pd.DataFrame, list[str], EvalResources], dict[str, float]]
 
@@ -105,9 +124,30 @@ def primary_metric(task: str) -> str:
 PRIMARY_METRIC: dict[str, str] = {task: primary_metric(task) for task in TASKS}
 
 
+def _detox_rows(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> list[float]:
+    """J_i = STA_i x SIM_i per row, as eval.detox.score_detox averages them (scoring rows one by one would reload
+    the classifier per row)."""
+    classifier = load_or_train_classifier(resources.prepared_dir / "detox",  # type: ignore[operator]
+                                          resources.work_dir / TOXICITY_CLASSIFIER_FILE)
+    non_empty = np.array([bool(p) for p in predictions], dtype=bool)
+    sta = (~classifier.is_toxic(predictions) & non_empty).astype(float)
+    return [float(v) for v in sta * similarity(load_encoder(), _column(test, SOURCE, "detox"), predictions)]
+
+
+def _primary_rows(task: str, test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> list[float]:
+    """The primary metric of each row: every primary metric is a mean over rows, so scoring one row alone gives
+    that row's value (detox has its own, cheaper path)."""
+    if task == "detox":
+        return _detox_rows(test, predictions, resources)
+    scorer, metric = SCORERS.get(task, DEFAULT_SCORER)
+    return [float(scorer(test.iloc[[i]].reset_index(drop=True), [p], resources)[metric])
+            for i, p in enumerate(predictions)]
+
+
 def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],
-               resources: EvalResources) -> dict[str, float]:
-    """All metrics of one task, plus ``n``. See the module docstring for the scales.
+               resources: EvalResources) -> TaskScores:
+    """All metrics of one task, plus ``n``; per-row values of the primary metric. See the module docstring for the
+    scales.
 
     ``test`` is the task's test.csv read with ``pd.read_csv(path, keep_default_na=False, dtype=str)``;
     ``predictions`` is one decoded output per test row, in order. Empty, missing or unparseable predictions are
@@ -116,5 +156,9 @@ def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],
     if len(predictions) != len(test):
         raise WorkflowError(f"{task}: {len(predictions)} predictions for {len(test)} test rows; "
                             "predict on exactly the task's test.csv")
-    scorer, _ = SCORERS.get(task, DEFAULT_SCORER)
-    return scorer(test, clean_predictions(predictions), resources)
+    scorer, primary = SCORERS.get(task, DEFAULT_SCORER)
+    cleaned = clean_predictions(predictions)
+    values = scorer(test, cleaned, resources)
+    metrics = {k: float(v) for k, v in values.items() if k not in SETTING_KEYS - {"n"}}
+    settings = {k: v for k, v in values.items() if k in SETTING_KEYS}
+    return TaskScores(metrics, {primary: _primary_rows(task, test, cleaned, resources)}, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import statistics
 import json
 import sqlite3
 from pathlib import Path
@@ -71,9 +72,10 @@ def test_every_registered_task_has_a_primary_metric() -> None:
 def test_score_task_for_every_registered_task(task: str, resources: EvalResources) -> None:
     test = example_test(task, resources.prepared_dir)
     metric = PRIMARY_METRIC[task]
-    oracle = score_task(task, test, list(test["response"]), resources)
-    empty = score_task(task, test, [""] * len(test), resources)
+    oracle_scores = score_task(task, test, list(test["response"]), resources)
+    oracle, empty = oracle_scores.metrics, score_task(task, test, [""] * len(test), resources).metrics
     assert oracle["n"] == empty["n"] == len(test)
+    assert statistics.fmean(oracle_scores.per_row[metric]) == pytest.approx(oracle[metric])
     assert empty[metric] == 0.0
     if task == "detox":  # J = STA x SIM, and a rewrite is never identical in meaning-embedding to its source
         assert oracle["STA"] == 1.0 and 0.5 < oracle[metric] < 1.0
@@ -83,7 +85,7 @@ def test_score_task_for_every_registered_task(task: str, resources: EvalResource
 
 def test_custom_and_unknown_tasks_get_the_free_text_default(resources: EvalResources) -> None:
     test = example_test("my_new_task", resources.prepared_dir)
-    scores = score_task("my_new_task", test, ["the meeting moved to friday.", "Not a claim"], resources)
+    scores = score_task("my_new_task", test, ["the meeting moved to friday.", "Not a claim"], resources).metrics
     assert set(scores) == {"rougeL", "chrF", "exact_match", "n"}
     assert scores["exact_match"] == pytest.approx(0.5)
 
@@ -92,15 +94,16 @@ def test_spider_runs_on_the_real_database_and_falls_back_to_context(resources: E
     test = example_test("spider", resources.prepared_dir)
     wrong_filter = ["SELECT name FROM singer WHERE age > 99"] * 2  # no rows: equals the gold only on empty tables
     scores = score_task("spider", test, wrong_filter, resources)
-    assert scores["n_real_db"] == 1
-    assert scores["execution_accuracy"] == pytest.approx(1 / 2)  # wrong on the real DB, "right" on the context
+    assert scores.settings["n_real_db"] == 1
+    assert scores.metrics["execution_accuracy"] == pytest.approx(1 / 2)
+    assert scores.per_row["execution_accuracy"] == [0.0, 1.0]  # wrong on the real DB, "right" on the context
 
 
 def test_sql_and_spider_never_count_empty_or_junk_as_executing(resources: EvalResources) -> None:
     for task in ("sql", "spider"):
         test = example_test(task, resources.prepared_dir)
         for junk in ("", "-- just a comment", "I cannot answer that"):
-            scores = score_task(task, test, [junk] * len(test), resources)
+            scores = score_task(task, test, [junk] * len(test), resources).metrics
             assert scores["executes"] == 0.0 and scores["exact_match"] == 0.0
 
 
@@ -127,5 +130,5 @@ def test_missing_resources_say_what_to_pass(tmp_path: Path, resources: EvalResou
 def test_detox_references_column_is_multi_reference(resources: EvalResources) -> None:
     test = example_test("detox", resources.prepared_dir)
     second_refs = [json.loads(r)[1] for r in test["references"]]  # predictions equal to the 2nd reference only
-    scores = score_task("detox", test, second_refs, resources)
+    scores = score_task("detox", test, second_refs, resources).metrics
     assert scores["BLEU"] == pytest.approx(100.0) and scores["chrF"] == pytest.approx(100.0)
