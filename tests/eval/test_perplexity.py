@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eval.generate import GenerationSettings, LoadedModel, load_base_model
-from eval.perplexity import DEFAULT_PROBE, perplexity, token_rows
+from eval.perplexity import DEFAULT_PROBE, perplexity, text_nll, token_rows
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 OWN_TEXT = [
@@ -74,6 +74,17 @@ def test_perplexity_is_the_exp_of_the_token_weighted_mean_nll(base: LoadedModel)
             loss = base.model(input_ids=ids, labels=ids).loss.item()  # mean over len(row) - 1 targets
             total, count = total + loss * (len(row) - 1), count + len(row) - 1
     assert perplexity(base, OWN_TEXT[:2]) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_text_nll_is_per_text_in_order_and_independent_of_batching(base: LoadedModel) -> None:
+    texts = [OWN_TEXT[0], "x", *OWN_TEXT[1:3]]  # "x" is too short to predict anything
+    one, three = text_nll(base, texts, batch_size=1), text_nll(base, texts, batch_size=3)
+    assert one.tokens[1] == 0 and one.nll[1] == 0.0
+    assert list(one.tokens) == [len(r) - 1 if len(r) >= 2 else 0 for r in token_rows(base.tokenizer, texts, 512)]
+    assert one.nll == pytest.approx(three.nll, rel=1e-4) and one.tokens == three.tokens
+    alone = text_nll(base, [OWN_TEXT[1]])
+    assert alone.nll[0] == pytest.approx(one.nll[2], rel=1e-4)
+    assert one.perplexity == pytest.approx(perplexity(base, texts), rel=1e-6)
 
 
 def test_max_tokens_cuts_each_text(base: LoadedModel) -> None:
