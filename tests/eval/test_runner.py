@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ import pandas as pd
 import pytest
 
 from eval.__main__ import main
+from eval.perplexity import TextNLL
+from eval.scoring import TaskScores
 from eval.runner import (
     Backend,
     EvalRequest,
@@ -58,7 +61,7 @@ class FakeBackend:
     def backend(self) -> Backend:
         return Backend(
             load_base=self.load_base, load_adapter=self.load_adapter, generate=self.generate,
-            perplexity=self.perplexity, score=self.score, settings_from_config=settings_from_config,
+            text_nll=self.text_nll, score=self.score, settings_from_config=settings_from_config,
             resources=lambda **kw: kw, primary_metric={"sql": "exact_match", "detox": "exact_match"},
         )
 
@@ -77,14 +80,17 @@ class FakeBackend:
         self.generated.append((loaded.name, len(prompts), max_new_tokens))
         return [self.references.get(p, "") if _task_of(p) in loaded.own else "" for p in prompts]
 
-    def perplexity(self, loaded: FakeLoaded, texts: list[str]) -> float:
+    def text_nll(self, loaded: FakeLoaded, texts: list[str]) -> TextNLL:
+        """Perplexity 10 + the number of tasks the model owns, on every text."""
         self.perplexities.append(loaded.name)
-        return 10.0 + len(loaded.own)
+        tokens = tuple(len(t.split()) for t in texts)
+        return TextNLL(tuple(math.log(10.0 + len(loaded.own)) * n for n in tokens), tokens)
 
-    def score(self, task: str, test: pd.DataFrame, predictions: list[str], resources: Any) -> dict[str, float]:
+    def score(self, task: str, test: pd.DataFrame, predictions: list[str], resources: Any) -> TaskScores:
         self.scored.append(task)
-        hits = sum(p == r for p, r in zip(predictions, test["response"]))
-        return {"exact_match": hits / len(test), "rows": float(len(test))}
+        hits = [float(p == r) for p, r in zip(predictions, test["response"], strict=True)]
+        return TaskScores({"exact_match": sum(hits) / len(test), "n": float(len(test))}, {"exact_match": hits},
+                          {"n": len(test)})
 
 
 def settings_from_config(config: dict[str, Any]) -> FakeSettings:
@@ -141,9 +147,10 @@ def test_scores_every_pair_and_builds_the_matrix(world: dict[str, Any]) -> None:
     result = run_eval(request(world, "sql", "detox"), world["fake"].backend())
     assert {(p.model, p.task) for p in result.pairs} == {(m, t) for m in ("base", "sql", "detox") for t in TASKS}
     cells = result.retention.cells
-    assert cells["sql"]["sql"].score == 1.0 and cells["sql"]["sql"].delta == 1.0
-    assert cells["sql"]["detox"].delta == 0.0 and cells["base"]["sql"].delta is None
-    assert result.perplexity == {"base": {"story": 10.0}, "sql": {"story": 11.0}, "detox": {"story": 11.0}}
+    assert cells["sql"]["sql"].score.value == 1.0 and cells["sql"]["sql"].delta.value == 1.0
+    assert cells["sql"]["detox"].delta.value == 0.0 and cells["base"]["sql"].delta is None
+    assert result.perplexity == {"base": {"story": pytest.approx(10.0)}, "sql": {"story": pytest.approx(11.0)},
+                                 "detox": {"story": pytest.approx(11.0)}}
     assert result.rows == {"sql": {"test_rows": 4, "evaluated": 4}, "detox": {"test_rows": 4, "evaluated": 4}}
 
 
@@ -164,7 +171,7 @@ def test_adding_an_adapter_computes_only_its_pairs(world: dict[str, Any]) -> Non
     fake.generated.clear(), fake.loads.clear()
     result = run_eval(request(world, "sql", "multitask"), fake.backend())
     assert fake.loads == ["multitask"] and [g[0] for g in fake.generated] == ["multitask", "multitask"]
-    assert result.retention.cells["multitask"]["detox"].delta == 1.0
+    assert result.retention.cells["multitask"]["detox"].delta.value == 1.0
 
 
 def test_changed_test_set_recomputes_only_that_task(world: dict[str, Any]) -> None:
@@ -226,7 +233,7 @@ def test_rescore_scores_cached_predictions_without_generating(world: dict[str, A
     run_eval(request(world, "sql"), fake.backend())
     fake.generated.clear(), fake.scored.clear()
     run_eval(request(world, "sql", rescore=True), fake.backend())
-    assert fake.generated == [] and len(fake.scored) == 4
+    assert fake.generated == [] and len(fake.scored) == 4 + 2  # 4 pairs and each task's trivial baseline
 
 
 def test_a_damaged_cache_entry_is_recomputed(world: dict[str, Any]) -> None:
