@@ -40,6 +40,7 @@ class Overlap:
     rows: tuple[int, ...]  # 0-based indices of the overlapping test rows / probe texts
     total: int  # rows / texts checked
     rule: str  # "split key or question" or f"{NGRAM}-word overlap"
+    models: tuple[str, ...] = ()  # the models trained on this source (none for a prepared train.csv alone)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Contamination:
     def flagged(self, target: str) -> list[Overlap]:
         """The overlaps with ``target`` (a task name or ``probe <name>``) that contain at least one row."""
         return [o for o in self.overlaps if o.target == target and o.rows]
+
+    def seen(self, model: str, target: str) -> int:
+        """How many rows of ``target`` are in the training data of ``model`` (any of its seeds)."""
+        return len({row for o in self.flagged(target) if model in o.models for row in o.rows})
 
 
 def normalise(text: str) -> str:
@@ -131,15 +136,17 @@ def probe_overlap(train_texts: Iterable[str], probe: Sequence[str], n: int = NGR
 
 def check_source(source: str, frame: pd.DataFrame, tasks: Mapping[str, TaskSpec],
                  tests: Mapping[str, pd.DataFrame], probes: Mapping[str, Sequence[str]],
-                 default_task: str | None = None) -> list[Overlap]:
-    """Every overlap of one training source with every test set and every probe."""
+                 default_task: str | None = None, models: tuple[str, ...] = ()) -> list[Overlap]:
+    """Every overlap of one training source (trained on by ``models``) with every test set and every probe."""
     train = frame_keys(frame, tasks, default_task)
     found = []
     for task, test in tests.items():
         if task in tasks:
             keys = [row_keys({k: str(v) for k, v in r.items()}, tasks[task]) for r in test.to_dict("records")]
-            found.append(Overlap(source, task, test_overlap(train, task, keys), len(test), "split key or question"))
+            found.append(Overlap(source, task, test_overlap(train, task, keys), len(test), "split key or question",
+                                 models))
     texts = [f"{p}\n{r}" for p, r in zip(frame.get(PROMPT, []), frame.get(RESPONSE, []), strict=False)]
     for name, probe in probes.items():
-        found.append(Overlap(source, f"probe {name}", probe_overlap(texts, probe), len(probe), f"{NGRAM}-word overlap"))
+        found.append(Overlap(source, f"probe {name}", probe_overlap(texts, probe), len(probe), f"{NGRAM}-word overlap",
+                             models))
     return found

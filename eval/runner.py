@@ -637,8 +637,9 @@ def check_contamination(request: EvalRequest, tests: Mapping[str, pd.DataFrame],
                         tasks: Mapping[str, Any]) -> contamination.Contamination:
     """Every model's training data and every evaluated task's prepared train.csv against every test set and probe
     (``eval.contamination``); a file used by several sources is read once."""
-    sources: dict[Path, list[str]] = {}
-    defaults: dict[Path, str | None] = {}
+    sources: dict[Path, list[str]] = {}  # training file -> the labels of everything that uses it
+    defaults: dict[Path, str | None] = {}  # training file -> the task of rows without a task column
+    trained_by: dict[Path, list[str]] = {}
     unchecked = []
     for spec in request.models:
         for run in model_runs(spec):
@@ -647,6 +648,7 @@ def check_contamination(request: EvalRequest, tests: Mapping[str, pd.DataFrame],
                 unchecked.append(f"model {run.label}")
                 continue
             sources.setdefault(data.resolve(), []).append(f"model {run.label}")
+            trained_by.setdefault(data.resolve(), []).append(spec.name)
             defaults.setdefault(data.resolve(), spec.own_tasks[0] if len(spec.own_tasks) == 1 else None)
     for task in request.tasks:
         train = request.prepared / task / "train.csv"
@@ -657,7 +659,8 @@ def check_contamination(request: EvalRequest, tests: Mapping[str, pd.DataFrame],
     overlaps = []
     for path, labels in sources.items():
         frame = pd.read_csv(path, keep_default_na=False, dtype=str)
-        overlaps += contamination.check_source(" = ".join(labels), frame, tasks, tests, probes, defaults.get(path))
+        overlaps += contamination.check_source(" = ".join(labels), frame, tasks, tests, probes, defaults.get(path),
+                                               tuple(dict.fromkeys(trained_by.get(path, []))))
     return contamination.Contamination(overlaps, {" = ".join(v): str(k) for k, v in sources.items()}, unchecked)
 
 
