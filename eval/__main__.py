@@ -36,7 +36,7 @@ from eval.runner import EvalRequest, EvalResult, Probe, model_spec, parse_assign
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.common import PrepError
 
-BUILTIN_PROBE = "builtin"
+BUILTIN_PROBE = "builtin"  # the former name of the quick probe, still accepted
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -59,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
     parser.add_argument("--max-rows", type=int, help="score only the first N test rows of each task")
-    parser.add_argument("--probe", action="append", default=[], metavar="FILE",
-                        help=f"general-text probe for perplexity (.txt paragraphs, .jsonl/.csv 'text'); "
-                             f"'{BUILTIN_PROBE}' = eval.perplexity's built-in probe (the default); best: held-out "
-                             "text from the base model's own domain; repeat")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME|FILE",
+                        help="probe for perplexity: a shipped one by name (general = 416 WikiText-2 test paragraphs, "
+                             "the default; tinystories = 378 TinyStories validation stories; quick = 10 paragraphs, "
+                             "a smoke test; see eval/probes/README.md) or a file (.txt paragraphs, .jsonl/.csv "
+                             "'text'); best: held-out text from the base model's own domain; repeat")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity probes")
     parser.add_argument("--spider-dir", type=Path, help="Spider folder with database/ (execution match)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -78,15 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 def probes_from_args(values: list[str], disabled: bool) -> tuple[Probe, ...]:
     if disabled:
         return ()
-    probes = []
-    for value in values or [BUILTIN_PROBE]:
-        if value == BUILTIN_PROBE:
-            from eval.perplexity import DEFAULT_PROBE
+    from eval.perplexity import PROBES
 
-            probes.append(read_probe(DEFAULT_PROBE))
-        else:
-            probes.append(read_probe(Path(value)))
-    return tuple(probes)
+    named = PROBES | {BUILTIN_PROBE: PROBES["quick"]}
+    return tuple(read_probe(named.get(value, Path(value))) for value in values or ["general"])
 
 
 def request_from_args(args: argparse.Namespace) -> EvalRequest:

@@ -1,9 +1,10 @@
 """Perplexity on general text: the task-free view of what fine-tuning made a model forget.
 
 A model that got better at SQL but whose perplexity on ordinary English rose has lost general skill. The
-probe set is configurable (``--probe FILE`` in ``python -m eval``); :data:`DEFAULT_PROBE` is a small text
-written for this project (general English paragraphs, no dataset copied), so it works offline. Use a larger
-held-out general corpus (e.g. TinyStories-style text) for real runs; the report names the probe it used.
+probe set is configurable (``--probe NAME|FILE`` in ``python -m eval``); the shipped probes are in ``eval/probes``
+with their sources and licences (``eval/probes/README.md``): ``general`` (:data:`DEFAULT_PROBE`, 416 WikiText-2 test
+paragraphs), ``tinystories`` (378 TinyStories validation stories: the own domain of TinyStories models) and
+``quick`` (10 paragraphs, a smoke test only). The report recommends a probe from the base model's own domain.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from pathlib import Path
 from eval.generate import LoadedModel
 from ludwig_mt.ludwig_fixes import WorkflowError
 
-#: The built-in probe: paragraphs separated by blank lines, one document each.
-DEFAULT_PROBE = Path(__file__).with_name("probe_general.txt")
+PROBE_DIR = Path(__file__).with_name("probes")
+#: Shipped probes by name: paragraphs separated by blank lines, one text each (see eval/probes/README.md).
+PROBES = {"general": PROBE_DIR / "wikitext2_test.txt", "tinystories": PROBE_DIR / "tinystories_valid.txt",
+          "quick": PROBE_DIR / "quick.txt"}
+#: The default probe: general English that can carry a conclusion (416 texts).
+DEFAULT_PROBE = PROBES["general"]
 
 
 def token_rows(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:

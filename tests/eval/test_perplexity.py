@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from eval.generate import GenerationSettings, LoadedModel, load_base_model
-from eval.perplexity import DEFAULT_PROBE, perplexity, text_nll, token_rows
+from eval.perplexity import DEFAULT_PROBE, PROBE_DIR, PROBES, perplexity, text_nll, token_rows
+from eval.runner import read_probe
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 OWN_TEXT = [
@@ -97,6 +99,13 @@ def test_no_usable_text_is_a_clear_error(base: LoadedModel) -> None:
         perplexity(base, ["", ""])
 
 
-def test_builtin_probe_has_several_paragraphs() -> None:
-    paragraphs = [p for p in DEFAULT_PROBE.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    assert len(paragraphs) >= 8 and all(len(p.split()) > 30 for p in paragraphs)
+def test_shipped_probes_are_large_enough_and_their_sources_and_licences_are_named() -> None:
+    general, stories, quick = (read_probe(PROBES[name]) for name in ("general", "tinystories", "quick"))
+    assert DEFAULT_PROBE == PROBES["general"]
+    assert len(general.texts) >= 200 and len(stories.texts) >= 200 and len(quick.texts) == 10
+    assert all(len(t.split()) >= 25 for t in general.texts + stories.texts)
+    assert len(set(general.texts)) == len(general.texts)
+    readme = (PROBE_DIR / "README.md").read_text(encoding="utf-8")
+    for path, licence in ((PROBES["general"], "CC BY-SA 3.0"), (PROBES["tinystories"], "CDLA-Sharing-1.0")):
+        assert f"`{path.name}`" in readme and licence in readme
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in readme  # the file is the one described
