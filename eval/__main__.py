@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eval.formatting import LEGEND, fmt_change
@@ -116,12 +117,13 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
 
 
 def rich_table(table: tuple[list[str], list[list[str]]], title: str) -> Table:
+    """A report table for the terminal: no Markdown bold, and brackets shown as text (not rich markup)."""
     header, rows = table
-    out = Table(title=title, title_justify="left")
+    out = Table(title=escape(title), title_justify="left")
     for i, column in enumerate(header):
-        out.add_column(column, justify="left" if i == 0 else "right")
+        out.add_column(escape(column), justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*[cell.replace("**", "") for cell in row])
+        out.add_row(*[escape(cell.replace("**", "")) for cell in row])
     return out
 
 
@@ -136,12 +138,13 @@ def print_summary(result: EvalResult, paths: dict[str, Path], console: Console) 
     if result.probes:
         console.print(rich_table(perplexity_table(result), "general-text perplexity (lower is better)"))
     for line in notes(result):
-        console.print(f"- {line.replace('**', '')}", highlight=False)
-    console.print(f"[dim]{LEGEND.replace('**bold**', 'bold (report.md)').replace('`', '')}[/dim]", highlight=False)
+        console.print(escape(f"- {line.replace('**', '')}"), highlight=False)
+    legend = LEGEND.replace("**bold**", "bold (report.md)").replace("`", "")
+    console.print(f"[dim]{escape(legend)}[/dim]", highlight=False)
     cached = sum(p.cached for p in result.pairs)
-    console.print(f"mean own-task gain {fmt_change(ret.mean_own_gain)}; mean other-task change "
-                  f"{fmt_change(ret.mean_other_change)}; {len(result.pairs)} pairs ({cached} cached) in "
-                  f"{result.timings.get('total', 0.0):.1f} s", highlight=False)
+    console.print(escape(f"mean own-task gain {fmt_change(ret.mean_own_gain)}; mean other-task change "
+                         f"{fmt_change(ret.mean_other_change)}; {len(result.pairs)} pairs ({cached} cached) in "
+                         f"{result.timings.get('total', 0.0):.1f} s"), highlight=False)
     console.print(f"report: {paths['report.md']}  (+ report.json, retention.png, {LOG_FILE})")
 
 

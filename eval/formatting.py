@@ -43,7 +43,7 @@ def fmt_percent(value: float | None) -> str:
 def interval_decimals(low: float, high: float, value: float) -> int:
     """Two significant digits of the interval's width, between 1 and 4 decimals."""
     width = high - low
-    if width <= 0 or not math.isfinite(width):
+    if width <= 1e-5 * max(1.0, abs(value)) or not math.isfinite(width):  # a point (up to float32 rounding)
         return 3 if abs(value) < 10 else 2
     return min(4, max(1, 1 - math.floor(math.log10(width))))
 
@@ -53,7 +53,7 @@ def fmt_interval(estimate: Estimate | None, scale: float = 1.0) -> str:
     if estimate is None or not estimate.has_interval:
         return ""
     low, high = estimate.low * scale, estimate.high * scale  # type: ignore[operator]
-    digits = interval_decimals(low, high, estimate.value * scale)
+    digits = interval_decimals(low, high, estimate.value * scale) if scale == 1.0 or high - low > 1e-3 else 1
     return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
