@@ -67,6 +67,16 @@ PROBE_ADVICE = (
 )
 
 
+def probe_advice(base_model: str, probes: Sequence[str]) -> str:
+    """The general advice, plus the shipped domain probe when the base model's name points to its domain."""
+    from eval.perplexity import PROBES
+
+    domain = PROBES["tinystories"].stem
+    if "stories" in Path(base_model).name.lower() and domain not in probes:
+        return f"{PROBE_ADVICE} This base model looks like a TinyStories model: add `--probe tinystories`."
+    return PROBE_ADVICE
+
+
 # ---------------------------------------------------------------------------------------------- matrix
 def cell_flags(result: EvalResult, model: str, task: str) -> list[str]:
     """The flags shown after a cell: below the baseline, metrics that disagree, test rows seen in training."""
@@ -349,7 +359,8 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
         names = ", ".join(f"`{p.name}` ({len(p.texts)} texts from `{p.source or 'memory'}`)" for p in req.probes)
         parts += ["## General-text perplexity",
                   f"Perplexity of each model on {names} (lower is better; change relative to the base in "
-                  f"parentheses, positive = worse): how much language modelling each fine-tune cost. {PROBE_ADVICE}",
+                  f"parentheses, positive = worse): how much language modelling each fine-tune cost. "
+                  f"{probe_advice(req.base_model, list(result.probes))}",
                   markdown(perplexity_table(result))]
     if result.lm_eval:
         parts += ["## lm-eval-harness", markdown(lm_eval_table(result))]

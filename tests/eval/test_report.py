@@ -118,6 +118,14 @@ def test_contaminated_rows_are_counted_in_the_cell_and_the_table(world: dict[str
     assert "| model sql = prepared sql/train.csv | sql | 1 of 4 (rows 4) | split key or question |" in text
 
 
+def test_the_report_recommends_the_base_models_own_domain() -> None:
+    from eval.report import probe_advice
+
+    assert "`--probe tinystories`" in probe_advice("/models/stories260k", ["wikitext2_test"])
+    assert "`--probe tinystories`" not in probe_advice("/models/stories260k", ["tinystories_valid"])
+    assert "own pretraining domain" in probe_advice("Qwen/Qwen2.5-1.5B", [])
+
+
 def test_png_is_a_readable_image_of_reasonable_size(result: EvalResult) -> None:
     import matplotlib.image
 
