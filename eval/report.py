@@ -103,7 +103,7 @@ def matrix_table(result: EvalResult, *, bold_own: bool = True) -> Table:
             text = cell_text(cell.score, cell.delta, cell.significant, cell_flags(result, model, task))
             own = task in result.own_tasks.get(model, [])
             cells.append(f"**{text}**" if own and bold_own else text)
-        label = model if result.seeds(model) == 1 else f"{model} (mean of {result.seeds(model)} seeds)"
+        label = model if result.seed_count(model) == 1 else f"{model} (mean of {result.seed_count(model)} seeds)"
         rows.append([label, *cells])
     rows.append([BASELINE, *[cell_text(r.baseline.get(t), None, None) if r.baseline.get(t) else DASH
                              for t in r.tasks]])
@@ -207,7 +207,7 @@ def task_metrics_table(result: EvalResult, task: str) -> Table:
             value = values.get(m)
             delta = None if p.model == BASE or value is None or ref is None else value - ref
             cells.append(fmt(value) if delta is None else f"{fmt(value)} ({fmt_delta(delta)})")
-        label = p.model if result.seeds(p.model) == 1 else f"{p.model} seed {p.seed + 1}"
+        label = p.model if result.seed_count(p.model) == 1 else f"{p.model} seed {p.seed + 1}"
         rows.append([label, *cells])
     floor = result.baselines.get(task)
     if floor is not None:
@@ -274,7 +274,7 @@ def settings_table(result: EvalResult) -> Table:
 def timings_table(result: EvalResult) -> Table:
     header = ["step", "seconds", "note"]
     rows = [[name, f"{sec:.1f}", ""] for name, sec in result.timings.items() if name != "total"]
-    rows += [[f"{p.model}{'' if result.seeds(p.model) == 1 else f' seed {p.seed + 1}'} × {p.task}",
+    rows += [[f"{p.model}{'' if result.seed_count(p.model) == 1 else f' seed {p.seed + 1}'} × {p.task}",
               f"{p.seconds_generate + p.seconds_score:.1f}",
               ("cached; " if p.cached else "") + f"generate {p.seconds_generate:.1f} s, score {p.seconds_score:.1f} s"]
              for p in result.pairs]
@@ -428,7 +428,7 @@ def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
         "own_tasks": result.own_tasks,
         "retention": ret.as_dict(),
         "notes": notes(result),
-        "scores": {f"{p.model}/{p.task}" + ("" if result.seeds(p.model) == 1 else f"/seed{p.seed + 1}"): p.scores
+        "scores": {f"{p.model}/{p.task}" + ("" if result.seed_count(p.model) == 1 else f"/seed{p.seed + 1}"): p.scores
                    for p in result.pairs},
         "pairs": [{k: v for k, v in asdict(p).items() if k != "predictions"} for p in result.pairs],
         "perplexity": result.perplexity,

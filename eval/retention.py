@@ -41,18 +41,20 @@ BASELINE = "trivial baseline"
 REPEAT_TOLERANCE = 0.02
 # Metrics where lower is better (the share of answers outside the label set); every other metric: higher is better.
 LOWER_IS_BETTER = frozenset({"invalid"})
-# A secondary metric's change counts as a direction when it is at least this share of the larger value.
+# A metric without per-row values (chrF, BLEU) moved when its change is at least this share of the larger value.
 DIRECTION_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
 class CellInput:
     """One (model, task): primary-metric values per test row (mean over seeds; None when the metric has none),
-    each seed's aggregate, and every metric's aggregate (mean over seeds) for the sign-disagreement check."""
+    each seed's aggregate, and for the sign-disagreement check every score metric's aggregate and, where it has
+    them, its per-row values (both means over seeds)."""
 
     rows: np.ndarray | None
     seed_values: tuple[float, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    metric_rows: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def value(self) -> float | None:
@@ -145,7 +147,7 @@ class Retention:
             "mean_own_gain": est(self.mean_own_gain),
             "mean_other_change": est(self.mean_other_change),
             "perplexity": {m: {p: c.as_dict() for p, c in row.items()} for m, row in self.perplexity.items()},
-            "seeds": {m: {t: asdict(s) for t, s in row.items()} | {"repeats_within_tolerance": self.repeats(m)}
+            "seeds": {m: {"tasks": {t: asdict(s) for t, s in row.items()}, "repeats": self.repeats(m)}
                       for m, row in self.seeds.items()},
             "repeat_tolerance": REPEAT_TOLERANCE,
             "tests": self.tests,
@@ -154,18 +156,24 @@ class Retention:
 
 
 # ---------------------------------------------------------------------------------------------- single cells
-def direction(metric: str, value: float, reference: float) -> int:
-    """+1 better, -1 worse, 0 unchanged (a change under DIRECTION_TOLERANCE of the larger value is unchanged)."""
-    change = value - reference
-    if abs(change) <= DIRECTION_TOLERANCE * max(abs(value), abs(reference)) or change == 0:
+def direction(metric: str, value: float, reference: float, change: Estimate | None = None) -> int:
+    """+1 better, -1 worse, 0 no clear move. With a paired ``change`` (the metric has per-row values) it moved when
+    its interval excludes 0; without one, when the change is at least DIRECTION_TOLERANCE of the larger value."""
+    if change is not None:
+        moved = not change.includes_zero()
+    else:
+        moved = abs(value - reference) > DIRECTION_TOLERANCE * max(abs(value), abs(reference))
+    if not moved or value == reference:
         return 0
-    better = change > 0
-    return 1 if better != (metric in LOWER_IS_BETTER) else -1
+    return 1 if (value > reference) != (metric in LOWER_IS_BETTER) else -1
 
 
-def disagreement(metrics: Mapping[str, float], reference: Mapping[str, float]) -> str | None:
-    """"rougeL ↑ chrF ↓" when some of a task's metrics got better and others worse relative to the base."""
-    moves = {m: direction(m, v, reference[m]) for m, v in metrics.items() if m in reference}
+def disagreement(metrics: Mapping[str, float], reference: Mapping[str, float],
+                 changes: Mapping[str, Estimate] | None = None) -> str | None:
+    """"rougeL ↑ chrF ↓" when some of a task's metrics got clearly better and others clearly worse than the base's
+    (``changes``: paired changes of the metrics that have per-row values)."""
+    changes = changes or {}
+    moves = {m: direction(m, v, reference[m], changes.get(m)) for m, v in metrics.items() if m in reference}
     if not (1 in moves.values() and -1 in moves.values()):
         return None
     return " ".join(f"{m} {'↑' if d > 0 else '↓'}" for m, d in moves.items() if d)
@@ -288,7 +296,9 @@ def _task_column(task: str, inputs: Mapping[str, Mapping[str, CellInput]], model
         if model != BASE and cell is not None and cell.value is not None and base is not None \
                 and base.value is not None:
             delta = _change(cell, base.rows, resamples) or Estimate(cell.value - base.value, None, None, 0)
-            entry |= {"delta": delta, "disagreement": disagreement(cell.metrics, base.metrics)}
+            paired = {m: stats.change_estimate(v, base.metric_rows[m], resamples)  # type: ignore[arg-type]
+                      for m, v in cell.metric_rows.items() if m in base.metric_rows and resamples is not None}
+            entry |= {"delta": delta, "disagreement": disagreement(cell.metrics, base.metrics, paired)}
             parts[model] = (delta.value, resamples.means(cell.rows - base.rows)  # type: ignore[union-attr,operator]
                             if delta.has_interval else None)
         entries[model] = entry

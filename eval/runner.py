@@ -232,7 +232,7 @@ class EvalResult:
     def seed_pairs(self, model: str, task: str) -> list[PairResult]:
         return [p for p in self.pairs if p.model == model and p.task == task]
 
-    def seeds(self, model: str) -> int:
+    def seed_count(self, model: str) -> int:
         return len({p.seed for p in self.pairs if p.model == model}) or 1
 
 
@@ -597,7 +597,7 @@ def score_metrics(scores: Mapping[str, float], settings: Mapping[str, Any]) -> d
 
 def cell_inputs(pairs: Sequence[PairResult], primary: Mapping[str, str]) -> dict[str, dict[str, CellInput]]:
     """model -> task -> the matrix's input: per-row primary values averaged over seeds (None unless every seed
-    has them), each seed's aggregate, and each score metric averaged over seeds."""
+    has them), each seed's aggregate, and each score metric (aggregate and per-row) averaged over seeds."""
     grouped: dict[tuple[str, str], list[PairResult]] = {}
     for pair in pairs:
         grouped.setdefault((pair.model, pair.task), []).append(pair)
@@ -608,9 +608,11 @@ def cell_inputs(pairs: Sequence[PairResult], primary: Mapping[str, str]) -> dict
                 if all(metric in p.row_scores for p in seeds) else None)
         metrics = [score_metrics(p.scores, p.scoring_settings) for p in seeds]
         shared = [m for m in metrics[0] if all(m in other for other in metrics)]
+        with_rows = [m for m in shared if all(m in p.row_scores for p in seeds)]
         inputs.setdefault(model, {})[task] = CellInput(
             rows, tuple(p.scores[metric] for p in seeds if metric in p.scores),
-            {m: float(np.mean([values[m] for values in metrics])) for m in shared})
+            {m: float(np.mean([values[m] for values in metrics])) for m in shared},
+            {m: np.mean([np.asarray(p.row_scores[m], dtype=float) for p in seeds], axis=0) for m in with_rows})
     return inputs
 
 

@@ -15,6 +15,7 @@ from eval.retention import (
     disagreement,
     seed_spread,
 )
+from eval.stats import Estimate
 
 N = 200
 RNG = np.random.default_rng(0)
@@ -123,6 +124,15 @@ def test_metrics_that_disagree_in_sign_are_named() -> None:
     assert disagreement({"accuracy": 0.5, "invalid": 0.1}, {"accuracy": 0.4, "invalid": 0.3}) is None
     assert disagreement({"accuracy": 0.5, "invalid": 0.5}, {"accuracy": 0.4, "invalid": 0.3}) == \
         "accuracy ↑ invalid ↓"
+
+
+def test_a_metric_with_rows_moves_only_when_its_paired_interval_excludes_zero() -> None:
+    noisy = Estimate(0.01, -0.02, 0.04, 200, 0.5)
+    clear = Estimate(-0.05, -0.08, -0.02, 200, 0.001)
+    reference = {"rougeL": 0.23, "exact_match": 0.10}
+    assert disagreement({"rougeL": 0.30, "exact_match": 0.11}, reference, {"exact_match": noisy}) is None
+    assert disagreement({"rougeL": 0.30, "exact_match": 0.05}, reference, {"exact_match": clear}) == \
+        "rougeL ↑ exact_match ↓"
 
 
 def test_disagreement_reaches_the_cell() -> None:

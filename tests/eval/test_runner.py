@@ -282,7 +282,7 @@ def test_seeds_are_evaluated_one_by_one_and_averaged_per_row(world: dict[str, An
     result = run_eval(request(world, models=(spec,)), fake.backend())
     assert [(p.seed, p.scores["exact_match"]) for p in result.seed_pairs("sql", "sql")] == [(0, 1.0), (1, 0.5)]
     cell = result.retention.cells["sql"]["sql"]
-    assert cell.score.value == pytest.approx(0.75) and result.seeds("sql") == 2
+    assert cell.score.value == pytest.approx(0.75) and result.seed_count("sql") == 2
     spread = result.retention.seeds["sql"]["sql"]
     assert spread.values == (1.0, 0.5) and spread.spread == 0.5 and not spread.repeats
     assert result.retention.repeats("sql") is False
