@@ -66,12 +66,33 @@ def normalise(text: str) -> str:
 
 def training_data(model_dir: Path) -> Path | None:
     """The training CSV a Ludwig model was trained on (``dataset`` in ``description.json`` next to the model
-    folder), or None when it cannot be found."""
+    folder), or None when it cannot be found.
+
+    Ludwig records the path as given on its command line, often relative to the folder it ran in; that folder is
+    tried too, recovered from the recorded ``--output_directory`` (``<ran in>/<output_directory>/<run>/model``).
+    """
     try:
-        dataset = Path(json.loads((model_dir.parent / "description.json").read_text(encoding="utf-8"))["dataset"])
+        description = json.loads((model_dir.parent / "description.json").read_text(encoding="utf-8"))
+        dataset = Path(description["dataset"])
     except (OSError, KeyError, ValueError, TypeError):
         return None
-    return dataset if dataset.is_file() else None
+    candidates = [dataset]
+    if not dataset.is_absolute():
+        ran_in = _ran_in(model_dir, str(description.get("command", "")))
+        candidates += [ran_in / dataset] if ran_in else []
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _ran_in(model_dir: Path, command: str) -> Path | None:
+    """The folder Ludwig ran in, from ``--output_directory X`` in its recorded command, or None."""
+    words = command.split()
+    if "--output_directory" not in words[:-1]:
+        return None
+    output = Path(words[words.index("--output_directory") + 1])
+    if output.is_absolute():
+        return None
+    run_folder = model_dir.resolve().parent.parent  # <ran in>/<output_directory>
+    return run_folder.parents[len(output.parts) - 1] if len(output.parts) <= len(run_folder.parents) else None
 
 
 @dataclass(frozen=True)

@@ -44,3 +44,13 @@ def test_training_data_follows_description_json(tmp_path) -> None:
     data.write_text("prompt,response\n")
     (model.parent / "description.json").write_text(json.dumps({"dataset": str(data)}))
     assert training_data(model) == data
+
+
+def test_a_relative_dataset_is_found_from_the_folder_ludwig_ran_in(tmp_path) -> None:
+    model = tmp_path / "results" / "sql" / "experiment_run" / "model"  # ran in tmp_path, --output_directory results/sql
+    model.mkdir(parents=True)
+    (tmp_path / "train_small.csv").write_text("prompt,response\n")
+    (model.parent / "description.json").write_text(json.dumps({
+        "dataset": "train_small.csv",
+        "command": "ludwig train --dataset train_small.csv --output_directory results/sql --random_seed 42"}))
+    assert training_data(model) == tmp_path.resolve() / "train_small.csv"
