@@ -30,10 +30,26 @@ from rich.markup import escape
 from rich.table import Table
 
 from eval.formatting import LEGEND, fmt_change
-from eval.report import LOG_FILE, logging_to, matrix_table, notes, perplexity_table, seeds_table, summary_table, \
-    write_report
-from eval.runner import EvalRequest, EvalResult, Probe, model_spec, parse_assignment, read_probe, run_eval, \
-    validate_request
+from eval.report import (
+    LOG_FILE,
+    logging_to,
+    matrix_table,
+    notes,
+    perplexity_table,
+    seeds_table,
+    summary_table,
+    write_report,
+)
+from eval.runner import (
+    EvalRequest,
+    EvalResult,
+    Probe,
+    model_spec,
+    parse_assignment,
+    read_probe,
+    run_eval,
+    validate_request,
+)
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.common import PrepError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.formatting import BELOW_BASELINE, NOT_SIGNIFICANT, fmt_change, fmt_estimate
-from eval.retention import BASE, BASELINE, Retention
+from eval.retention import BASELINE, Retention
 from prep.common import atomic_path
 
 # Smallest colour ranges: a change this large is drawn at full colour at most, so noise never looks dramatic.

@@ -245,12 +245,19 @@ def samples_table(result: EvalResult, task: str, count: int = SAMPLES, limit: in
     return header, rows
 
 
+def overlap_text(rows: Sequence[int], total: int, shown: int = 8) -> str:
+    """``3 of 400 (rows 5, 17, 230)``: how many rows overlap, and the first few (1-based, as in the samples)."""
+    if not rows:
+        return f"0 of {total}"
+    listed = ", ".join(str(r + 1) for r in rows[:shown]) + (" …" if len(rows) > shown else "")
+    return f"{len(rows)} of {total} (rows {listed})"
+
+
 def contamination_table(result: EvalResult) -> Table:
     """Every overlap found (sources × targets with at least one row)."""
     header = ["training data", "checked against", "overlapping", "rule"]
-    rows = [[o.source, o.target, f"{len(o.rows)} of {o.total}" + (f" (rows {', '.join(str(r + 1) for r in o.rows[:8])}"
-                                                                  f"{' …' if len(o.rows) > 8 else ''})" if o.rows else ""),
-             o.rule] for o in result.contamination.overlaps if o.rows]
+    rows = [[o.source, o.target, overlap_text(o.rows, o.total), o.rule]
+            for o in result.contamination.overlaps if o.rows]
     return header, rows
 
 

@@ -35,9 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 import numpy as np
+import pandas as pd
 
 from eval import baselines as baseline_recipes
 from eval import contamination, manifest, stats

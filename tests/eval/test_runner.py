@@ -16,7 +16,6 @@ import pytest
 
 from eval.__main__ import main
 from eval.perplexity import TextNLL
-from eval.scoring import TaskScores
 from eval.runner import (
     CACHE_FORMAT,
     Backend,
@@ -31,6 +30,7 @@ from eval.runner import (
     run_lm_eval,
     settings_key,
 )
+from eval.scoring import TaskScores
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 TASKS = ("sql", "detox")
