@@ -159,8 +159,7 @@ def seeds_table(result: EvalResult) -> Table:
     header = ["model", "task", "seeds", "seed scores", "mean [bootstrap 95 % CI]", "spread (max − min)",
               "max deviation from mean", f"repeats within ±{REPEAT_TOLERANCE:.0%}"]
     rows = [[model, task, str(len(s.values)), ", ".join(fmt(v) for v in s.values),
-             fmt_estimate(ret.cells[model][task].score), fmt(s.spread),
-             DASH if s.max_relative_deviation is None else f"{s.max_relative_deviation:.1%}",
+             fmt_estimate(ret.cells[model][task].score), fmt(s.spread), fmt(s.max_deviation),
              "yes" if s.repeats else "no"]
             for model, by_task in ret.seeds.items() for task, s in by_task.items()]
     return header, rows
@@ -234,7 +233,8 @@ def samples_table(result: EvalResult, task: str, count: int = SAMPLES, limit: in
     if test is None or task not in TASKS:
         return ["row"], []
     models = list(result.retention.models)
-    header = ["row", "input", "reference", *models, *([BASELINE] if task in result.baselines else [])]
+    labels = [m if result.seed_count(m) == 1 else f"{m} (seed 1)" for m in models]
+    header = ["row", "input", "reference", *labels, *([BASELINE] if task in result.baselines else [])]
     rows = []
     for i, record in enumerate(test.head(count).to_dict("records")):
         outputs = [(result.pair(m, task).predictions[i] if result.pair(m, task) else "") for m in models]
@@ -358,7 +358,9 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
         claims = {m: ret.repeats(m) for m in ret.seeds}
         parts += ["## Seeds",
                   "Adapters trained with several seeds are scored on the mean of their seeds' per-row values; the "
-                  "spread between seeds is shown next to the bootstrap interval. "
+                  "spread between seeds is shown next to the bootstrap interval. \"Repeats within "
+                  f"±{REPEAT_TOLERANCE:.0%}\": every seed's score within ±{REPEAT_TOLERANCE} (two points on the "
+                  "0–1 scale) of the seeds' mean, on every task. "
                   + " ".join(f"**{m}: repeats within ±{REPEAT_TOLERANCE:.0%} {'holds' if ok else 'does not hold'}.**"
                              for m, ok in claims.items()),
                   markdown(seeds_table(result))]

@@ -37,12 +37,15 @@ from eval.stats import Estimate, Resamples
 
 BASE = "base"
 BASELINE = "trivial baseline"
-# Seeds of one adapter "repeat" when each seed's score is within this share of the seeds' mean.
+# Seeds of one adapter "repeat" when each seed's score is within this distance of the seeds' mean: 0.02 on the
+# primary metrics' 0-1 scale, i.e. two percentage points (a share of the mean would be meaningless near 0).
 REPEAT_TOLERANCE = 0.02
 # Metrics where lower is better (the share of answers outside the label set); every other metric: higher is better.
 LOWER_IS_BETTER = frozenset({"invalid"})
-# A metric without per-row values (chrF, BLEU) moved when its change is at least this share of the larger value.
+# A metric without per-row values (chrF, BLEU) moved when its change is at least this share of the larger value
+# and at least this share of the metric's range (0-100 for HUNDRED_SCALE metrics, else 0-1).
 DIRECTION_TOLERANCE = 0.02
+HUNDRED_SCALE = frozenset({"chrF", "BLEU"})
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,8 @@ class SeedSpread:
     values: tuple[float, ...]
     mean: float
     spread: float  # max - min
-    max_relative_deviation: float | None  # max |seed - mean| / |mean|; None when the mean is 0
-    repeats: bool
+    max_deviation: float  # max |seed - mean|, on the metric's scale
+    repeats: bool  # max_deviation <= REPEAT_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ class Retention:
     alpha: float = stats.ALPHA
 
     def repeats(self, model: str) -> bool | None:
-        """"Repeats within ±2 %": every task's seeds within REPEAT_TOLERANCE of their mean (None: one seed)."""
+        """"Repeats within ±2 %": every task's seeds within REPEAT_TOLERANCE (2 points) of their mean (None: one
+        seed)."""
         spreads = self.seeds.get(model)
         return all(s.repeats for s in spreads.values()) if spreads else None
 
@@ -158,11 +162,13 @@ class Retention:
 # ---------------------------------------------------------------------------------------------- single cells
 def direction(metric: str, value: float, reference: float, change: Estimate | None = None) -> int:
     """+1 better, -1 worse, 0 no clear move. With a paired ``change`` (the metric has per-row values) it moved when
-    its interval excludes 0; without one, when the change is at least DIRECTION_TOLERANCE of the larger value."""
+    its interval excludes 0; without one, when the change is at least DIRECTION_TOLERANCE of the larger value and of
+    the metric's range (so BLEU 0.04 -> 0.08 on its 0-100 scale is no move)."""
     if change is not None:
         moved = not change.includes_zero()
     else:
-        moved = abs(value - reference) > DIRECTION_TOLERANCE * max(abs(value), abs(reference))
+        scale = 100.0 if metric in HUNDRED_SCALE else 1.0
+        moved = abs(value - reference) > DIRECTION_TOLERANCE * max(abs(value), abs(reference), scale)
     if not moved or value == reference:
         return 0
     return 1 if (value > reference) != (metric in LOWER_IS_BETTER) else -1
@@ -181,9 +187,8 @@ def disagreement(metrics: Mapping[str, float], reference: Mapping[str, float],
 
 def seed_spread(values: Sequence[float], tolerance: float = REPEAT_TOLERANCE) -> SeedSpread:
     mean = fmean(values)
-    deviation = max(abs(v - mean) for v in values) / abs(mean) if mean else None
-    repeats = deviation <= tolerance if deviation is not None else max(values) == min(values)
-    return SeedSpread(tuple(values), mean, max(values) - min(values), deviation, repeats)
+    deviation = max(abs(v - mean) for v in values)
+    return SeedSpread(tuple(values), mean, max(values) - min(values), deviation, deviation <= tolerance)
 
 
 def _score(cell: CellInput | None, resamples: Resamples | None) -> Estimate | None:

@@ -101,7 +101,8 @@ def test_seeds_section_reports_spread_and_the_repeat_claim(world: dict[str, Any]
     text = render_markdown(run_eval(request(world, models=(spec,)), world["fake"].backend()), "now")
     assert "| sql (mean of 2 seeds) | **0.875 [" in text
     assert "**sql: repeats within ±2% does not hold.**" in text
-    assert "| sql | sql | 2 | 1.000, 0.750 | 0.875 [" in text and "| 0.250 | 14.3% | no |" in text
+    assert "| sql | sql | 2 | 1.000, 0.750 | 0.875 [" in text and "| 0.250 | 0.125 | no |" in text
+    assert "| row | input | reference | base | sql (seed 1) | trivial baseline |" in text
     assert "| sql seed 2 | 0.750 (+0.750) |" in text
 
 

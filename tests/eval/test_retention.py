@@ -120,6 +120,7 @@ def test_missing_rows_give_no_interval_and_missing_scores_no_delta() -> None:
 def test_metrics_that_disagree_in_sign_are_named() -> None:
     assert disagreement({"rougeL": 0.30, "chrF": 11.3}, {"rougeL": 0.23, "chrF": 16.8}) == "rougeL ↑ chrF ↓"
     assert disagreement({"rougeL": 0.30, "chrF": 17.0}, {"rougeL": 0.23, "chrF": 16.8}) is None
+    assert disagreement({"rougeL": 0.30, "BLEU": 0.04}, {"rougeL": 0.23, "BLEU": 0.08}) is None  # 0.04 of 100
     # fewer invalid answers is better: accuracy up and invalid down agree
     assert disagreement({"accuracy": 0.5, "invalid": 0.1}, {"accuracy": 0.4, "invalid": 0.3}) is None
     assert disagreement({"accuracy": 0.5, "invalid": 0.5}, {"accuracy": 0.4, "invalid": 0.3}) == \
@@ -143,10 +144,10 @@ def test_disagreement_reaches_the_cell() -> None:
 
 
 def test_seed_spread_and_the_repeat_claim() -> None:
-    assert seed_spread([0.50, 0.505, 0.495]).repeats
+    assert seed_spread([0.50, 0.515, 0.485]).repeats
+    assert seed_spread([0.005, 0.0]).repeats  # two points on the 0-1 scale, not a share of a near-zero mean
     wide = seed_spread([0.40, 0.50])
-    assert not wide.repeats and wide.spread == pytest.approx(0.10)
-    assert wide.max_relative_deviation == pytest.approx(0.05 / 0.45)
+    assert not wide.repeats and wide.spread == pytest.approx(0.10) and wide.max_deviation == pytest.approx(0.05)
     inputs = {BASE: {"sql": cell(BASE_SQL)},
               "sql": {"sql": CellInput(improved(BASE_SQL, 0.5), (0.52, 0.56))}}
     ret = build_retention(inputs, ("sql",), {"sql": ("sql",)}, {"sql": "em"})
