@@ -297,7 +297,10 @@ def manifest_tables(manifest: dict[str, Any]) -> tuple[str, Table, Table]:
              f"`{device.get('requested')}`" + (f", GPU {device['gpu']}" if device.get("gpu") else "")
              + f"; Python {device.get('python')} on {device.get('platform')}. Bootstrap: "
              + ", ".join(f"{k} {v}" for k, v in manifest.get("bootstrap", {}).items()) + ".")
-    packages = (["package", "loaded", "installed"],
+    generated = "; ".join(", ".join(f"{k} {v or '—'}" for k, v in versions.items())
+                          for versions in manifest.get("generated_with", []))
+    facts += f" Predictions generated with: {generated}." if generated else ""
+    packages = (["package", "loaded in this run", "installed"],
                 [[name, v.get("loaded") or DASH, v.get("installed") or DASH]
                  for name, v in manifest.get("packages", {}).items() if v.get("loaded") or v.get("installed")])
     data = (["file", "sha256", "path"],

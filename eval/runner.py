@@ -47,7 +47,7 @@ from prep.common import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the cached JSON changes shape: old entries are then ignored, never misread
+CACHE_FORMAT = 3  # bump when the cached JSON changes shape: old entries are then ignored, never misread
 LM_EVAL_VERSION = "0.4.13"  # the release the lm-eval integration was written against (optional, not a dependency)
 
 
@@ -173,6 +173,7 @@ class PairResult:
     row_scores: dict[str, list[float]] = field(default_factory=dict)
     scoring_settings: dict[str, Any] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list, repr=False)
+    versions: dict[str, str | None] = field(default_factory=dict)  # model stack that generated the predictions
 
 
 @dataclass
@@ -584,7 +585,8 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
                                  for m, row in probe_means(probe_results).items()},
         probes={p.name: len(p.texts) for p in request.probes}, lm_eval=lm_eval_results, retention=retention,
         timings=timings, baselines=baselines, probe_results=probe_results, contamination=overlaps,
-        manifest=run_manifest(request), tests={t: test for t, (test, _, _) in tests.items()},
+        manifest=run_manifest(request, [p.versions for p in pairs]),
+        tests={t: test for t, (test, _, _) in tests.items()},
     )
 
 
@@ -665,7 +667,9 @@ def check_contamination(request: EvalRequest, tests: Mapping[str, pd.DataFrame],
     return contamination.Contamination(overlaps, {" = ".join(v): str(k) for k, v in sources.items()}, unchecked)
 
 
-def run_manifest(request: EvalRequest) -> dict[str, Any]:
+def run_manifest(request: EvalRequest, generated_with: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """``eval.manifest`` for this run: its data files, models, device, bootstrap settings and the model-stack
+    versions stored with the predictions."""
     files = {f"{task}/test.csv": request.prepared / task / "test.csv" for task in request.tasks}
     files |= {f"{task}/train.csv": request.prepared / task / "train.csv" for task in request.tasks
               if (request.prepared / task / "train.csv").is_file()}
@@ -673,7 +677,8 @@ def run_manifest(request: EvalRequest) -> dict[str, Any]:
     return manifest.build_manifest(
         files=files, models={m.name: m.seed_paths for m in request.models}, device=request.device,
         bootstrap={"resamples": stats.RESAMPLES, "seed": stats.SEED, "level": stats.LEVEL, "alpha": stats.ALPHA,
-                   "intervals": "percentile", "multiple_testing": "Benjamini-Hochberg"})
+                   "intervals": "percentile", "multiple_testing": "Benjamini-Hochberg"},
+        generated_with=generated_with)
 
 
 # ---------------------------------------------------------------------------------------------- cached steps
@@ -689,9 +694,10 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
         logger.info("cache hit %s x %s: %s", run.label, task, path)
         return PairResult(run.model, task, key, len(entry["predictions"]), entry["scores"], True,
                           entry["seconds_generate"], entry["seconds_score"], str(path), run.seed,
-                          entry["row_scores"], entry["scoring_settings"], entry["predictions"])
+                          entry["row_scores"], entry["scoring_settings"], entry["predictions"], entry["versions"])
     if entry is not None:
         predictions, seconds_generate, cached = entry["predictions"], entry["seconds_generate"], True
+        versions = entry["versions"]
     else:
         notify(f"{run.label} × {task}: generating {len(test)} rows")
         loaded = replace(model.get(), settings=settings, name=run.label)  # name: progress-bar label
@@ -699,6 +705,7 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
         predictions = backend.generate(loaded, test["prompt"].tolist(), max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.batch_size, progress=progress)
         seconds_generate, cached = time.perf_counter() - started, False
+        versions = manifest.loaded_versions()
     if len(predictions) != len(test):
         raise WorkflowError(f"{run.label} x {task}: {len(predictions)} predictions for {len(test)} rows. "
                             f"Fix: report this bug in eval.generate")
@@ -712,10 +719,10 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
     atomic_write_json(path, {"format": CACHE_FORMAT, "model": run.label, "task": task, "key": key,
                              "settings": settings_key(settings), "max_rows": request.max_rows,
                              "predictions": list(predictions), "scores": scores, "row_scores": row_scores,
-                             "scoring_settings": dict(scored.settings),
+                             "scoring_settings": dict(scored.settings), "versions": versions,
                              "seconds_generate": seconds_generate, "seconds_score": seconds_score})
     return PairResult(run.model, task, key, len(predictions), scores, cached, seconds_generate, seconds_score,
-                      str(path), run.seed, row_scores, dict(scored.settings), list(predictions))
+                      str(path), run.seed, row_scores, dict(scored.settings), list(predictions), versions)
 
 
 def _run_probe(request: EvalRequest, backend: Backend, run: Run, identity: str, probe: Probe,

@@ -40,6 +40,9 @@ def test_files_are_hashed_and_model_configs_recorded(tmp_path) -> None:
     (model.parent / "description.json").write_text(json.dumps({"random_seed": 7, "dataset": "d.csv"}))
     assert model_record(model) == {"path": str(model), "config": {"trainer": {"epochs": 1}}, "random_seed": 7,
                                    "dataset": "d.csv"}
-    manifest = build_manifest(files={"t": data}, models={"sql": [model]}, device="cpu", bootstrap={"seed": 1})
+    stack = {"torch": "2.1", "ludwig": "0.17"}
+    manifest = build_manifest(files={"t": data}, models={"sql": [model]}, device="cpu", bootstrap={"seed": 1},
+                              generated_with=[stack, dict(stack), {"torch": "2.2", "ludwig": "0.17"}])
+    assert manifest["generated_with"] == [stack, {"torch": "2.2", "ludwig": "0.17"}]
     assert manifest["data"]["t"]["sha256"] == sha256(data) and manifest["device"]["requested"] == "cpu"
     assert manifest["models"]["sql"][0]["random_seed"] == 7 and manifest["bootstrap"] == {"seed": 1}

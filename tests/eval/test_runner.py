@@ -257,7 +257,8 @@ def test_cache_entries_hold_predictions_scores_and_row_scores(world: dict[str, A
     result = run_eval(request(world, "sql"), world["fake"].backend())
     pair = result.pair("sql", "sql")
     entry = json.loads(Path(pair.cache_file).read_text())
-    assert entry["format"] == CACHE_FORMAT == 2
+    assert entry["format"] == CACHE_FORMAT == 3
+    assert set(entry["versions"]) == {"torch", "transformers", "peft", "ludwig"}  # what generated the predictions
     assert entry["predictions"] == ["", *[f"sql answer {i}" for i in range(1, 4)]]
     assert entry["scores"]["exact_match"] == 0.75
     assert entry["row_scores"] == {"exact_match": [0.0, 1.0, 1.0, 1.0]} and entry["scoring_settings"] == {"n": 4}
@@ -343,6 +344,7 @@ def test_manifest_records_commit_packages_data_hashes_and_configs(world: dict[st
     assert manifest["packages"]["numpy"]["loaded"] == np.__version__
     assert manifest["models"]["sql"][0]["config"]["tasks"] == ["sql"]
     assert manifest["bootstrap"]["resamples"] == 2000 and manifest["device"]["requested"] == "auto"
+    assert manifest["generated_with"] == [result.pairs[0].versions]  # one model stack for every pair
 
 
 def test_settings_key_ignores_defaults_ludwig_fills_in_and_batch_size() -> None:
