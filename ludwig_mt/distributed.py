@@ -438,9 +438,29 @@ def place_quantized_model_on_local_rank() -> None:
     model_loading.add_load_rule(rank_device_map)
 
 
-def batches_done_in_epoch(steps: int, steps_per_epoch: int) -> int:
-    """How many batches of the current epoch a run at global ``steps`` has already trained on."""
-    return steps % steps_per_epoch if steps_per_epoch > 0 else 0
+def batches_per_epoch(rows: int, batch_size: int, ignore_last: bool) -> int:
+    """How many batches Ludwig's ``RandomAccessBatcher`` really yields in one epoch of ``rows`` rows.
+
+    Its ``steps_per_epoch`` is ``ceil(rows / batch_size)``, but with ``ignore_last`` (always on for training) a last
+    batch of one row is dropped ("Last batch in epoch only has 1 sample and will be dropped"), so an epoch of
+    ``k * batch_size + 1`` rows has one batch fewer than Ludwig plans for.
+    """
+    if rows <= 0 or batch_size <= 0:
+        return 0
+    planned = -(-rows // batch_size)
+    dropped = ignore_last and batch_size > 1 and rows % batch_size == 1
+    return planned - int(dropped)
+
+
+def batches_done_in_epoch(steps: int, epoch: int, per_epoch: int) -> int:
+    """How many batches of epoch ``epoch`` a run at global step ``steps`` has already trained on.
+
+    ``steps`` counts every optimizer step since the start; each finished epoch holds ``per_epoch`` of them (the
+    batches the batcher really yields, see :func:`batches_per_epoch`). A count outside ``[0, per_epoch)`` means the
+    checkpoint does not describe this data (other rows or batch size): nothing is skipped then, never a whole epoch.
+    """
+    done = steps - epoch * per_epoch
+    return done if 0 <= done < per_epoch else 0
 
 
 def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
@@ -462,22 +482,40 @@ def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
 
 @_once
 def resume_mid_epoch_where_it_stopped() -> None:
-    """On resume: the learning rate of step N, not of step 0, and skip the batches the checkpoint already holds."""
+    """On resume, and only then: the learning rate of step N, not of step 0, and skip the batches the checkpoint
+    already holds.
+
+    A run counts as resumed when Ludwig's progress tracker comes back from a checkpoint (a fresh tracker starts at
+    step 0). The skip happens once, in the first epoch loop after resuming; later epochs, and every epoch of a
+    fresh run, are Ludwig's own. (Acting on every epoch loop made a fresh run of ``k * batch + 1`` rows skip a whole
+    epoch forever: Ludwig's ``steps_per_epoch`` counts the dropped one-row batch.)
+    """
     from ludwig.trainers.trainer import Trainer
 
-    original = Trainer._train_loop
+    original_tracker, original_loop = Trainer._create_or_resume_progress_tracker, Trainer._train_loop
 
-    @functools.wraps(original)
+    @functools.wraps(original_tracker)
+    def _create_or_resume_progress_tracker(self, *args, **kwargs):
+        progress_tracker = original_tracker(self, *args, **kwargs)
+        self._ludwig_mt_resumed_at = progress_tracker.steps if progress_tracker.steps > 0 else None
+        return progress_tracker
+
+    @functools.wraps(original_loop)
     def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
-        if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
-            logger.info("ludwig_mt: resumed at step %d, learning-rate schedule moved on to it", progress_tracker.steps)
-        done = batches_done_in_epoch(progress_tracker.steps, self.steps_per_epoch)
-        if done and getattr(batcher, "step", None) == 0:
-            logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
-            for _ in range(done):
-                batcher.next_batch()
-        return original(self, batcher, progress_tracker, *args, **kwargs)
+        resumed_at, self._ludwig_mt_resumed_at = getattr(self, "_ludwig_mt_resumed_at", None), None
+        if resumed_at is not None:
+            if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
+                logger.info("ludwig_mt: resumed at step %d, learning-rate schedule moved on to it",
+                            progress_tracker.steps)
+            per_epoch = batches_per_epoch(batcher.total_size, batcher.batch_size, batcher.ignore_last)
+            done = batches_done_in_epoch(progress_tracker.steps, progress_tracker.epoch, per_epoch)
+            if done and getattr(batcher, "step", None) == 0:
+                logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
+                for _ in range(done):
+                    batcher.next_batch()
+        return original_loop(self, batcher, progress_tracker, *args, **kwargs)
 
+    Trainer._create_or_resume_progress_tracker = _create_or_resume_progress_tracker
     Trainer._train_loop = _train_loop
 
 

@@ -137,25 +137,31 @@ def test_j_hand_case(classifier) -> None:
     })
     refs = [[o or "x"] for o in outputs]
     scores = score_detox(sources, outputs, refs, classifier, encoder)
-    assert scores["STA"] == pytest.approx(2 / 4)
-    assert scores["SIM"] == pytest.approx((1 + 1 + 0.6 + 0) / 4)
-    assert scores["J"] == pytest.approx((1 * 1 + 0 * 1 + 1 * 0.6 + 0) / 4)
-    assert scores["J_includes_fluency"] == 0.0
-    assert scores["classifier_heldout_accuracy"] == classifier.heldout_accuracy
-    assert scores["n"] == 4
+    assert scores.per_row["STA"] == [1.0, 0.0, 1.0, 0.0]
+    assert scores.per_row["SIM"] == pytest.approx([1.0, 1.0, 0.6, 0.0])
+    assert scores.per_row["J"] == pytest.approx([1.0, 0.0, 0.6, 0.0])
+    assert scores.metrics["STA"] == pytest.approx(2 / 4)
+    assert scores.metrics["SIM"] == pytest.approx((1 + 1 + 0.6 + 0) / 4)
+    assert scores.metrics["J"] == pytest.approx((1 * 1 + 0 * 1 + 1 * 0.6 + 0) / 4)
+    assert scores.settings == {"classifier_heldout_accuracy": classifier.heldout_accuracy,
+                               "J_includes_fluency": False, "n": 4}
+    assert set(scores.metrics) == {"STA", "SIM", "J", "chrF", "BLEU"}  # settings are not scores
 
 
 def test_score_detox_with_the_real_encoder(classifier, encoder) -> None:
     sources = [t for t, _ in detox_pairs()[:6]]
     rewrites = [n for _, n in detox_pairs()[:6]]
     refs = [[r, r + "."] for r in rewrites]
-    oracle = score_detox(sources, rewrites, refs, classifier, encoder)
-    copy = score_detox(sources, sources, refs, classifier, encoder)
+    oracle = score_detox(sources, rewrites, refs, classifier, encoder).metrics
+    copy = score_detox(sources, sources, refs, classifier, encoder).metrics
     assert oracle["STA"] == 1.0 and copy["STA"] == 0.0 and copy["J"] == 0.0
     assert copy["SIM"] == pytest.approx(1.0, abs=1e-4)
     assert 0.5 < oracle["SIM"] < copy["SIM"]
     assert oracle["chrF"] == pytest.approx(chrf(rewrites, refs)) == pytest.approx(100.0)
     assert copy["BLEU"] == pytest.approx(bleu(sources, refs))
     assert copy["BLEU"] < 100.0
-    empty = score_detox(sources, [""] * 6, refs, classifier, encoder)
+    empty = score_detox(sources, [""] * 6, refs, classifier, encoder).metrics
     assert (empty["STA"], empty["SIM"], empty["J"], empty["chrF"], empty["BLEU"]) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    # Only punctuation (e.g. Ludwig's '!' padding) says nothing either: no style-transfer credit for it.
+    bangs = score_detox(sources, ["!!!!"] * 6, refs, classifier, encoder).per_row
+    assert bangs["STA"] == [0.0] * 6 and bangs["SIM"] == [0.0] * 6 and bangs["J"] == [0.0] * 6

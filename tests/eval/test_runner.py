@@ -30,7 +30,7 @@ from eval.runner import (
     run_lm_eval,
     settings_key,
 )
-from eval.scoring import TaskScores
+from eval.task_scores import TaskScores
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 TASKS = ("sql", "detox")
@@ -95,8 +95,7 @@ class FakeBackend:
     def score(self, task: str, test: pd.DataFrame, predictions: list[str], resources: Any) -> TaskScores:
         self.scored.append(task)
         hits = [float(p == r) for p, r in zip(predictions, test["response"], strict=True)]
-        return TaskScores({"exact_match": sum(hits) / len(test), "n": float(len(test))}, {"exact_match": hits},
-                          {"n": len(test)})
+        return TaskScores({"exact_match": sum(hits) / len(test)}, {"exact_match": hits}, {"n": len(test)})
 
 
 def settings_from_config(config: dict[str, Any]) -> FakeSettings:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-import statistics
 import json
 import sqlite3
+import statistics
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from eval.scoring import PRIMARY_METRIC, EvalResources, primary_metric, score_task
+from eval.scoring import PRIMARY_METRIC, EvalResources, TaskScores, primary_metric, score_task
 from ludwig_mt.ludwig_fixes import WorkflowError
 from prep.registry import TASKS
 from tests.eval.test_detox import write_prepared_detox
@@ -72,39 +72,44 @@ def test_every_registered_task_has_a_primary_metric() -> None:
 def test_score_task_for_every_registered_task(task: str, resources: EvalResources) -> None:
     test = example_test(task, resources.prepared_dir)
     metric = PRIMARY_METRIC[task]
-    oracle_scores = score_task(task, test, list(test["response"]), resources)
-    oracle, empty = oracle_scores.metrics, score_task(task, test, [""] * len(test), resources).metrics
-    assert oracle["n"] == empty["n"] == len(test)
-    assert statistics.fmean(oracle_scores.per_row[metric]) == pytest.approx(oracle[metric])
-    assert empty[metric] == 0.0
+    oracle = score_task(task, test, list(test["response"]), resources)
+    empty = score_task(task, test, [""] * len(test), resources)
+    for scores in (oracle, empty):
+        assert isinstance(scores, TaskScores)
+        assert scores.settings["n"] == len(test) and "n" not in scores.metrics
+        assert metric in scores.per_row  # the primary metric always has per-row values
+        for name, values in scores.per_row.items():  # the contract: metric == mean of its per-row values
+            assert len(values) == len(test) and scores.metrics[name] == statistics.fmean(values)
+    assert empty.metrics[metric] == 0.0
     if task == "detox":  # J = STA x SIM, and a rewrite is never identical in meaning-embedding to its source
-        assert oracle["STA"] == 1.0 and 0.5 < oracle[metric] < 1.0
+        assert oracle.metrics["STA"] == 1.0 and 0.5 < oracle.metrics[metric] < 1.0
     else:
-        assert oracle[metric] == pytest.approx(1.0)
+        assert oracle.metrics[metric] == pytest.approx(1.0)
 
 
 def test_custom_and_unknown_tasks_get_the_free_text_default(resources: EvalResources) -> None:
     test = example_test("my_new_task", resources.prepared_dir)
-    scores = score_task("my_new_task", test, ["the meeting moved to friday.", "Not a claim"], resources).metrics
-    assert set(scores) == {"rougeL", "chrF", "exact_match", "n"}
-    assert scores["exact_match"] == pytest.approx(0.5)
+    scores = score_task("my_new_task", test, ["the meeting moved to friday.", "Not a claim"], resources)
+    assert set(scores.metrics) == {"rougeL", "chrF", "exact_match"} and set(scores.per_row) == {"rougeL", "exact_match"}
+    assert scores.per_row["exact_match"] == [1.0, 0.0]
 
 
 def test_spider_runs_on_the_real_database_and_falls_back_to_context(resources: EvalResources) -> None:
     test = example_test("spider", resources.prepared_dir)
-    wrong_filter = ["SELECT name FROM singer WHERE age > 99"] * 2  # no rows: equals the gold only on empty tables
+    wrong_filter = ["SELECT name FROM singer WHERE age > 99"] * 2  # no rows: once equalled the gold on empty tables
     scores = score_task("spider", test, wrong_filter, resources)
-    assert scores.settings["n_real_db"] == 1
-    assert scores.metrics["execution_accuracy"] == pytest.approx(1 / 2)
-    assert scores.per_row["execution_accuracy"] == [0.0, 1.0]  # wrong on the real DB, "right" on the context
+    assert scores.settings["n_real_db"] == 1 and "n_real_db" not in scores.metrics
+    assert scores.per_row["execution_accuracy"] == [0.0, 0.0]  # wrong on the real DB and on synthesised ones
+    right = score_task("spider", test, ["SELECT name FROM singer WHERE 30 < age"] * 2, resources)
+    assert right.per_row["execution_accuracy"] == [1.0, 1.0]
 
 
 def test_sql_and_spider_never_count_empty_or_junk_as_executing(resources: EvalResources) -> None:
     for task in ("sql", "spider"):
         test = example_test(task, resources.prepared_dir)
         for junk in ("", "-- just a comment", "I cannot answer that"):
-            scores = score_task(task, test, [junk] * len(test), resources).metrics
-            assert scores["executes"] == 0.0 and scores["exact_match"] == 0.0
+            scores = score_task(task, test, [junk] * len(test), resources)
+            assert scores.metrics["executes"] == 0.0 and scores.metrics["exact_match"] == 0.0
 
 
 def test_wrong_number_of_predictions_is_one_clear_error(resources: EvalResources) -> None:
@@ -130,5 +135,7 @@ def test_missing_resources_say_what_to_pass(tmp_path: Path, resources: EvalResou
 def test_detox_references_column_is_multi_reference(resources: EvalResources) -> None:
     test = example_test("detox", resources.prepared_dir)
     second_refs = [json.loads(r)[1] for r in test["references"]]  # predictions equal to the 2nd reference only
-    scores = score_task("detox", test, second_refs, resources).metrics
-    assert scores["BLEU"] == pytest.approx(100.0) and scores["chrF"] == pytest.approx(100.0)
+    scores = score_task("detox", test, second_refs, resources)
+    assert scores.metrics["BLEU"] == pytest.approx(100.0) and scores.metrics["chrF"] == pytest.approx(100.0)
+    assert scores.settings["J_includes_fluency"] is False and "J_includes_fluency" not in scores.metrics
+    assert 0.5 <= scores.settings["classifier_heldout_accuracy"] <= 1.0

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pandas as pd
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eval.text import bleu, chrf, clean_predictions, exact_match, references_of, rouge_l, rouge_l_per_sentence, score_text
+from eval.text import (
+    bleu,
+    chrf,
+    clean_predictions,
+    exact_match,
+    references_of,
+    rouge_l,
+    rouge_l_per_sentence,
+    score_text,
+)
 from ludwig_mt.ludwig_fixes import WorkflowError
 
 PREDS = ["the cat sat on the mat", "a quick brown fox jumps", "hello there general kenobi"]
@@ -60,18 +70,24 @@ def test_multi_reference_bleu_and_chrf_use_every_reference() -> None:
     assert bleu(preds, [["a dog lay on a rug"], ["it is raining again"]]) < 60.0
 
 
-def test_exact_match_ignores_case_and_whitespace_only() -> None:
-    refs = [["Paris"], ["The  answer is 42"], ["yes", "no"]]
-    assert exact_match(["paris ", "the answer is 42", "No"], refs) == pytest.approx(1.0)
-    assert exact_match(["Paris.", "answer 42", "maybe"], refs) == 0.0
+def test_exact_match_ignores_case_whitespace_and_end_punctuation_only() -> None:
+    refs = [["Paris"], ["The  answer is 42."], ["yes", "no"], ["C++"]]
+    assert exact_match(["paris ", "the answer is 42", "No", "c++"], refs) == pytest.approx(1.0)
+    # Changed on purpose (issue #12): a right answer with end punctuation or '!' padding is right ("Paris." used
+    # to be scored wrong against "Paris").
+    assert exact_match(["Paris.", "The answer is 42!!!!", '"yes"', "C++!"], refs) == pytest.approx(1.0)
+    assert exact_match(["answer 42", "maybe", "Pari", "C"], [["Paris"], ["The answer is 42"], ["yes"], ["C++"]]) == 0.0
+    assert exact_match(["!!!", "..."], [["!"], ["."]]) == 0.0  # punctuation alone says nothing
 
 
 def test_empty_and_missing_predictions_score_zero_without_crashing() -> None:
     preds = clean_predictions(["", None, float("nan"), "  "])
     assert preds == ["", "", "", ""]
     scores = score_text(["", None, float("nan"), "  "], [["a b c"]] * 4)
-    assert scores == {"rougeL": 0.0, "chrF": 0.0, "exact_match": 0.0, "n": 4}
-    assert score_text([], []) == {"rougeL": 0.0, "chrF": 0.0, "exact_match": 0.0, "n": 0}
+    assert scores.metrics == {"rougeL": 0.0, "exact_match": 0.0, "chrF": 0.0} and scores.settings == {"n": 4}
+    assert scores.per_row == {"rougeL": [0.0] * 4, "exact_match": [0.0] * 4}
+    empty = score_text([], [])
+    assert empty.metrics == {"rougeL": 0.0, "exact_match": 0.0, "chrF": 0.0} and empty.settings == {"n": 0}
 
 
 def test_lengths_must_agree() -> None:
@@ -93,8 +109,11 @@ def test_references_of_names_the_bad_row(bad: str) -> None:
         references_of(frame)
 
 
-def test_score_text_scales() -> None:
+def test_score_text_scales_and_rows() -> None:
     scores = score_text(PREDS, REFS)
-    assert set(scores) == {"rougeL", "chrF", "exact_match", "n"}
-    assert 0.0 <= scores["rougeL"] <= 1.0 and 0.0 <= scores["chrF"] <= 100.0 and scores["n"] == 3
-    assert not math.isnan(scores["chrF"])
+    assert set(scores.metrics) == {"rougeL", "chrF", "exact_match"} and scores.settings == {"n": 3}
+    assert 0.0 <= scores.metrics["rougeL"] <= 1.0 and 0.0 <= scores.metrics["chrF"] <= 100.0
+    assert not math.isnan(scores.metrics["chrF"])
+    assert scores.per_row["rougeL"] == pytest.approx(rouge_l_per_sentence(PREDS, REFS))
+    assert scores.metrics["rougeL"] == statistics.fmean(scores.per_row["rougeL"])
+    assert "chrF" not in scores.per_row  # corpus-level: no per-row values

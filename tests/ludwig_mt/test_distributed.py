@@ -124,9 +124,20 @@ def test_4bit_model_is_placed_on_the_rank_gpu_only_under_a_launcher(monkeypatch:
     assert placement.from_pretrained is not Loader.from_pretrained and placement.__name__ == "Loader"
 
 
+def test_batches_per_epoch_counts_the_dropped_one_row_batch() -> None:
+    # Ludwig plans ceil(rows / batch) steps but drops a last batch of one row while training (ignore_last)
+    assert [distributed.batches_per_epoch(rows, 8, True) for rows in (48, 49, 50, 55, 56, 57)] == [6, 6, 7, 7, 7, 7]
+    assert [distributed.batches_per_epoch(rows, 8, False) for rows in (48, 49, 57)] == [6, 7, 8]
+    assert distributed.batches_per_epoch(1, 1, True) == 1  # a batch of one is only dropped when batches are larger
+    assert distributed.batches_per_epoch(0, 8, True) == 0
+
+
 def test_batches_done_in_epoch() -> None:
-    assert [distributed.batches_done_in_epoch(s, 8) for s in (0, 5, 8, 13, 16)] == [0, 5, 0, 5, 0]
-    assert distributed.batches_done_in_epoch(3, 0) == 0
+    # 6 real batches per epoch (49 rows at batch 8): epoch 1 starts at step 6, not at Ludwig's planned step 7
+    assert [distributed.batches_done_in_epoch(s, e, 6) for s, e in ((0, 0), (5, 0), (6, 1), (7, 1), (11, 1))] == [
+        0, 5, 0, 1, 5]
+    assert distributed.batches_done_in_epoch(12, 1, 6) == 0  # inconsistent with the data: skip nothing
+    assert distributed.batches_done_in_epoch(3, 0, 0) == 0
 
 
 def test_fast_forward_scheduler_reaches_the_uninterrupted_learning_rate() -> None:
@@ -414,3 +425,56 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_
         assert report["steps"] == total - STEPS_PER_CHECKPOINT  # only the steps the checkpoint did not hold
         assert all(torch.equal(weights[k], expected[k]) for k in expected)
     assert (work["root"] / name / "experiment_run/model/model_weights/adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- slow: every remainder
+REMAINDER_BATCH = 3  # rows = 2 * batch + r for every r: r = 1 is the one-row last batch Ludwig drops
+
+
+@pytest.fixture(scope="module")
+def remainder_work(work: dict[str, Path]) -> dict[str, Path]:
+    """Per remainder r, a train CSV of 2 * REMAINDER_BATCH + r rows (+ 2 validation rows) and one YAML: 2 epochs,
+    a checkpoint after every step (so the first is mid-epoch), no shuffling (runs are comparable)."""
+    root = work["root"] / "remainders"
+    root.mkdir()
+    rows = pd.read_csv(work["root"] / "train.csv", keep_default_na=False)
+    for r in range(REMAINDER_BATCH):
+        train = rows[rows.split == 0].head(2 * REMAINDER_BATCH + r)
+        pd.concat([train, rows[rows.split == 1].head(2)]).to_csv(root / f"train_r{r}.csv", index=False)
+    config = load_yaml(work["root"] / "sql.yaml")
+    config["trainer"].update(batch_size=REMAINDER_BATCH, eval_batch_size=REMAINDER_BATCH, epochs=2,
+                             steps_per_checkpoint=1, should_shuffle=False)
+    write_yaml(config, root / "sql.yaml")
+    return {"root": root}
+
+
+def remainder_train(work: dict[str, Path], r: int, name: str, *, resume: bool = False,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    root = work["root"]
+    where = ["--model_resume_path", str(root / name / "experiment_run")] if resume else [
+        "--output_directory", str(root / name)]
+    with open(root / f"{name}.log", "a", encoding="utf-8") as log:
+        return subprocess.run([ludwig_executable(), "train", "--config", str(root / "sql.yaml"), "--dataset",
+                               str(root / f"train_r{r}.csv"), "--skip_save_processed_input", *where],
+                              timeout=300, stdout=log, stderr=subprocess.STDOUT,
+                              env={**train_env(work, name), **(env or {})})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("r", range(REMAINDER_BATCH))
+def test_every_remainder_of_rows_trains_to_the_end_fresh_and_resumed(remainder_work: dict[str, Path], r: int) -> None:
+    """A fresh run of k * batch + 1 rows looped forever while the resume fix acted on every epoch (Ludwig plans one
+    step more per epoch than its batcher yields); fresh and killed-then-resumed runs must end, and agree."""
+    fresh = remainder_train(remainder_work, r, f"fresh_r{r}")  # timeout=300: a hang fails the test
+    assert fresh.returncode == 0, log_tail(remainder_work, f"fresh_r{r}")
+    assert "skipping" not in (remainder_work["root"] / f"fresh_r{r}.log").read_text(errors="replace")
+    report, expected = rank_report(remainder_work, f"fresh_r{r}", 0)
+    crashed = remainder_train(remainder_work, r, f"resumed_r{r}", env={distributed.ENV_CRASH_AFTER_CHECKPOINT: "1"})
+    assert crashed.returncode != 0
+    resumed = remainder_train(remainder_work, r, f"resumed_r{r}", resume=True)
+    assert resumed.returncode == 0, log_tail(remainder_work, f"resumed_r{r}")
+    log = (remainder_work["root"] / f"resumed_r{r}.log").read_text(errors="replace")
+    assert log.count("skipping 1 batch(es) already trained on") == 1  # once, in the first epoch after resuming
+    resumed_report, weights = rank_report(remainder_work, f"resumed_r{r}", 0)
+    assert resumed_report["steps"] == report["steps"] - 1  # the one step the checkpoint held
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
