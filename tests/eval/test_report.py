@@ -1,16 +1,21 @@
-"""report.md / report.json / retention.png from a run with the fake backend: written, parseable, consistent."""
+"""report.md / report.json / retention.png from a run with the fake backend: written, parseable, consistent, and
+every cell with its interval, n, baseline and flags."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from eval.report import fmt, fmt_delta, markdown, matrix_table, write_report
-from eval.runner import EvalResult, run_eval
-from tests.eval.test_runner import request, world  # noqa: F401  (fixture)
+from eval.report import fmt, fmt_delta, markdown, matrix_table, notes, render_markdown, write_report
+from eval.retention import BASE, CellInput, build_retention
+from eval.runner import EvalResult, ModelSpec, run_eval
+from tests.eval.test_runner import request, world, write_model, write_train  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -26,29 +31,100 @@ def test_writes_the_three_files_atomically(result: EvalResult) -> None:
     assert paths["retention.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_json_holds_every_number(result: EvalResult) -> None:
+def test_report_json_holds_every_number_with_its_interval(result: EvalResult) -> None:
     data = json.loads(write_report(result)["report.json"].read_text())
-    assert data["retention"]["cells"]["sql"]["sql"] == {"score": 1.0, "delta": 1.0}
+    cell = data["retention"]["cells"]["sql"]["sql"]
+    assert cell["score"] == {"value": 1.0, "low": 1.0, "high": 1.0, "n": 4, "p_value": None}
+    assert cell["delta"]["value"] == 1.0 and cell["significant"] is True and cell["q_value"] < 0.05
+    assert data["retention"]["cells"]["sql"]["detox"]["significant"] is False
+    assert data["retention"]["tests"] == 3 * 2  # adapters x tasks; a one-text probe has no interval: not a test
     assert data["scores"]["multitask/detox"]["exact_match"] == 1.0
-    assert data["perplexity"]["multitask"]["story"] == 12.0
+    assert data["perplexity"]["multitask"]["story"] == pytest.approx(12.0)
     assert data["perplexity_change"]["multitask"]["story"] == pytest.approx(0.2)
     assert data["rows"]["sql"] == {"test_rows": 4, "evaluated": 4}
     assert data["own_tasks"]["multitask"] == ["sql", "detox"]
-    assert data["retention"]["mean_own_gain"] == 1.0 and data["retention"]["mean_other_change"] == 0.0
+    assert data["retention"]["mean_own_gain"]["value"] == 1.0
+    assert data["retention"]["mean_other_change"]["value"] == 0.0
     assert data["request"]["probes"] == [{"name": "story", "texts": 1, "source": ""}]
     assert data["settings"]["sql"]["max_new_tokens"] == 7
     assert len(data["pairs"]) == 8 and "total" in data["timings"]
+    assert data["pairs"][0]["row_scores"] == {"exact_match": [0.0] * 4} and "predictions" not in data["pairs"][0]
+    assert data["baselines"]["sql"]["name"] == "the input, unchanged"
+    assert data["retention"]["floor_tasks"] == ["sql", "detox"]  # the fake base answers nothing: at the floor
+    assert data["samples"]["sql"]["rows"][0][:3] == ["1", "sql: question 0", "sql answer 0"]
+    assert set(data["manifest"]) == {"git", "packages", "data", "models", "bootstrap", "device", "generated_with"}
+    assert data["contamination"]["unchecked"] == ["model sql", "model detox", "model multitask"]
+    assert "stand_in_metrics" in data and "detox" in data["stand_in_metrics"]
 
 
-def test_report_md_has_the_matrix_with_deltas_and_sections(result: EvalResult) -> None:
+def test_report_md_cells_carry_interval_change_n_and_flags(result: EvalResult) -> None:
     text = write_report(result)["report.md"].read_text()
     assert "| model | sql (exact_match) | detox (exact_match) |" in text
-    assert "| sql | **1.000 (+1.000)** | 0.000 (+0.000) |" in text
-    assert "| base | 0.000 | 0.000 |" in text
+    assert ("| sql | **1.000 [1.000, 1.000] (+1.000 [1.000, 1.000]) n=4** "
+            "| 0.000 [0.000, 0.000] (+0.000 [0.000, 0.000] ns) n=4 ≤bl |") in text
+    assert "| base | 0.000 [0.000, 0.000] n=4 ≤bl | 0.000 [0.000, 0.000] n=4 ≤bl |" in text
+    assert "| trivial baseline | 0.000 [0.000, 0.000] n=4 | 0.000 [0.000, 0.000] n=4 |" in text
+    assert "**sql cannot show forgetting**" in text
+    assert "6 changes from the base were tested" in text
     for section in ("## Retention matrix", "## Summary", "## General-text perplexity", "## All metrics per task",
-                    "### detox", "## Settings and rows", "## Timings", "![retention matrix](retention.png)"):
-        assert section in text
-    assert "`story` (1 texts from `memory`)" in text
+                    "### detox", "## Trivial baselines", "## Stand-in metrics", "## Contamination",
+                    "## Run manifest", "## Settings and rows", "## Timings", "![retention matrix](retention.png)",
+                    "Sample outputs (first 3 test rows"):
+        assert section in text, section
+    assert "`story` (1 texts from `memory`)" in text and "--probe FILE" in text
+
+
+def test_settings_are_listed_apart_never_as_a_change(result: EvalResult) -> None:
+    text = render_markdown(result, "now")
+    assert "Scoring settings: n = 4" in text
+    assert "| model | exact_match |" in text  # n is not a column of the metrics table
+    assert "(+0.000)" not in text.split("### sql")[1].split("Scoring settings")[0].split("| base |")[0]
+
+
+def test_metric_disagreement_and_below_baseline_are_said_next_to_the_cell(result: EvalResult) -> None:
+    rows = np.array([0.2, 0.4, 0.3, 0.1])
+    inputs = {BASE: {"sql": CellInput(rows, (0.25,), {"rougeL": 0.25, "chrF": 16.8})},
+              "sql": {"sql": CellInput(rows + 0.05, (0.30,), {"rougeL": 0.30, "chrF": 11.3})}}
+    retention = build_retention(inputs, ("sql",), {"sql": ("sql",)}, {"sql": "rougeL"},
+                                baseline={"sql": np.full(4, 0.5)})
+    shown = replace(result, retention=retention, request=replace(result.request, tasks=("sql",), models=()))
+    header, table = matrix_table(shown)
+    assert "⚠ rougeL ↑ chrF ↓" in table[1][1] and "≤bl" in table[1][1]
+    assert any("Metrics disagree in direction" in line and "sql on sql (rougeL ↑ chrF ↓)" in line
+               for line in notes(shown))
+
+
+def test_seeds_section_reports_spread_and_the_repeat_claim(world: dict[str, Any]) -> None:  # noqa: F811
+    second = write_model(world["tmp"] / "results", "sql-seed2", ("sql",), weights=b"seed 2")
+    world["fake"].misses["sql#2"] = 1
+    spec = ModelSpec("sql", world["sql"].path, ("sql",), (second,))
+    text = render_markdown(run_eval(request(world, models=(spec,)), world["fake"].backend()), "now")
+    assert "| sql (mean of 2 seeds) | **0.875 [" in text
+    assert "**sql: repeats within ±2% does not hold.**" in text
+    assert "| sql | sql | 2 | 1.000, 0.750 | 0.875 [" in text and "| 0.250 | 0.125 | no |" in text
+    assert "| row | input | reference | base | sql (seed 1) | trivial baseline |" in text
+    assert "| sql seed 2 | 0.750 (+0.750) |" in text
+
+
+def test_contaminated_rows_are_counted_in_the_cell_and_the_table(world: dict[str, Any]) -> None:  # noqa: F811
+    train = write_train(world["prepared"], "sql", ["x", "y"])
+    frame = pd.read_csv(train)
+    frame.loc[0, "prompt"] = "sql: question 3"  # a test prompt in the training data
+    frame.to_csv(train, index=False)
+    (world["sql"].path.parent / "description.json").write_text(json.dumps({"dataset": str(train)}))
+    result = run_eval(request(world, "sql"), world["fake"].backend())
+    header, rows = matrix_table(result)
+    assert rows[1][1].endswith("seen 1**")
+    text = render_markdown(result, "now")
+    assert "| model sql = prepared sql/train.csv | sql | 1 of 4 (rows 4) | split key or question |" in text
+
+
+def test_the_report_recommends_the_base_models_own_domain() -> None:
+    from eval.report import probe_advice
+
+    assert "`--probe tinystories`" in probe_advice("/models/stories260k", ["wikitext2_test"])
+    assert "`--probe tinystories`" not in probe_advice("/models/stories260k", ["tinystories_valid"])
+    assert "own pretraining domain" in probe_advice("Qwen/Qwen2.5-1.5B", [])
 
 
 def test_png_is_a_readable_image_of_reasonable_size(result: EvalResult) -> None:
@@ -65,9 +141,9 @@ def test_markdown_escapes_pipes_and_formats_numbers() -> None:
     assert fmt_delta(-0.05) == "-0.050" and fmt_delta(2.0) == "+2.000" and fmt_delta(None) == "—"
 
 
-def test_matrix_table_marks_own_tasks(result: EvalResult) -> None:
+def test_matrix_table_marks_own_tasks_and_ends_with_the_baseline(result: EvalResult) -> None:
     header, rows = matrix_table(result)
-    assert header[0] == "model" and [r[0] for r in rows] == ["base", "sql", "detox", "multitask"]
+    assert header[0] == "model" and [r[0] for r in rows] == ["base", "sql", "detox", "multitask", "trivial baseline"]
     assert rows[3][1].startswith("**") and rows[3][2].startswith("**")
     assert not rows[1][2].startswith("**")
 

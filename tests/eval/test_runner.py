@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from eval.__main__ import main
+from eval.perplexity import TextNLL
 from eval.runner import (
+    CACHE_FORMAT,
     Backend,
     EvalRequest,
     ModelSpec,
     Probe,
+    model_spec,
     read_probe,
     require_lm_eval,
     resolve_own_tasks,
@@ -55,11 +60,12 @@ class FakeBackend:
     scored: list[str] = field(default_factory=list)
     perplexities: list[str] = field(default_factory=list)
     references: dict[str, list[str]] = field(default_factory=dict)
+    misses: dict[str, int] = field(default_factory=dict)  # run label -> its first N answers are wrong
 
     def backend(self) -> Backend:
         return Backend(
             load_base=self.load_base, load_adapter=self.load_adapter, generate=self.generate,
-            perplexity=self.perplexity, score=self.score, settings_from_config=settings_from_config,
+            text_nll=self.text_nll, score=self.score, settings_from_config=settings_from_config,
             resources=lambda **kw: kw, primary_metric={"sql": "exact_match", "detox": "exact_match"},
         )
 
@@ -76,16 +82,20 @@ class FakeBackend:
     def generate(self, loaded: FakeLoaded, prompts: list[str], *, max_new_tokens: int, batch_size: int,
                  progress: bool) -> list[str]:
         self.generated.append((loaded.name, len(prompts), max_new_tokens))
-        return [self.references.get(p, "") if _task_of(p) in loaded.own else "" for p in prompts]
+        skip = self.misses.get(loaded.name, 0)
+        return [self.references.get(p, "") if _task_of(p) in loaded.own and i >= skip else ""
+                for i, p in enumerate(prompts)]
 
-    def perplexity(self, loaded: FakeLoaded, texts: list[str]) -> float:
+    def text_nll(self, loaded: FakeLoaded, texts: list[str]) -> TextNLL:
+        """Perplexity 10 + the number of tasks the model owns, on every text."""
         self.perplexities.append(loaded.name)
-        return 10.0 + len(loaded.own)
+        tokens = tuple(len(t.split()) for t in texts)
+        return TextNLL(tuple(math.log(10.0 + len(loaded.own)) * n for n in tokens), tokens)
 
     def score(self, task: str, test: pd.DataFrame, predictions: list[str], resources: Any) -> TaskScores:
         self.scored.append(task)
-        hits = sum(p == r for p, r in zip(predictions, test["response"]))
-        return TaskScores({"exact_match": hits / len(test), "rows": float(len(test))}, {})
+        hits = [float(p == r) for p, r in zip(predictions, test["response"], strict=True)]
+        return TaskScores({"exact_match": sum(hits) / len(test)}, {"exact_match": hits}, {"n": len(test)})
 
 
 def settings_from_config(config: dict[str, Any]) -> FakeSettings:
@@ -132,6 +142,7 @@ def world(tmp_path: Path) -> dict[str, Any]:
 
 
 def request(world: dict[str, Any], *models: str, **kw: Any) -> EvalRequest:
+    """A request for the named models of ``world`` (or ``models=`` given as specs) on both tasks."""
     base = {"name": "r", "base_model": "tiny/base", "models": tuple(world[m] for m in models), "tasks": TASKS,
             "prepared": world["prepared"], "out": world["tmp"] / "reports",
             "probes": (Probe("story", ("Once upon a time.",)),)}
@@ -142,9 +153,10 @@ def test_scores_every_pair_and_builds_the_matrix(world: dict[str, Any]) -> None:
     result = run_eval(request(world, "sql", "detox"), world["fake"].backend())
     assert {(p.model, p.task) for p in result.pairs} == {(m, t) for m in ("base", "sql", "detox") for t in TASKS}
     cells = result.retention.cells
-    assert cells["sql"]["sql"].score == 1.0 and cells["sql"]["sql"].delta == 1.0
-    assert cells["sql"]["detox"].delta == 0.0 and cells["base"]["sql"].delta is None
-    assert result.perplexity == {"base": {"story": 10.0}, "sql": {"story": 11.0}, "detox": {"story": 11.0}}
+    assert cells["sql"]["sql"].score.value == 1.0 and cells["sql"]["sql"].delta.value == 1.0
+    assert cells["sql"]["detox"].delta.value == 0.0 and cells["base"]["sql"].delta is None
+    assert result.perplexity == {"base": {"story": pytest.approx(10.0)}, "sql": {"story": pytest.approx(11.0)},
+                                 "detox": {"story": pytest.approx(11.0)}}
     assert result.rows == {"sql": {"test_rows": 4, "evaluated": 4}, "detox": {"test_rows": 4, "evaluated": 4}}
 
 
@@ -165,7 +177,7 @@ def test_adding_an_adapter_computes_only_its_pairs(world: dict[str, Any]) -> Non
     fake.generated.clear(), fake.loads.clear()
     result = run_eval(request(world, "sql", "multitask"), fake.backend())
     assert fake.loads == ["multitask"] and [g[0] for g in fake.generated] == ["multitask", "multitask"]
-    assert result.retention.cells["multitask"]["detox"].delta == 1.0
+    assert result.retention.cells["multitask"]["detox"].delta.value == 1.0
 
 
 def test_changed_test_set_recomputes_only_that_task(world: dict[str, Any]) -> None:
@@ -227,7 +239,7 @@ def test_rescore_scores_cached_predictions_without_generating(world: dict[str, A
     run_eval(request(world, "sql"), fake.backend())
     fake.generated.clear(), fake.scored.clear()
     run_eval(request(world, "sql", rescore=True), fake.backend())
-    assert fake.generated == [] and len(fake.scored) == 4
+    assert fake.generated == [] and len(fake.scored) == 4 + 2  # 4 pairs and each task's trivial baseline
 
 
 def test_a_damaged_cache_entry_is_recomputed(world: dict[str, Any]) -> None:
@@ -239,12 +251,99 @@ def test_a_damaged_cache_entry_is_recomputed(world: dict[str, Any]) -> None:
     assert len(fake.generated) == 1
 
 
-def test_cache_entries_hold_predictions_and_scores(world: dict[str, Any]) -> None:
+def test_cache_entries_hold_predictions_scores_and_row_scores(world: dict[str, Any]) -> None:
+    world["fake"].misses["sql"] = 1
     result = run_eval(request(world, "sql"), world["fake"].backend())
     pair = result.pair("sql", "sql")
     entry = json.loads(Path(pair.cache_file).read_text())
-    assert entry["predictions"] == [f"sql answer {i}" for i in range(4)]
-    assert entry["scores"]["exact_match"] == 1.0
+    assert entry["format"] == CACHE_FORMAT == 3
+    assert set(entry["versions"]) == {"torch", "transformers", "peft", "ludwig"}  # what generated the predictions
+    assert entry["predictions"] == ["", *[f"sql answer {i}" for i in range(1, 4)]]
+    assert entry["scores"]["exact_match"] == 0.75
+    assert entry["row_scores"] == {"exact_match": [0.0, 1.0, 1.0, 1.0]} and entry["scoring_settings"] == {"n": 4}
+    again = run_eval(request(world, "sql"), world["fake"].backend()).pair("sql", "sql")
+    assert again.cached and again.row_scores == pair.row_scores and again.predictions == pair.predictions
+
+
+def test_probe_cache_holds_each_texts_nll(world: dict[str, Any]) -> None:
+    probe = Probe("story", ("Once upon a time.", "The end of the story here."))
+    result = run_eval(request(world, "sql", probes=(probe,)), world["fake"].backend())
+    base = next(r for r in result.probe_results if r.model == "base")
+    assert base.tokens == [4, 6] and base.nll == pytest.approx([4 * math.log(10), 6 * math.log(10)])
+    assert result.retention.perplexity["sql"]["story"].delta.value == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def test_seeds_are_evaluated_one_by_one_and_averaged_per_row(world: dict[str, Any]) -> None:
+    fake = world["fake"]
+    second = write_model(world["tmp"] / "results", "sql-seed2", ("sql",), weights=b"other seed")
+    fake.misses["sql#2"] = 2  # runs of a model with several seeds are labelled NAME#1, NAME#2
+    spec = ModelSpec("sql", world["sql"].path, ("sql",), (second,))
+    result = run_eval(request(world, models=(spec,)), fake.backend())
+    assert [(p.seed, p.scores["exact_match"]) for p in result.seed_pairs("sql", "sql")] == [(0, 1.0), (1, 0.5)]
+    cell = result.retention.cells["sql"]["sql"]
+    assert cell.score.value == pytest.approx(0.75) and result.seed_count("sql") == 2
+    spread = result.retention.seeds["sql"]["sql"]
+    assert spread.values == (1.0, 0.5) and spread.spread == 0.5 and not spread.repeats
+    assert result.retention.repeats("sql") is False
+    assert {g[0] for g in fake.generated} == {"base", "sql#1", "sql#2"}
+
+
+def test_model_spec_parses_seed_folders_and_refuses_duplicates(world: dict[str, Any]) -> None:
+    second = write_model(world["tmp"] / "results", "sql-seed2", ("sql",))
+    spec = model_spec("sql", f"{world['sql'].path}, {second}", ["sql", "detox"], {})
+    assert spec.seed_paths == (world["sql"].path, second) and spec.own_tasks == ("sql",)
+    with pytest.raises(WorkflowError, match="the same folder twice"):
+        model_spec("sql", f"{second},{second}", ["sql"], {})
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def write_train(prepared: Path, task: str, responses: list[str]) -> Path:
+    path = prepared / task / "train.csv"
+    pd.DataFrame({"prompt": [f"{task}: train question {i}" for i in range(len(responses))], "response": responses,
+                  "task": task, "split": [0] * (len(responses) - 1) + [1]}).to_csv(path, index=False)
+    return path
+
+
+def test_baseline_is_chosen_on_train_rows_and_scored_on_the_test_rows(world: dict[str, Any]) -> None:
+    # train: "sql answer 1" is the most frequent response (the validation row, split 1, is left out)
+    write_train(world["prepared"], "sql", ["sql answer 1", "sql answer 1", "sql answer 2", "sql answer 3"])
+    result = run_eval(request(world, "sql"), world["fake"].backend())
+    baseline = result.baselines["sql"]
+    assert baseline.name == "the most frequent training response 'sql answer 1'"
+    assert baseline.train_scores["the input, unchanged"] == 0.0 and baseline.train_rows == 3
+    assert baseline.row_scores["exact_match"] == [0.0, 1.0, 0.0, 0.0]
+    assert result.retention.baseline["sql"].value == 0.25
+    assert result.baselines["detox"].name == "the input, unchanged"  # no train.csv: the first candidate
+    assert result.retention.cells["sql"]["sql"].vs_baseline.value == 0.75
+
+
+# ------------------------------------------------------------------------------------------ contamination, manifest
+def test_contamination_flags_test_rows_in_a_models_training_data(world: dict[str, Any]) -> None:
+    train = world["tmp"] / "sql_train.csv"
+    pd.DataFrame({"prompt": ["sql: question 2", "sql: something else"], "response": ["a", "b"],
+                  "task": "sql"}).to_csv(train, index=False)
+    (world["sql"].path.parent / "description.json").write_text(json.dumps({"dataset": str(train),
+                                                                           "random_seed": 42}))
+    result = run_eval(request(world, "sql", "detox"), world["fake"].backend())
+    assert result.contamination.seen("sql", "sql") == 1 and result.contamination.seen("sql", "detox") == 0
+    assert [o.rows for o in result.contamination.flagged("sql")] == [(2,)]
+    assert result.contamination.unchecked == ["model detox"]
+    assert result.manifest["models"]["sql"][0]["random_seed"] == 42
+
+
+def test_manifest_records_commit_packages_data_hashes_and_configs(world: dict[str, Any]) -> None:
+    import hashlib
+
+    result = run_eval(request(world, "sql"), world["fake"].backend())
+    manifest = result.manifest
+    test_csv = world["prepared"] / "sql" / "test.csv"
+    assert manifest["data"]["sql/test.csv"]["sha256"] == hashlib.sha256(test_csv.read_bytes()).hexdigest()
+    assert len(manifest["git"]["commit"] or "x" * 40) == 40 and manifest["git"]["dirty"] in (True, False, None)
+    assert manifest["packages"]["numpy"]["loaded"] == np.__version__
+    assert manifest["models"]["sql"][0]["config"]["tasks"] == ["sql"]
+    assert manifest["bootstrap"]["resamples"] == 2000 and manifest["device"]["requested"] == "auto"
+    assert manifest["generated_with"] == [result.pairs[0].versions]  # one model stack for every pair
 
 
 def test_settings_key_ignores_defaults_ludwig_fills_in_and_batch_size() -> None:
