@@ -111,10 +111,11 @@ def measured_lengths(config: dict[str, Any], base_model: str, dataset: str | Pat
     if missing:
         raise WorkflowError(f"{path}: no column {', '.join(missing)} (the config's features). Fix: pass a CSV "
                             "prepared by ./run.sh prep, or name the columns in the config")
-    global_length = (config.get("preprocessing") or {}).get("global_max_sequence_length")
     return measure_lengths(base_model, list(frame[prompt]), list(frame[response]),
-                           lowercase=bool(preprocessing.get("lowercase", False)), configured_global=global_length,
-                           source=str(path))
+                           lowercase=bool(preprocessing.get("lowercase", False)), source=str(path),
+                           configured_input=preprocessing.get("max_sequence_length"),
+                           configured_new_tokens=(config.get("generation") or {}).get("max_new_tokens"),
+                           configured_global=(config.get("preprocessing") or {}).get("global_max_sequence_length"))
 
 
 def fit_lengths(config: dict[str, Any], plan: LengthPlan) -> dict[str, Any]:

@@ -84,35 +84,43 @@ def percentile(values: Sequence[int], q: float) -> int:
 
 
 def plan_lengths(prompt_lengths: Sequence[int], response_lengths: Sequence[int], context_len: int, *,
+                 configured_input: int | None = None, configured_new_tokens: int | None = None,
                  configured_global: int | None = None, source: str = "the dataset") -> LengthPlan:
     """Sequence lengths for rows of these token lengths in a ``context_len`` model. Pure.
 
     * responses are never cut: output ``max_sequence_length`` = the longest response, ``max_new_tokens`` = that
       + 1 (the end-of-sequence token; never exactly 32, which Ludwig would replace);
     * prompts get what is left after the response and Ludwig's generation margin (``LLM.generate`` keeps at most
-      ``context - max_new_tokens - 8`` input tokens), capped at the p99 prompt: longer prompts lose their start;
+      ``context - max_new_tokens - 8`` input tokens), up to the p99 prompt: longer prompts lose their start;
     * ``global_max_sequence_length`` >= the longest merged row (prompt + response + eos), so Ludwig's cut of the
-      merged row never reaches the response; a larger configured value (the pack length of ``trainer.packing``) is
-      kept up to the context.
+      merged row never reaches the response.
 
-    Refused (one line with the numbers) when even the responses leave no room for a prompt.
+    The YAML's own values (``configured_*``, sized for another tokenizer) are kept where they ask for more and the
+    context holds it: a larger input length costs nothing (Ludwig uses the longest prompt up to it), extra new
+    tokens leave room for a model that answers at more length (the base model is scored under the same limit),
+    a larger global length is ``trainer.packing``'s pack length. Refused (one line with the numbers) when even the
+    responses leave no room for a prompt.
     """
     if not prompt_lengths or len(prompt_lengths) != len(response_lengths):
         raise WorkflowError(f"{source}: no rows to measure sequence lengths on. Fix: pass the prepared train.csv")
-    response_max = max(response_lengths)
-    new_tokens = response_max + 1
-    if new_tokens == LUDWIG_DEFAULT_MAX_NEW_TOKENS:
-        new_tokens += 1
-    room = context_len - new_tokens - GENERATION_MARGIN
-    prompt_max = max(prompt_lengths)
+    response_max, prompt_max = max(response_lengths), max(prompt_lengths)
+    needed_new = response_max + 1
+    room = context_len - needed_new - GENERATION_MARGIN
     if room < min(MIN_PROMPT_TOKENS, prompt_max):
+        too_long = sum(r + 1 + GENERATION_MARGIN + min(MIN_PROMPT_TOKENS, prompt_max) > context_len
+                       for r in response_lengths)
         raise WorkflowError(
             f"{source}: responses do not fit the model's context: the longest response is {response_max} tokens, "
             f"+ 1 end-of-sequence + {GENERATION_MARGIN} (Ludwig's generation margin) leaves {max(room, 0)} of "
-            f"{context_len} tokens for a prompt (longest prompt {prompt_max}). Fix: use a base model with a longer "
-            "context, or shorter responses (drop or shorten the longest rows)")
-    input_max = min(percentile(prompt_lengths, PROMPT_PERCENTILE), room)
-    longest_row = input_max + response_max + 1
+            f"{context_len} tokens for a prompt (longest prompt {prompt_max}; {too_long} of {len(response_lengths)} "
+            "responses too long). Fix: use a base model with a longer context, or shorten or drop those rows")
+    wanted_input = max(percentile(prompt_lengths, PROMPT_PERCENTILE), configured_input or 0)
+    spare = max(0, room - wanted_input)  # context no prompt needs: the YAML's extra new tokens may use it
+    new_tokens = needed_new + min(max(0, (configured_new_tokens or 0) - needed_new), spare)
+    if new_tokens == LUDWIG_DEFAULT_MAX_NEW_TOKENS:  # one more than needed, or one of the YAML's extra less
+        new_tokens = new_tokens + 1 if new_tokens == needed_new else new_tokens - 1
+    input_max = min(wanted_input, context_len - new_tokens - GENERATION_MARGIN)
+    longest_row = min(input_max, prompt_max) + response_max + 1
     return LengthPlan(
         context_len=context_len, rows=len(prompt_lengths), prompt_median=percentile(prompt_lengths, 50),
         prompt_percentile=percentile(prompt_lengths, PROMPT_PERCENTILE), prompt_max=prompt_max,
@@ -165,8 +173,9 @@ def token_lengths(tokenizer: Any, texts: Iterable[str], *, lowercase: bool = Fal
 
 
 def measure_lengths(base_model: str, prompts: Sequence[str], responses: Sequence[str], *, lowercase: bool = False,
-                    configured_global: int | None = None, source: str = "the dataset") -> LengthPlan:
-    """:func:`plan_lengths` for these rows through ``base_model``'s tokenizer and context."""
+                    source: str = "the dataset", **configured: int | None) -> LengthPlan:
+    """:func:`plan_lengths` for these rows through ``base_model``'s tokenizer and context (``configured``: the
+    YAML's own ``configured_input`` / ``configured_new_tokens`` / ``configured_global``)."""
     tokenizer = load_tokenizer(base_model)
     return plan_lengths(token_lengths(tokenizer, prompts, lowercase=lowercase), token_lengths(tokenizer, responses),
-                        context_length(base_model), configured_global=configured_global, source=source)
+                        context_length(base_model), source=source, **configured)

@@ -65,7 +65,8 @@ def test_fit_lengths_sets_the_four_lengths_and_leaves_the_input_alone() -> None:
 
     original = load_yaml(config_file("banking77"))
     before = copy.deepcopy(original)
-    fitted = fit_lengths(original, plan_lengths([1384] * 10, [10] * 10, 512, configured_global=2048))
+    fitted = fit_lengths(original, plan_lengths([1384] * 10, [10] * 10, 512, configured_input=704,
+                                                configured_new_tokens=24, configured_global=2048))
     assert original == before
     assert fitted["input_features"][0]["preprocessing"]["max_sequence_length"] == 493
     assert fitted["output_features"][0]["preprocessing"]["max_sequence_length"] == 10
@@ -78,8 +79,8 @@ def test_rendering_for_another_base_model_measures_the_dataset_with_its_tokenize
                                                                                  tmp_path: Path) -> None:
     from ludwig_mt.tokens import load_tokenizer, token_lengths
 
-    prompts = [f"### Task: answer.\n### Question:\nHow many heads are older than {i} ?\n### Answer:\n"
-               for i in range(20)]
+    prompts = ["### Task: answer. " + "List the names of heads born in Alabama. " * (20 + i) +
+               f"\n### Question:\nHow many heads are older than {i} ?\n### Answer:\n" for i in range(20)]
     dataset = write_rows(tmp_path / "train.csv", prompts, [f"SELECT COUNT(*) FROM head WHERE age > {i}"
                                                            for i in range(20)])
     lines: list[str] = []
@@ -89,9 +90,10 @@ def test_rendering_for_another_base_model_measures_the_dataset_with_its_tokenize
     longest_prompt = max(token_lengths(tokenizer, prompts))
     longest_response = max(token_lengths(tokenizer, [f"SELECT COUNT(*) FROM head WHERE age > {i}"
                                                      for i in range(20)]))
-    assert config["input_features"][0]["preprocessing"]["max_sequence_length"] == longest_prompt
+    assert 256 < longest_prompt < 1024 - 128 - 8  # longer than sql.yaml's 256 through this tokenizer; they fit
+    assert config["input_features"][0]["preprocessing"]["max_sequence_length"] == longest_prompt  # p99 of 20
     assert config["output_features"][0]["preprocessing"]["max_sequence_length"] == longest_response
-    assert config["generation"]["max_new_tokens"] == longest_response + 1
+    assert config["generation"]["max_new_tokens"] == 128  # sql.yaml's own, more than the responses need
     assert config["preprocessing"]["global_max_sequence_length"] == 1024  # the YAML's 2048 capped at the context
     assert len(lines) == 1 and lines[0].startswith(f"{tiny_model.name}: lengths measured on 20 rows (context 1024)")
     validate(config, "rendered", base_model=str(tiny_model))
