@@ -14,6 +14,11 @@ interval and its n, every task a trivial baseline built from its train.csv (see 
 Seeds: --model sql=DIR1,DIR2 evaluates each folder (one trained seed each) and reports their mean, the spread
 between seeds and whether they repeat within ±2 %.
 
+Bring your own task: --spec my_task.yaml (the spec given to ./run.sh prep --spec; repeatable) registers its task
+for this run and adds it to --tasks; it is scored by the spec's metric (metric: accuracy = exact-match accuracy over
+the labels of its training split, <prepared>/<task>/train.csv; default rougeL) and generates under the YAML its
+spec names (ludwig_config, beside the spec or in ludwig_configs/) or its single-task adapter's saved config.
+
 Which tasks an adapter owns (its "own" tasks in the summary): --owns NAME=t1,t2 when given; else its name when
 that is a task (--model sql=DIR owns sql); else the tasks in its training data's `task` column (the multitask
 mixture has one, found through Ludwig's description.json next to the model folder).
@@ -71,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the tasks model NAME was trained on (default: see the rule below)")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"),
                         help="prepared data folder with <task>/test.csv (default: %(default)s)")
-    parser.add_argument("--tasks", required=True, type=split_list, help="comma-separated tasks, e.g. sql,detox")
+    parser.add_argument("--tasks", type=split_list, default=(),
+                        help="comma-separated tasks, e.g. sql,detox (--spec tasks are added)")
+    parser.add_argument("--spec", action="append", default=[], type=Path, metavar="FILE",
+                        help="a bring-your-own task spec YAML (as given to ./run.sh prep --spec): its task is "
+                             "registered for this run, scored by the spec's metric, and evaluated; repeat")
     parser.add_argument("--name", required=True, help="report name: writes <out>/<name>/")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
@@ -102,8 +111,9 @@ def probes_from_args(values: list[str], disabled: bool) -> tuple[Probe, ...]:
     return tuple(read_probe(named.get(value, Path(value))) for value in values or ["general"])
 
 
-def request_from_args(args: argparse.Namespace) -> EvalRequest:
-    """Parse and check every argument; one-line WorkflowError on the first bad one."""
+def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()) -> EvalRequest:
+    """Parse and check every argument; one-line WorkflowError on the first bad one. ``spec_tasks`` (the tasks of
+    ``--spec`` files, registered by the caller) join ``--tasks``."""
     from prep.registry import TASKS
 
     owns = {}
@@ -124,7 +134,8 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
     if args.spider_dir is not None and not args.spider_dir.is_dir():
         raise WorkflowError(f"--spider-dir {args.spider_dir}: folder not found. Fix: pass the Spider folder")
     return EvalRequest(
-        name=args.name, base_model=args.base_model, models=tuple(models), tasks=args.tasks, prepared=args.prepared,
+        name=args.name, base_model=args.base_model, models=tuple(models),
+        tasks=(*args.tasks, *(t for t in spec_tasks if t not in args.tasks)), prepared=args.prepared,
         out=args.out, cache_dir=args.cache_dir, max_rows=args.max_rows,
         probes=probes_from_args(args.probe, args.no_perplexity), spider_dir=args.spider_dir, device=args.device,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, lm_eval_tasks=args.lm_eval_tasks,
@@ -165,20 +176,23 @@ def print_summary(result: EvalResult, paths: dict[str, Path], console: Console) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prep.registry import TASKS
+    from prep.custom_task import load_spec
+    from prep.registry import TASKS, registered
 
     args = build_parser().parse_args(argv)
     errors = Console(stderr=True)
     try:
-        request = request_from_args(args)
-        validate_request(request, list(TASKS))
-        with logging_to(request.report_dir / LOG_FILE):
-            result = run_eval(request, notify=lambda message: errors.print(f"[dim]eval[/dim] {message}"))
-            paths = write_report(result)
+        specs = tuple(load_spec(path) for path in args.spec)
+        with registered(specs, [str(path) for path in args.spec]):
+            request = request_from_args(args, tuple(spec.name for spec in specs))
+            validate_request(request, list(TASKS))
+            with logging_to(request.report_dir / LOG_FILE):
+                result = run_eval(request, notify=lambda message: errors.print(f"[dim]eval[/dim] {message}"))
+                paths = write_report(result)
+            print_summary(result, paths, Console())
     except (WorkflowError, PrepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_summary(result, paths, Console())
     return 0
 
 

@@ -12,12 +12,15 @@ identical to ``ludwig predict``'s on a trained model):
 1. the prompt column is cast to ``str`` (and lower-cased if the feature's ``preprocessing.lowercase``);
 2. ``tokenizer.encode(text, truncation=True)`` (``utils/tokenizers.py`` ``HFTokenizer``: special tokens as the
    tokenizer adds them, e.g. Llama's BOS; no template, the project's prompts are formatted by prep);
-3. the ids are cut to the FIRST ``max_sequence_length`` tokens, where ``max_sequence_length`` is the one in
-   ``training_set_metadata.json`` (the longest training prompt, capped by the configured value), not the
-   configured value (``utils/strings_utils.py`` ``build_sequence_matrix``);
+3. the ids are cut to the LAST ``max_sequence_length`` tokens, a leading BOS kept first (the project's fix
+   ``cut_prompts_from_the_instruction_side``, :func:`ludwig_mt.tokens.keep_prompt_tail`, in place of raw
+   Ludwig's cut to the FIRST tokens in ``utils/strings_utils.py`` ``build_sequence_matrix``, which dropped the
+   input and the answer cue), where ``max_sequence_length`` is the one in ``training_set_metadata.json`` (the
+   longest training prompt, capped by the configured value), not the configured value;
 4. the left padding is removed: everything up to the last pad token, then everything before the first BOS
    (``utils/llm_utils.py`` ``remove_left_padding``);
-5. if still longer than ``context_len - max_new_tokens - 8`` the LAST that many tokens are kept (``LLM.generate``);
+5. if still longer than ``context_len - max_new_tokens - 8`` the LAST that many tokens are kept (``LLM.generate``;
+   a YAML rendered for the base model by ``ludwig_mt.config`` sizes the input so that this never happens);
 6. ``model.generate`` with Ludwig's ``generation`` config and ``pad_token_id = tokenizer.pad_token_id``
    (the tokenizer's eos when it has no pad token);
 7. the new tokens (including the eos, if any) are decoded with ``skip_special_tokens=True``, no stripping.
@@ -41,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ludwig_mt.errors import WorkflowError
+# load_tokenizer is part of this module's interface too: eval loads tokenizers the way Ludwig does (ludwig_mt.tokens)
+from ludwig_mt.tokens import FALLBACK_CONTEXT_LEN, config_context_length, keep_prompt_tail, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +56,6 @@ LUDWIG_DEFAULT_MAX_NEW_TOKENS = 32
 LUDWIG_DEFAULT_INPUT_MAX_SEQUENCE_LENGTH = 256
 #: Ludwig's default ``quantization.bnb_4bit_compute_dtype`` (``schema/llms/quantization.py``).
 LUDWIG_DEFAULT_COMPUTE_DTYPE = "float16"
-#: Ludwig's fallback context length when the model config names none (``utils/llm_utils.py``).
-FALLBACK_CONTEXT_LEN = 2048
 #: Generation settings that would make decoding non-greedy; we force them to greedy (the issue asks for greedy).
 _GREEDY = {"do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None}
 #: Settings with no effect on greedy decoding with ``max_new_tokens`` set (sampling warpers, ``max_length``);
@@ -64,7 +67,7 @@ _INERT_WHEN_GREEDY = ("temperature", "top_k", "top_p", "typical_p", "epsilon_cut
 class GenerationSettings:
     """How prompts become input ids and how many tokens are generated (one task's Ludwig settings)."""
 
-    max_input_tokens: int  # prompts are cut to their first this-many tokens (Ludwig's input max_sequence_length)
+    max_input_tokens: int  # prompts are cut to their last this-many tokens (Ludwig's input max_sequence_length)
     max_new_tokens: int
     batch_size: int = 32
     lowercase: bool = False  # the input feature's preprocessing.lowercase
@@ -189,21 +192,6 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_tokenizer(base_model: str):
-    """The base model's tokenizer as Ludwig uses it: pad token = eos token when the tokenizer has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-    except (OSError, ValueError) as err:
-        raise WorkflowError(f"{base_model}: no tokenizer could be loaded ({str(err).splitlines()[0]}). Fix: pass "
-                            "a model folder saved with save_pretrained (tokenizer files included) or a hub name "
-                            "that is cached") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _bitsandbytes_config(quantization: Mapping[str, Any]):
     """Ludwig's ``QuantizationConfig.to_bitsandbytes`` for a ``quantization:`` section (same defaults)."""
     from transformers import BitsAndBytesConfig
@@ -268,11 +256,7 @@ def dequantize_to_bf16(model):
 
 def context_length(model) -> int:
     """The model's context window as Ludwig reads it (``utils/llm_utils.py`` ``get_context_len``)."""
-    config = model.config
-    for attribute in ("max_sequence_length", "max_position_embeddings", "n_positions"):
-        if hasattr(config, attribute):
-            return int(getattr(config, attribute))
-    return FALLBACK_CONTEXT_LEN
+    return config_context_length(model.config)
 
 
 def _wants_fast_path(choice: bool | None, device: str) -> bool:
@@ -355,8 +339,8 @@ def prompt_ids(tokenizer, prompt: str, settings: GenerationSettings, *, context_
     """The input ids Ludwig's predict feeds ``model.generate`` for one prompt (steps 1-5 of the module doc)."""
     text = str(prompt)
     ids = list(tokenizer.encode(text.lower() if settings.lowercase else text, truncation=True))
-    ids = ids[: settings.max_input_tokens]
     pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
+    ids = keep_prompt_tail(ids, settings.max_input_tokens, bos)
     if pad is not None and pad in ids:
         ids = ids[len(ids) - ids[::-1].index(pad):]
     if bos is not None and bos in ids:

@@ -11,13 +11,14 @@ scoring rather than scores it: ``n`` (rows scored), ``n_real_db`` (Spider rows r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
-from eval.classification import score_choices, score_labels
+from eval.classification import label_key, score_choices, score_labels
 from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox
 from eval.sql import score_spider, score_sql, spider_database
 from eval.task_scores import TaskScores
@@ -25,7 +26,8 @@ from eval.text import clean_predictions, references_of, score_text
 from ludwig_mt.errors import WorkflowError
 from prep.banking77 import INTENTS
 from prep.registry import TASKS
-from prep.task import DEFAULT_METRIC, DEFAULT_SCORER, RESPONSE
+from prep.common import LUDWIG_SPLIT_CODE, TRAIN
+from prep.task import DEFAULT_METRIC, DEFAULT_SCORER, RESPONSE, SPLIT
 
 TOXICITY_CLASSIFIER_FILE = "toxicity_classifier.joblib"
 
@@ -85,6 +87,37 @@ def _score_text(test: pd.DataFrame, predictions: list[str], _: EvalResources) ->
     return score_text(predictions, references_of(test))
 
 
+def training_labels(train_csv: Path, golds: Sequence[str]) -> tuple[list[str], int]:
+    """The label set of a ``metric: accuracy`` task (a spec's): the responses of its training split (``split``
+    0 of train.csv), most frequent first, one spelling per label key (``classification.label_key``), plus any
+    test label never seen in training (it counts as a class; a model can only get it right by naming it). Also
+    returns how many test labels were unseen, a setting worth reporting."""
+    if not train_csv.is_file():
+        raise WorkflowError(f"{train_csv}: not found; its training responses are the task's labels. "
+                            f"Fix: run ./run.sh prep --spec <the task's spec> --out {train_csv.parent.parent}")
+    train = pd.read_csv(train_csv, keep_default_na=False, dtype=str)
+    trained = train[RESPONSE][train[SPLIT] == str(LUDWIG_SPLIT_CODE[TRAIN])] if SPLIT in train else train[RESPONSE]
+    keys: dict[str, str] = {}
+    for label in trained.value_counts(sort=True).index:
+        keys.setdefault(label_key(label), label)
+    unseen = [g for g in dict.fromkeys(golds) if label_key(g) not in keys]
+    return [*keys.values(), *unseen], len(unseen)
+
+
+def _score_training_labels(test: pd.DataFrame, predictions: list[str], resources: EvalResources, *,
+                           task: str) -> TaskScores:
+    """Exact-match accuracy (the answer's first line is the label, case and punctuation aside) over the labels
+    of the task's training split; ``invalid`` = answers that are no label."""
+    if resources.prepared_dir is None:
+        raise WorkflowError(f"{task}: no prepared_dir; pass prepared_dir (--prepared), the folder with "
+                            f"{task}/train.csv, whose responses are the labels")
+    golds = _column(test, RESPONSE, task)
+    labels, unseen = training_labels(resources.prepared_dir / task / "train.csv", golds)
+    scores = score_labels(predictions, golds, labels)
+    return replace(scores, settings={**scores.settings, "labels": len(labels),
+                                     "test_labels_unseen_in_training": unseen})
+
+
 # scorer kind -> scorer; which task uses which kind is its record's ``scorer`` (prep/task.py TaskSpec).
 SCORERS: dict[str, Scorer] = {
     "sql": _score_sql,
@@ -93,6 +126,7 @@ SCORERS: dict[str, Scorer] = {
     "text": _score_text,
     "intents": _score_banking77,
     "choices": _score_commonsense_qa,
+    "labels": _score_training_labels,  # needs the task's name: its labels are its train.csv's responses
 }
 
 
@@ -102,7 +136,7 @@ def scorer_of(task: str) -> Scorer:
     if kind not in SCORERS:
         raise WorkflowError(f"{task}: scorer {kind!r} is unknown. Fix: set its task spec's scorer to one of: "
                             f"{', '.join(SCORERS)}")
-    return SCORERS[kind]
+    return functools.partial(SCORERS[kind], task=task) if kind == "labels" else SCORERS[kind]
 
 
 def primary_metric(task: str) -> str:
@@ -110,8 +144,24 @@ def primary_metric(task: str) -> str:
     return TASKS[task].primary_metric if task in TASKS else DEFAULT_METRIC
 
 
-# Every registered task (built-in and prep/custom/*.yaml) -> its primary metric.
-PRIMARY_METRIC: dict[str, str] = {task: primary_metric(task) for task in TASKS}
+class _PrimaryMetrics(Mapping[str, str]):
+    """Every registered task -> its primary metric, read when asked: a task registered later (a spec passed to
+    ``eval --spec``) is in it too."""
+
+    def __getitem__(self, task: str) -> str:
+        if task not in TASKS:
+            raise KeyError(task)
+        return primary_metric(task)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(TASKS))
+
+    def __len__(self) -> int:
+        return len(TASKS)
+
+
+# Every registered task (built-in, prep/custom/*.yaml and specs given to eval --spec) -> its primary metric.
+PRIMARY_METRIC: Mapping[str, str] = _PrimaryMetrics()
 
 
 def score_task(task: str, test: pd.DataFrame, predictions: Sequence[object],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import yaml
 
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_text
+from ludwig_mt.tokens import LengthPlan, measure_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,58 @@ def validate(config: dict[str, Any], source: str = "config", *, base_model: str 
         raise WorkflowError(f"{source}: rejected by Ludwig's schema: {err}") from None
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def feature_column(config: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
+    """The dataset column of the config's first ``input_features`` / ``output_features`` entry, and its
+    preprocessing section."""
+    features = config.get(key) or []
+    if not features or not isinstance(features[0], dict) or "name" not in features[0]:
+        raise WorkflowError(f"the config has no {key}. Fix: give it one text feature with a name")
+    feature = features[0]
+    return str(feature.get("column") or feature["name"]), dict(feature.get("preprocessing") or {})
+
+
+def measured_lengths(config: dict[str, Any], base_model: str, dataset: str | Path) -> LengthPlan:
+    """Sequence lengths that fit ``base_model`` for the rows of ``dataset`` (the CSV being trained: prompt and
+    response columns as the config's features name them), measured with the model's own tokenizer."""
+    import pandas as pd
+
+    path = Path(dataset)
+    if not path.is_file():
+        raise WorkflowError(f"{path}: dataset not found (its rows set the sequence lengths for {base_model}). "
+                            "Fix: run ./run.sh prep first or pass --dataset")
+    (prompt, preprocessing), (response, _) = feature_column(config, "input_features"), \
+        feature_column(config, "output_features")
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise WorkflowError(f"{path}: unreadable CSV ({str(err).splitlines()[0]}). Fix: re-run ./run.sh prep") from None
+    missing = [c for c in (prompt, response) if c not in frame.columns]
+    if missing:
+        raise WorkflowError(f"{path}: no column {', '.join(missing)} (the config's features). Fix: pass a CSV "
+                            "prepared by ./run.sh prep, or name the columns in the config")
+    return measure_lengths(base_model, list(frame[prompt]), list(frame[response]),
+                           lowercase=bool(preprocessing.get("lowercase", False)), source=str(path),
+                           configured_input=preprocessing.get("max_sequence_length"),
+                           configured_new_tokens=(config.get("generation") or {}).get("max_new_tokens"),
+                           configured_global=(config.get("preprocessing") or {}).get("global_max_sequence_length"))
+
+
+def fit_lengths(config: dict[str, Any], plan: LengthPlan) -> dict[str, Any]:
+    """A copy of ``config`` with the sequence lengths of ``plan``: input and output ``max_sequence_length``,
+    ``generation.max_new_tokens`` and ``preprocessing.global_max_sequence_length``. Pure."""
+    out = copy.deepcopy(config)
+    for key, length in (("input_features", plan.input_max), ("output_features", plan.output_max)):
+        for feature in out.get(key) or []:
+            feature.setdefault("preprocessing", {})["max_sequence_length"] = length
+    out.setdefault("generation", {})["max_new_tokens"] = plan.max_new_tokens
+    out.setdefault("preprocessing", {})["global_max_sequence_length"] = plan.global_max
+    return out
+
+
 def render_overrides(
     config: dict[str, Any],
     *,
@@ -84,17 +139,34 @@ def render_overrides(
     batch_size: int | None = None,
     max_sequence_length: int | None = None,
     max_new_tokens: int | None = None,
+    dataset: str | Path | None = None,
+    notify: Callable[[str], None] = _stderr,
 ) -> dict[str, Any]:
     """A copy of ``config`` with run-specific overrides; the input dict is not modified.
 
     ``cpu=True`` removes ``quantization`` (bitsandbytes 4-bit needs CUDA, see ludwig_mt.patches.fixes), drops paged
     optimizers (CUDA-only) and gradient checkpointing (no memory pressure on tiny CPU runs).
+
+    ``base_model`` with ``dataset`` (the CSV to be trained): the YAML's sequence lengths count another tokenizer's
+    tokens, so they are measured again with ``base_model``'s tokenizer on the dataset's rows and fitted to its
+    context (:func:`ludwig_mt.tokens.plan_lengths`; refused in one line when even the responses do not fit); the
+    numbers go to ``notify`` (the terminal) and the log. Explicit ``max_sequence_length`` / ``max_new_tokens``
+    still win.
     """
     out = copy.deepcopy(config)
     trainer = out.setdefault("trainer", {})
     if base_model is not None:
         logger.info("override base_model: %s -> %s", config.get("base_model"), base_model)
         out["base_model"] = str(base_model)
+        if dataset is not None:
+            plan = measured_lengths(config, str(base_model), dataset)
+            out = fit_lengths(out, plan)
+            trainer = out.setdefault("trainer", {})
+            line = f"{Path(str(base_model)).name or base_model}: {plan.describe()}"
+            logger.info("%s", line)
+            notify(line)
+        else:
+            logger.info("base_model %s: sequence lengths kept from the YAML (no dataset given to measure)", base_model)
     if cpu:
         if out.pop("quantization", None) is not None:
             logger.warning("CPU run: quantization removed (bitsandbytes 4-bit needs a CUDA GPU)")
@@ -129,16 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the rendered YAML here")
     parser.add_argument("--cpu", action="store_true", help="drop quantization and CUDA-only settings")
     parser.add_argument("--base-model", help="a local model folder or hub name to use instead")
+    parser.add_argument("--dataset", type=Path, help="with --base-model: the CSV to be trained, whose rows set the "
+                        "sequence lengths through that model's tokenizer")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-sequence-length", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     args = parser.parse_args(argv)
     path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else config_file(args.config)
+    if args.base_model and args.dataset is None and args.max_sequence_length is None:
+        _stderr(f"note: sequence lengths kept from {path}, which counts another tokenizer's tokens; pass --dataset "
+                "<train.csv> to measure them with the base model's tokenizer")
     config = render_overrides(
         load_yaml(path), base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
         batch_size=args.batch_size, max_sequence_length=args.max_sequence_length,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens, dataset=args.dataset,
     )
     validate(config, str(path), base_model=args.base_model)
     if args.out:

@@ -52,6 +52,8 @@ def prepare_all(root: Path, out: Path, max_rows: int | None, strict: bool) -> li
 
 
 def run(args: argparse.Namespace) -> list[PrepReport]:
+    if args.max_rows is not None and args.max_rows < 1:
+        raise PrepError(f"--max-rows {args.max_rows}", "must be at least 1", "pass a positive number of rows")
     if args.task == "mix":
         return [build_mixture(args.prepared or args.out, parse_caps(args.tasks), args.out, args.test_cap)]
     if args.task == "all":
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("task", nargs="?", default="", help=f"all, mix, or one of: {', '.join(sorted(TASKS))}")
     parser.add_argument("--source", help="hub dataset name, local file, or folder (default: the task's hub name)")
     parser.add_argument("--out", type=Path, default=Path("data/prepared"), help="output folder (default: %(default)s)")
-    parser.add_argument("--max-rows", type=int, help="read at most this many source rows (quick runs)")
+    parser.add_argument("--max-rows", type=int, help="read at most this many source rows (quick runs): the first "
+                        "rows of each official split, in proportion to the splits' sizes")
     parser.add_argument("--strict", action="store_true", help="stop at the first empty field instead of dropping")
     parser.add_argument("--spec", type=Path, help="a task spec YAML (bring your own data), instead of a task name")
     parser.add_argument("--tasks", nargs="+", default=[], help="mix: task[:max_train_rows] ...")
@@ -87,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     console.print(summary_table(reports))
     for r in reports:
-        reasons = ", ".join(f"{k}: {v}" for k, v in r.dropped.items()) or "none"
-        console.print(f"{r.task}: dropped {reasons}; wrote {r.files['train']}, {r.files['test']}")
+        if r.max_rows is not None and r.read is not None:
+            console.print(f"{r.task}: --max-rows {r.max_rows} read {r.read.describe()} (the first rows of each "
+                          "source split, in proportion to its size)", highlight=False)
+        console.print(f"{r.task}: dropped {r.dropped_text()}; wrote {r.files['train']}, {r.files['test']}")
     return 0
 
 

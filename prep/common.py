@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,12 +72,15 @@ def _read_text(path: Path) -> str:
     except IsADirectoryError:
         raise PrepError(str(path), "is a folder, expected a file", "pass the data file itself")
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise PrepError(
             f"{path}: line {line}", f"not valid UTF-8 (byte {err.start})", "re-encode the file as UTF-8"
         ) from None
+    if not text.strip():  # before any parser, which would report it as a syntax error or as zero rows
+        raise PrepError(str(path), "empty file", "pass the file that holds the data (re-download or re-export it)")
+    return text
 
 
 def read_json_records(path: Path) -> list[SourceRow]:
@@ -155,7 +158,11 @@ def read_records(path: str | os.PathLike[str]) -> list[SourceRow]:
         raise PrepError(str(p), f"unknown file type '{p.suffix}'", f"use one of {', '.join(sorted(READERS))}")
     if not p.exists():
         raise PrepError(str(p), "file not found", "pass an existing file, folder or hub dataset name as --source")
-    return reader(p)
+    rows = reader(p)
+    if not rows:  # a header-only CSV, ``[]``: a file that holds no data is a wrong file, never an empty task
+        what = "header row only, no data rows" if p.suffix.lower() in (".csv", ".tsv") else "no records"
+        raise PrepError(str(p), what, "pass the file that holds the data rows")
+    return rows
 
 
 def load_hub_rows(hub_name: str, split: str | None = None) -> list[SourceRow]:
@@ -221,32 +228,56 @@ def normalise_key(*parts: str) -> str:
     return "\x1f".join(" ".join(p.lower().split()) for p in parts)
 
 
-@dataclass
-class PrepReport:
-    """Counts in and out, and every dropped row's reason: written as report.json next to the CSVs."""
+def split_quotas(sizes: Mapping[str, int], max_rows: int) -> dict[str, int]:
+    """How many of ``max_rows`` rows to take from each split of ``sizes`` rows: in proportion to the sizes
+    (largest remainders get the rounding), at least one from every non-empty split while ``max_rows`` allows.
 
-    task: str
-    source: str
-    rows_in: int = 0
-    rows_out: dict[str, int] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    files: dict[str, str] = field(default_factory=dict)
+    Taking the first ``max_rows`` rows of a source with official splits would read the train split only and
+    leave the official test split empty; a proportional share keeps every split, at its own ratio. Pure.
+    """
+    total = sum(sizes.values())
+    if total <= max_rows:
+        return dict(sizes)
+    exact = {name: max_rows * n / total for name, n in sizes.items()}
+    quota = {name: int(share) for name, share in exact.items()}
+    by_remainder = sorted(sizes, key=lambda name: (-(exact[name] - quota[name]), name))
+    for name in by_remainder[: max_rows - sum(quota.values())]:
+        quota[name] += 1
+    for name in [n for n in sizes if sizes[n] and not quota[n]]:  # a split left out: one row from the largest
+        donor = max(quota, key=lambda n: (quota[n], n))
+        if quota[donor] > 1:
+            quota[donor] -= 1
+            quota[name] = 1
+    return quota
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "source": self.source, "rows_in": self.rows_in, "rows_out": self.rows_out,
-                "dropped": dict(sorted(self.dropped.items())), "seconds": round(self.seconds, 3),
-                "files": self.files}
+@dataclass(frozen=True)
+class RowsRead:
+    """Per source split (``""``: rows without one): rows read and rows available, for the report."""
+
+    read: dict[str, int]
+    available: dict[str, int]
+
+    def describe(self) -> str:
+        parts = [f"{self.read[s]} of {self.available[s]}" + (f" {s}" if s else "") for s in self.available]
+        return ", ".join(parts) + " rows"
 
 
-def iter_limited(rows: Iterable[SourceRow], max_rows: int | None) -> Iterator[SourceRow]:
-    for i, row in enumerate(rows):
-        if max_rows is not None and i >= max_rows:
-            return
-        yield row
+def limit_rows(rows: list[SourceRow], max_rows: int | None) -> tuple[list[SourceRow], RowsRead]:
+    """The first rows of each source split, ``max_rows`` in all, shared out by :func:`split_quotas`; the source
+    order is kept within each split. ``None`` keeps every row."""
+    sizes: dict[str, int] = {}
+    for row in rows:
+        sizes[row.split or ""] = sizes.get(row.split or "", 0) + 1
+    quota = dict(sizes) if max_rows is None else split_quotas(sizes, max_rows)
+    taken = dict.fromkeys(sizes, 0)
+    kept = []
+    for row in rows:
+        name = row.split or ""
+        if taken[name] < quota[name]:
+            taken[name] += 1
+            kept.append(row)
+    return kept, RowsRead(taken, sizes)
 
 
 def read_split_files(folder: Path, files: Mapping[str, str]) -> list[SourceRow]:
@@ -270,3 +301,33 @@ def read_file_or_folder(path: Path, folder_files: tuple[str, ...] = ()) -> list[
     if not files:
         raise PrepError(str(path), "folder has no data files", f"put the published files ({', '.join(folder_files) or 'json/jsonl/csv/tsv/parquet'}) there")
     return [row for f in files for row in read_records(f)]
+
+
+@dataclass
+class PrepReport:
+    """Counts in and out, and every dropped row's reason: written as report.json next to the CSVs."""
+
+    task: str
+    source: str
+    rows_in: int = 0
+    rows_out: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+    max_rows: int | None = None  # --max-rows, when given
+    read: RowsRead | None = None  # with --max-rows: what was read of each source split
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def dropped_text(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items())) or "none"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"task": self.task, "source": self.source, "rows_in": self.rows_in, "rows_out": self.rows_out,
+               "dropped": dict(sorted(self.dropped.items())), "seconds": round(self.seconds, 3),
+               "files": self.files}
+        if self.max_rows is not None and self.read is not None:
+            out["max_rows"] = {"limit": self.max_rows, "read": self.read.read, "available": self.read.available,
+                               "rule": "the first rows of each source split, in proportion to the splits' sizes"}
+        return out

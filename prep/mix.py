@@ -32,10 +32,21 @@ def parse_caps(items: list[str]) -> dict[str, int | None]:
     return caps
 
 
-def _read(path: Path) -> pd.DataFrame:
+def read_prepared(path: Path) -> pd.DataFrame:
+    """A task's prepared train.csv or test.csv, refused with one line when missing, unreadable or without rows:
+    a task with no held-out rows would silently drop out of every score of the mixture, one with no training
+    rows out of its training."""
+    task, what = path.parent.name, "test" if path.stem == "test" else "training"
     if not path.exists():
-        raise PrepError(str(path), "file not found", f"run ./run.sh prep {path.parent.name} first")
-    return pd.read_csv(path, keep_default_na=False)
+        raise PrepError(str(path), "file not found", f"run ./run.sh prep {task} first")
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise PrepError(str(path), f"unreadable ({str(err).splitlines()[0]})", f"re-run ./run.sh prep {task}") from None
+    if frame.empty:
+        raise PrepError(str(path), f"no {what} rows", f"re-run ./run.sh prep {task} with more rows, or leave "
+                        f"{task} out of the mix")
+    return frame
 
 
 def take(frame: pd.DataFrame, cap: int | None, salt: str) -> pd.DataFrame:
@@ -52,8 +63,8 @@ def build_mixture(prepared: Path, caps: Mapping[str, int | None], out: Path,
     report = PrepReport(task=MIX_TASK, source=", ".join(f"{t}:{c if c else 'all'}" for t, c in caps.items()))
     train_parts, test_parts = [], []
     for task, cap in caps.items():
-        train = _read(prepared / task / "train.csv")
-        test = _read(prepared / task / "test.csv")
+        train = read_prepared(prepared / task / "train.csv")
+        test = read_prepared(prepared / task / "test.csv")
         report.rows_in += len(train) + len(test)
         train_parts.append(take(train, cap, salt=f"mix:{task}"))
         test_parts.append(take(test, test_cap, salt=f"mix-test:{task}"))

@@ -7,7 +7,8 @@ new dataset in an existing format needs no Python at all.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from ludwig_mt.config import config_file
@@ -29,6 +30,32 @@ BUILTIN: tuple[TaskSpec, ...] = (
     lamini_docs.TASK,
 )
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (*BUILTIN, *load_custom_tasks())}
+
+
+@contextlib.contextmanager
+def registered(specs: Sequence[TaskSpec], where: Sequence[str] = ()) -> Iterator[None]:
+    """Inside the block, bring-your-own tasks (specs given on a command line, e.g. ``eval --spec``) are tasks
+    like any other in :data:`TASKS`; afterwards the registry is as it was.
+
+    A spec may replace a ``prep/custom/`` task of its name (the file given wins), never a built-in task, and two
+    specs may not share a name. ``where`` names each spec's file for the errors.
+    """
+    builtin = {spec.name for spec in BUILTIN}
+    names = [spec.name for spec in specs]
+    for i, spec in enumerate(specs):
+        origin = where[i] if i < len(where) else spec.name
+        if spec.name in builtin:
+            raise PrepError(origin, f"task name '{spec.name}' is a built-in task", "give the spec another name")
+        if names.count(spec.name) > 1:
+            raise PrepError(origin, f"task name '{spec.name}' is given by two specs", "give each spec its own name")
+    saved = {name: TASKS[name] for name in names if name in TASKS}
+    TASKS.update({spec.name: spec for spec in specs})
+    try:
+        yield
+    finally:
+        for name in names:
+            TASKS.pop(name, None)
+        TASKS.update(saved)
 
 
 def get_task(name: str) -> TaskSpec:

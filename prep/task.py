@@ -29,10 +29,11 @@ from prep.common import (
     TRAIN,
     VALIDATION,
     DropRow,
+    PrepError,
     PrepReport,
     SourceRow,
     hash_split,
-    iter_limited,
+    limit_rows,
     load_hub_rows,
     looks_like_local_path,
     normalise_key,
@@ -170,18 +171,53 @@ def drop_cross_split_groups(frames: dict[str, pd.DataFrame], report: PrepReport)
         frames[name] = frames[name][~leaked]
 
 
+def held_out_by(spec: TaskSpec) -> str:
+    """How the task's test rows are chosen, in words (for the refusal that finds none)."""
+    official = [name for name, split in spec.official_splits.items() if split == TEST]
+    hashed = f"about {spec.test_fraction:.0%} of the rows, by a hash of the split key"
+    return f"the official '{official[0]}' split, else {hashed}" if official else hashed
+
+
+def check_usable(spec: TaskSpec, source: str, frames: Mapping[str, pd.DataFrame], report: PrepReport) -> None:
+    """Refuse, before anything is written, a source that gives no rows, no test rows or (for a task that is
+    trained) no training rows: each would only fail later, in ``ludwig train`` or in eval, far from its cause.
+
+    One line naming the source, what it gave and the fix; the previous outputs stay as they were.
+    """
+    counts = {name: len(frames[name]) for name in (TRAIN, VALIDATION, TEST)}
+    source_rows = f"{report.rows_in} source row{'' if report.rows_in == 1 else 's'}"
+    gave = f"{source_rows} gave {counts[TRAIN]} train, {counts[VALIDATION]} validation and {counts[TEST]} test rows"
+    if not report.rows_in:
+        raise PrepError(source, f"no rows for {spec.name}", "pass a source that holds the data rows")
+    if not any(counts.values()):
+        raise PrepError(source, f"no usable rows for {spec.name}: all {source_rows} were dropped "
+                        f"({report.dropped_text()})",
+                        "correct the rows for the reasons given, or run with --strict to stop at the first one")
+    more = "pass more rows (a larger --max-rows, or the whole source)" if report.max_rows else "pass more rows"
+    if not counts[TEST]:
+        tune = "; or raise test_fraction in the task spec" if spec.source_folder is None else ""
+        raise PrepError(source, f"no test rows for {spec.name}: {gave} (held out: {held_out_by(spec)})",
+                        f"{more}{tune}")
+    if not counts[TRAIN] and spec.ludwig_config is not None:
+        raise PrepError(source, f"no training rows for {spec.name}: {gave}",
+                        f"{more}, including its training split")
+
+
 def prepare(spec: TaskSpec, source: str, out_dir: str | Path, *, max_rows: int | None = None,
             progress: Callable[[Any], Any] = lambda it: it, strict: bool = False) -> PrepReport:
     """Read ``source``, write ``<out_dir>/<task>/{train,test}.csv`` and ``report.json``; return the report.
 
     ``train.csv`` carries Ludwig's ``split`` column (0 train, 1 validation); ``test.csv`` is the held-out set.
-    Output is sorted deterministically, so a rerun on the same input is byte-identical.
+    Output is sorted deterministically, so a rerun on the same input is byte-identical. ``max_rows`` reads the
+    first rows of each source split in proportion (:func:`prep.common.limit_rows`), so an official test split is
+    never left out. A source that gives no usable, test or training rows is refused before anything is written.
     """
     started = time.perf_counter()
-    report = PrepReport(task=spec.name, source=str(source))
-    rows = list(iter_limited(load_rows(spec, source), max_rows))
+    report = PrepReport(task=spec.name, source=str(source), max_rows=max_rows)
+    rows, report.read = limit_rows(load_rows(spec, source), max_rows)
     frames = build_frames(spec, rows, report, progress, strict)
     drop_cross_split_groups(frames, report)
+    check_usable(spec, str(source), frames, report)
     task_dir = Path(out_dir) / spec.name
     train = pd.concat([frames[TRAIN].assign(**{SPLIT: LUDWIG_SPLIT_CODE[TRAIN]}),
                        frames[VALIDATION].assign(**{SPLIT: LUDWIG_SPLIT_CODE[VALIDATION]})], ignore_index=True)

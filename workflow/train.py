@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_yaml(path) if rendered or distributed else None  # read once, handed down to the launcher
         if rendered:
             config = render_overrides(config, base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, dataset=dataset)  # lengths for --base-model
             path = write_yaml(config, out / f"{task}.rendered.yaml",
                               header=f"# Rendered from {path} by ./run.sh train; do not edit.\n")
         launch = spec_from_args(args, config, cpu=args.cpu) if distributed else None

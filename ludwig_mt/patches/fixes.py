@@ -38,11 +38,19 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
    after restoring it, and restarts a killed epoch at its first batch. On a resumed run (and only then) we move the
    schedule on to the checkpoint's step and skip the batches the checkpoint already holds.
 9. Errors raised by these checks would reach the ``ludwig`` command as tracebacks: it prints them as one line.
+10. A prompt longer than the input feature's ``max_sequence_length`` loses its END: ``build_sequence_matrix``
+    keeps the FIRST tokens, so the input and the answer cue (``### Intent:``) the response must follow are cut
+    off and only the instruction is left (banking77 through stories260k's tokenizer: every row). For an LLM's
+    prompt (text input, passthrough encoder, HF tokenizer) we keep the LAST tokens instead, a leading BOS kept
+    first (:func:`ludwig_mt.tokens.keep_prompt_tail`). It acts where Ludwig builds the feature's ids, which
+    training preprocessing and ``ludwig predict`` share, so both cut alike; ``eval.generate.prompt_ids`` cuts the
+    same way. Responses keep Ludwig's cut (their start is the answer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Iterator, Mapping
@@ -50,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches.core import rebind
+from ludwig_mt.tokens import keep_prompt_tail
 
 if TYPE_CHECKING:
     import torch
@@ -338,3 +347,59 @@ def one_line_errors_in_cli() -> None:
         return main
 
     rebind("ludwig.cli:main", one_line)
+
+
+#: While Ludwig builds an LLM prompt's ids: [the feature's max_sequence_length, prompts cut so far]
+_PROMPT_CUT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ludwig_mt_prompt_cut", default=None)
+
+
+def is_llm_prompt(feature_config: Mapping[str, Any], preprocessing: Mapping[str, Any]) -> bool:
+    """A text input feature of an LLM: Ludwig gives those the passthrough encoder and the base model's HF
+    tokenizer (``schema/model_types/utils.py`` ``_set_llm_tokenizers``); output features have a decoder instead."""
+    encoder = feature_config.get("encoder") or {}
+    return (feature_config.get("type") == "text" and encoder.get("type") == "passthrough"
+            and preprocessing.get("tokenizer") == "hf_tokenizer")
+
+
+def cut_prompts_from_the_instruction_side() -> None:
+    """Make Ludwig keep the LAST ``max_sequence_length`` tokens of an LLM's prompt (a leading BOS kept), see item
+    10: around ``TextFeatureMixin.add_feature_data`` of such a feature, every sequence vector Ludwig tokenizes
+    (``strings_utils._get_sequence_vector``, looked up at call time by ``build_sequence_matrix``) is cut from the
+    start, so ``build_sequence_matrix``'s own cut to the first tokens finds nothing left to cut."""
+    import numpy as np
+
+    def cutting_vectors(original):
+        @functools.wraps(original)
+        def _get_sequence_vector(sequence, tokenizer, *args, **kwargs):
+            vector = original(sequence, tokenizer, *args, **kwargs)
+            cut = _PROMPT_CUT.get()
+            if cut is None or len(vector) <= cut[0]:
+                return vector
+            cut[1] += 1
+            bos = getattr(getattr(tokenizer, "tokenizer", None), "bos_token_id", None)
+            return np.asarray(keep_prompt_tail(vector.tolist(), cut[0], bos), dtype=vector.dtype)
+
+        return _get_sequence_vector
+
+    def marking_prompts(original):
+        @functools.wraps(original)
+        def add_feature_data(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args, **kwargs):
+            limit = (metadata.get(feature_config.get("name")) or {}).get("max_sequence_length")
+            if limit is None or not is_llm_prompt(feature_config, preprocessing_parameters):
+                return original(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args, **kwargs)
+            cut = [int(limit), 0]
+            token = _PROMPT_CUT.set(cut)
+            try:
+                result = original(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args,
+                                  **kwargs)
+            finally:
+                _PROMPT_CUT.reset(token)
+            if cut[1]:
+                logger.info("ludwig_mt: %d prompt(s) longer than %d tokens: their first tokens (the instruction "
+                            "side) cut, their end (input and answer cue) kept", cut[1], cut[0])
+            return result
+
+        return add_feature_data
+
+    rebind("ludwig.utils.strings_utils:_get_sequence_vector", cutting_vectors)
+    rebind("ludwig.features.text_feature:TextFeatureMixin.add_feature_data", marking_prompts)

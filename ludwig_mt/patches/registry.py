@@ -77,6 +77,12 @@ PATCHES: tuple[Patch, ...] = (
          (f"{TRAINER}._create_or_resume_progress_tracker", f"{TRAINER}._train_loop"),
          "a resumed run restarts the LR schedule and the killed epoch: both continue, on a resumed run only",
          fixes.resume_mid_epoch_where_it_stopped, ("ludwig", "torch")),
+    _fix("cut_prompts_from_the_instruction_side",
+         ("ludwig.utils.strings_utils:_get_sequence_vector",
+          "ludwig.features.text_feature:TextFeatureMixin.add_feature_data"),
+         "an over-long prompt loses its end (input and answer cue): its start is cut instead, a leading BOS kept, "
+         "in training and `ludwig predict` alike",
+         fixes.cut_prompts_from_the_instruction_side),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback",

@@ -134,9 +134,10 @@ def test_prompt_ids_cut_like_ludwig(loaded: LoadedModel) -> None:
     text = PROMPTS[4]
     full = tok.encode(text, truncation=True)
     assert len(full) > 12
-    head = GenerationSettings(max_input_tokens=10, max_new_tokens=4)
-    # 1) the first max_sequence_length tokens are kept (Ludwig's preprocessing)
-    assert prompt_ids(tok, text, head, context_len=1024, max_new_tokens=4) == full[:10]
+    tail = GenerationSettings(max_input_tokens=10, max_new_tokens=4)
+    # 1) the LAST max_sequence_length tokens are kept (Ludwig's preprocessing with the project's fix
+    #    cut_prompts_from_the_instruction_side; this tokenizer adds no BOS, see test_fixes for one that does)
+    assert prompt_ids(tok, text, tail, context_len=1024, max_new_tokens=4) == full[-10:]
     # 2) then, if longer than context - new tokens - 8, the last that many (LLM.generate)
     wide = GenerationSettings(max_input_tokens=1000, max_new_tokens=4)
     assert prompt_ids(tok, text, wide, context_len=len(full) + 4 + 8 - 3, max_new_tokens=4) == full[3:]

@@ -11,7 +11,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eval.scoring import PRIMARY_METRIC, SCORERS, EvalResources, TaskScores, primary_metric, score_task
+from eval.scoring import (
+    PRIMARY_METRIC,
+    SCORERS,
+    EvalResources,
+    TaskScores,
+    primary_metric,
+    score_task,
+    training_labels,
+)
 from ludwig_mt.errors import WorkflowError
 from prep.registry import TASKS
 from tests.eval.test_detox import write_prepared_detox
@@ -50,6 +58,8 @@ def example_test(task: str, prepared: Path) -> pd.DataFrame:
                                          "text": ["where is my card", "no refund yet", "how old must I be"]}))
     if task == "commonsense_qa":
         return as_test_csv(pd.DataFrame({"response": ["A", "C", "E"]}))
+    if task in TASKS and TASKS[task].scorer == "labels":  # the shipped claims spec (metric: accuracy)
+        return as_test_csv(pd.DataFrame({"response": ["Claim", "Not a Claim", "Claim"]}))
     return as_test_csv(pd.DataFrame({"prompt": ["p1", "p2"],
                                      "response": ["The meeting moved to Friday.", "Claim"]}))
 
@@ -57,8 +67,17 @@ def example_test(task: str, prepared: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def resources(tmp_path_factory: pytest.TempPathFactory) -> EvalResources:
     root = tmp_path_factory.mktemp("eval")
-    return EvalResources(work_dir=root / "work", prepared_dir=write_prepared_detox(root / "prepared"),
-                         spider_dir=build_spider(root / "spider"))
+    prepared = write_prepared_detox(root / "prepared")
+    for task in (name for name, spec in TASKS.items() if spec.scorer == "labels"):
+        write_label_train(prepared / task, ["Claim", "Not a Claim", "Claim"], [0, 0, 1])
+    return EvalResources(work_dir=root / "work", prepared_dir=prepared, spider_dir=build_spider(root / "spider"))
+
+
+def write_label_train(folder: Path, responses: list[str], splits: list[int]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"prompt": [f"p{i}" for i in range(len(responses))], "response": responses,
+                  "split": splits}).to_csv(folder / "train.csv", index=False)
+    return folder / "train.csv"
 
 
 def test_every_registered_task_has_a_primary_metric() -> None:
@@ -153,3 +172,27 @@ def test_detox_references_column_is_multi_reference(resources: EvalResources) ->
     assert scores.metrics["BLEU"] == pytest.approx(100.0) and scores.metrics["chrF"] == pytest.approx(100.0)
     assert scores.settings["J_includes_fluency"] is False and "J_includes_fluency" not in scores.metrics
     assert 0.5 <= scores.settings["classifier_heldout_accuracy"] <= 1.0
+
+
+def test_training_labels_are_the_train_splits_responses_once_each_plus_unseen_test_labels(tmp_path: Path) -> None:
+    train = write_label_train(tmp_path / "t", ["yes", "no", "Yes ", "yes", "maybe"], [0, 0, 0, 0, 1])
+    # "Yes " is "yes" after normalisation (one label, its most frequent spelling); "maybe" is validation only
+    assert training_labels(train, ["no", "never"]) == (["yes", "no", "never"], 1)
+    with pytest.raises(WorkflowError, match=r"train.csv: not found; its training responses are the task's labels"):
+        training_labels(tmp_path / "none" / "train.csv", [])
+
+
+def test_a_spec_task_with_metric_accuracy_is_scored_by_exact_match_over_its_labels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from prep import registry
+
+    monkeypatch.setitem(registry.TASKS, "stance", replace(registry.TASKS["claims"], name="stance"))
+    write_label_train(tmp_path / "stance", ["agree", "disagree", "agree"], [0, 0, 0])
+    test = as_test_csv(pd.DataFrame({"response": ["agree", "disagree", "agree", "disagree"]}))
+    resources = EvalResources(work_dir=tmp_path / "work", prepared_dir=tmp_path)
+    scores = score_task("stance", test, ["agree", "Disagree.\nbecause", "disagree", "I think so"], resources)
+    assert PRIMARY_METRIC["stance"] == "accuracy"
+    assert scores.per_row["accuracy"] == [1.0, 1.0, 0.0, 0.0] and scores.per_row["invalid"] == [0, 0, 0, 1]
+    assert scores.settings == {"n": 4, "labels": 2, "test_labels_unseen_in_training": 0}

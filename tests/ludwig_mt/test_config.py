@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ludwig_mt.config import load_yaml, render_overrides, config_file, validate
+from ludwig_mt.config import config_file, fit_lengths, load_yaml, main, render_overrides, validate
 from ludwig_mt.errors import WorkflowError
 
 def test_sql_yaml_declares_qlora() -> None:
@@ -51,3 +51,75 @@ def test_schema_rejection_names_the_file(tiny_model: Path) -> None:
     config["adapter"]["type"] = "not-an-adapter"
     with pytest.raises(WorkflowError, match="sql.yaml: rejected by Ludwig's schema"):
         validate(config, "sql.yaml", base_model=str(tiny_model))
+
+
+def write_rows(path: Path, prompts: list[str], responses: list[str]) -> Path:
+    import pandas as pd
+
+    pd.DataFrame({"prompt": prompts, "response": responses, "split": 0}).to_csv(path, index=False)
+    return path
+
+
+def test_fit_lengths_sets_the_four_lengths_and_leaves_the_input_alone() -> None:
+    from ludwig_mt.tokens import plan_lengths
+
+    original = load_yaml(config_file("banking77"))
+    before = copy.deepcopy(original)
+    fitted = fit_lengths(original, plan_lengths([1384] * 10, [10] * 10, 512, configured_input=704,
+                                                configured_new_tokens=24, configured_global=2048))
+    assert original == before
+    assert fitted["input_features"][0]["preprocessing"]["max_sequence_length"] == 493
+    assert fitted["output_features"][0]["preprocessing"]["max_sequence_length"] == 10
+    assert fitted["generation"]["max_new_tokens"] == 11
+    assert fitted["preprocessing"]["global_max_sequence_length"] == 512
+    assert fitted["generation"]["do_sample"] is False  # the rest of the section is kept
+
+
+def test_rendering_for_another_base_model_measures_the_dataset_with_its_tokenizer(tiny_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    from ludwig_mt.tokens import load_tokenizer, token_lengths
+
+    prompts = ["### Task: answer. " + "List the names of heads born in Alabama. " * (20 + i) +
+               f"\n### Question:\nHow many heads are older than {i} ?\n### Answer:\n" for i in range(20)]
+    dataset = write_rows(tmp_path / "train.csv", prompts, [f"SELECT COUNT(*) FROM head WHERE age > {i}"
+                                                           for i in range(20)])
+    lines: list[str] = []
+    config = render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), cpu=True,
+                              dataset=dataset, notify=lines.append)
+    tokenizer = load_tokenizer(str(tiny_model))
+    longest_prompt = max(token_lengths(tokenizer, prompts))
+    longest_response = max(token_lengths(tokenizer, [f"SELECT COUNT(*) FROM head WHERE age > {i}"
+                                                     for i in range(20)]))
+    assert 256 < longest_prompt < 1024 - 128 - 8  # longer than sql.yaml's 256 through this tokenizer; they fit
+    assert config["input_features"][0]["preprocessing"]["max_sequence_length"] == longest_prompt  # p99 of 20
+    assert config["output_features"][0]["preprocessing"]["max_sequence_length"] == longest_response
+    assert config["generation"]["max_new_tokens"] == 128  # sql.yaml's own, more than the responses need
+    assert config["preprocessing"]["global_max_sequence_length"] == 1024  # the YAML's 2048 capped at the context
+    assert len(lines) == 1 and lines[0].startswith(f"{tiny_model.name}: lengths measured on 20 rows (context 1024)")
+    validate(config, "rendered", base_model=str(tiny_model))
+    pinned = render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), dataset=dataset,
+                              max_sequence_length=48, notify=lines.append)
+    assert pinned["input_features"][0]["preprocessing"]["max_sequence_length"] == 48  # explicit values still win
+
+
+def test_rendering_refuses_responses_that_do_not_fit_and_a_missing_dataset(tiny_model: Path, tmp_path: Path) -> None:
+    dataset = write_rows(tmp_path / "train.csv", ["short prompt"], [" ".join(["SELECT name FROM head"] * 400)])
+    with pytest.raises(WorkflowError, match=r"train.csv: responses do not fit the model's context: the longest "
+                                            r"response is \d+ tokens") as info:
+        render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), dataset=dataset)
+    assert "\n" not in str(info.value)
+    with pytest.raises(WorkflowError, match=r"nope.csv: dataset not found .*Fix: run ./run.sh prep first"):
+        render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), dataset=tmp_path / "nope.csv")
+    other = tmp_path / "other.csv"
+    other.write_text("question,answer\nq,a\n")
+    with pytest.raises(WorkflowError, match=r"other.csv: no column prompt, response \(the config's features\)"):
+        render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), dataset=other)
+
+
+def test_cli_prints_the_measured_lengths_on_the_terminal(tiny_model: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    dataset = write_rows(tmp_path / "train.csv", ["### Question:\nhow many?\n### Answer:\n"] * 3, ["SELECT 1"] * 3)
+    main(["sql", "--cpu", "--base-model", str(tiny_model), "--dataset", str(dataset), "--out", str(tmp_path / "o.yaml")])
+    err = capsys.readouterr().err
+    assert f"{tiny_model.name}: lengths measured on 3 rows (context 1024): prompts median" in err
+    assert load_yaml(tmp_path / "o.yaml")["generation"]["max_new_tokens"] > 0

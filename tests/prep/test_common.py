@@ -14,8 +14,10 @@ from prep.common import (
     PrepError,
     SourceRow,
     hash_split,
+    limit_rows,
     read_records,
     require_text,
+    split_quotas,
 )
 
 
@@ -73,3 +75,40 @@ def test_require_text_names_missing_and_empty_fields() -> None:
     with pytest.raises(PrepError, match=r"f.json: row 7: empty field 'question'"):
         require_text(row, "question")
     assert require_text(row, "context") == "x"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.csv", b"", r"empty.csv: empty file. Fix: pass the file that holds the data"),
+        ("blank.jsonl", b"\n  \n", r"blank.jsonl: empty file"),
+        ("header.csv", b"text,label\n", r"header.csv: header row only, no data rows. Fix: pass the file that holds"),
+        ("header.tsv", b"toxic\tneutral1\n", r"header.tsv: header row only, no data rows"),
+        ("none.json", b"[]", r"none.json: no records"),
+    ],
+)
+def test_files_without_data_rows_are_refused(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(PrepError, match=expected) as info:
+        read_records(path)
+    assert "\n" not in str(info.value)
+
+
+def test_split_quotas_share_max_rows_in_proportion_and_keep_every_split() -> None:
+    assert split_quotas({"train": 10003, "test": 3080}, 1000) == {"train": 765, "test": 235}
+    assert split_quotas({"train": 900, "validation": 50, "test": 50}, 20) == {"train": 18, "validation": 1, "test": 1}
+    assert split_quotas({"train": 1000, "test": 2}, 10) == {"train": 9, "test": 1}  # a tiny split keeps one row
+    assert split_quotas({"train": 5, "test": 2}, 10) == {"train": 5, "test": 2}  # fewer rows than asked: all
+    assert sum(split_quotas({"a": 7, "b": 11, "c": 13}, 17).values()) == 17
+
+
+def test_limit_rows_takes_the_first_rows_of_each_split_in_source_order() -> None:
+    rows = [SourceRow({"i": i}, f"f: row {i}", split="train" if i < 8 else "test") for i in range(10)]
+    kept, read = limit_rows(rows, 5)
+    assert [r.data["i"] for r in kept] == [0, 1, 2, 3, 8]
+    assert (read.read, read.available) == ({"train": 4, "test": 1}, {"train": 8, "test": 2})
+    assert read.describe() == "4 of 8 train, 1 of 2 test rows"
+    untagged = [SourceRow({"i": i}, f"f: row {i}") for i in range(10)]
+    assert [r.data["i"] for r in limit_rows(untagged, 3)[0]] == [0, 1, 2]
+    assert limit_rows(untagged, None)[0] == untagged

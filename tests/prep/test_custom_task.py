@@ -80,3 +80,39 @@ def test_bad_specs(tmp_path: Path, spec: str, expected: str) -> None:
     (tmp_path / "s.yaml").write_text(spec)
     with pytest.raises(PrepError, match=expected):
         load_spec(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [("test_fration: 0.2\n", r"s.yaml: unknown key 'test_fration' \(did you mean 'test_fraction'\?\)\. "
+                             r"Fix: use the known keys: name, template, response, "),
+     ("metrik: accuracy\n", r"unknown key 'metrik' \(did you mean 'metric'\?\)"),
+     ("colour: red\n", r"unknown key 'colour'\. Fix"),
+     ("metric: bleu\n", r"metric 'bleu' is not supported\. Fix: use metric: accuracy \(answers are labels\) or "
+                        r"metric: rougeL \(free text\)"),
+     ("metric: accuracy\nscorer: text\n", "both metric and scorer/primary_metric are set"),
+     ("test_fraction: 1.5\n", r"test_fraction 1.5 is out of range\. Fix: use a number with 0 < test_fraction < 1"),
+     ("test_fraction: many\n", r"test_fraction 'many' is out of range"),
+     ("test_fraction: 0.5\nvalidation_fraction: 0.5\n", "leave no training rows")],
+)
+def test_spec_keys_and_values_are_checked(tmp_path: Path, extra: str, expected: str) -> None:
+    (tmp_path / "s.yaml").write_text("name: s\ntemplate: '{text}'\nresponse: label\n" + extra)
+    with pytest.raises(PrepError, match=expected) as info:
+        load_spec(tmp_path / "s.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_spec_metric_sets_the_scorer_and_primary_metric(tmp_path: Path) -> None:
+    (tmp_path / "labels.yaml").write_text(SPEC + "metric: accuracy\n")
+    (tmp_path / "text.yaml").write_text(SPEC + "metric: rougeL\n")
+    labels, text = load_spec(tmp_path / "labels.yaml"), load_spec(tmp_path / "text.yaml")
+    assert (labels.scorer, labels.primary_metric) == ("labels", "accuracy")
+    assert (text.scorer, text.primary_metric) == ("text", "rougeL")
+    assert (TASKS["claims"].scorer, TASKS["claims"].primary_metric) == ("labels", "accuracy")  # the shipped example
+
+
+def test_spec_ludwig_config_may_sit_beside_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "claims-train.yaml").write_text("model_type: llm\n")
+    (tmp_path / "claims.yaml").write_text(SPEC + "ludwig_config: claims-train.yaml\n")
+    spec = load_spec(tmp_path / "claims.yaml")
+    assert spec.config_path() == (tmp_path / "claims-train.yaml").resolve()

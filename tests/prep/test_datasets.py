@@ -93,10 +93,11 @@ def test_bad_input_stops_with_one_line(task: str, filename: str, content: str, e
 
 def test_empty_fields_are_dropped_and_counted_or_stop_when_strict(tmp_path: Path) -> None:
     src = tmp_path / "lamini_docs.jsonl"
-    src.write_text('{"question": "q1", "answer": "a1"}\n{"question": " ", "answer": "a2"}\n', encoding="utf-8")
+    rows = ['{"question": " ", "answer": "a0"}', *(f'{{"question": "q{i}", "answer": "a{i}"}}' for i in range(1, 60))]
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
     report = prepare(get_task("lamini_docs"), str(src), tmp_path / "out")
-    assert report.dropped == {"empty field 'question'": 1}
-    with pytest.raises(PrepError, match=r"lamini_docs.jsonl: row 2: empty field 'question'"):
+    assert report.dropped == {"empty field 'question'": 1} and sum(report.rows_out.values()) == 59
+    with pytest.raises(PrepError, match=r"lamini_docs.jsonl: row 1: empty field 'question'"):
         prepare(get_task("lamini_docs"), str(src), tmp_path / "strict", strict=True)
 
 

@@ -52,3 +52,19 @@ def test_bad_caps_and_missing_tasks_are_clear(prepared: Path, tmp_path: Path) ->
 def test_cli_mix(prepared: Path) -> None:
     assert prep_main(["mix", "--tasks", "sql:10", "detox:10", "--out", str(prepared)]) == 0
     assert (prepared / "multitask/train.csv").exists()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("prompt,response,task\n", r"detox/test.csv: no test rows. Fix: re-run ./run.sh prep detox with more rows, "
+                               r"or leave detox out of the mix"),
+    ("", r"detox/test.csv: unreadable \(No columns to parse from file\). Fix: re-run ./run.sh prep detox"),
+])
+def test_a_task_without_test_rows_is_refused_in_one_line(prepared: Path, tmp_path: Path, content: str,
+                                                          expected: str) -> None:
+    (prepared / "detox/test.csv").write_text(content, encoding="utf-8")
+    with pytest.raises(PrepError, match=expected) as info:
+        build_mixture(prepared, {"sql": 5, "detox": 5}, tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    (prepared / "detox/test.csv").unlink()
+    with pytest.raises(PrepError, match=r"detox/test.csv: file not found. Fix: run ./run.sh prep detox first"):
+        build_mixture(prepared, {"sql": 5, "detox": 5}, tmp_path / "out")

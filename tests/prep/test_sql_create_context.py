@@ -59,9 +59,10 @@ def test_rerun_is_byte_identical_and_split_has_no_leakage(tmp_path: Path) -> Non
 def test_prompt_uses_the_template_and_keeps_eval_columns(tmp_path: Path) -> None:
     row = {"question": "How many singers are there?", "context": "CREATE TABLE singer (name VARCHAR)",
            "answer": "SELECT COUNT(*) FROM singer"}
-    prepare(SQL, str(write_v4_json(tmp_path / "v4.json", [row])), tmp_path / "out")
+    prepare(SQL, str(write_v4_json(tmp_path / "v4.json", [row, *sql_rows(40)])), tmp_path / "out")
     frames = [pd.read_csv(tmp_path / "out/sql" / n, keep_default_na=False) for n in ("train.csv", "test.csv")]
-    out = pd.concat(frames).iloc[0]
+    both = pd.concat(frames)
+    out = both[both["question"] == row["question"]].iloc[0]
     assert out["prompt"] == TEMPLATE.format(question=row["question"], context=row["context"])
     assert (out["response"], out["question"], out["context"], out["task"]) == (
         row["answer"], row["question"], row["context"], "sql")

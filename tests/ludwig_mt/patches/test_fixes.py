@@ -37,12 +37,14 @@ def run_python(code: str, *, fixes: bool) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
-def run_python_script(code: str, work_dir, *, fixes: bool) -> subprocess.CompletedProcess[str]:
-    """Like :func:`run_python`, with ``work_dir`` (created) as the script's first argument."""
+def run_python_script(code: str, work_dir, *, fixes: bool, args: list[str] | None = None,
+                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Like :func:`run_python`, with ``work_dir`` (created) as the script's first argument, then ``args``;
+    ``env`` adds to the environment."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, LUDWIG_MT_NO_FIXES="0" if fixes else "1")
-    return subprocess.run([sys.executable, "-c", code, str(work_dir)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    full_env = dict(os.environ, LUDWIG_MT_NO_FIXES="0" if fixes else "1") | (env or {})
+    return subprocess.run([sys.executable, "-c", code, str(work_dir), *(args or [])], capture_output=True, text=True,
+                          env=full_env, timeout=600)
 
 
 def test_saved_llm_config_with_null_adapters_validates_only_with_the_fix() -> None:
@@ -306,3 +308,122 @@ def test_fast_forward_scheduler_reaches_the_uninterrupted_learning_rate() -> Non
     assert fixes.fast_forward_scheduler(resumed, 7) == 7
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted.optimizer.param_groups[0]["lr"])
     assert fixes.fast_forward_scheduler(resumed, 7) == 0  # already there: a no-op
+
+
+# Over-long prompts through real Ludwig: the ids its training preprocessing builds, the ids `ludwig predict` (the same
+# LudwigModel.load + predict the CLI runs) hands the model's generate, and eval's prompt_ids. argv: work dir, base
+# model (a tokenizer that adds BOS), "train" (train, save, load, predict, eval) or "preprocess" (training ids only).
+PROMPT_CUT = textwrap.dedent(
+    """
+    import json, logging, sys, pandas as pd, torch
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    from ludwig.api import LudwigModel
+    from ludwig.utils.llm_utils import remove_left_padding
+    work, base, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    instruction = "### Instruction: rewrite the sentence so that it is polite and keeps its meaning. "
+    prompts = [instruction * (i % 4) + f"### Input:\\nHow many heads are older than {i} ?\\n### Answer:\\n"
+               for i in range(12)]
+    frame = pd.DataFrame({"prompt": prompts, "response": [f"SELECT {i}" for i in range(12)],
+                          "split": [0] * 10 + [1, 1]})
+    config = {"model_type": "llm", "base_model": base,
+              "input_features": [{"name": "prompt", "type": "text", "preprocessing": {"max_sequence_length": 24}}],
+              "output_features": [{"name": "response", "type": "text", "preprocessing": {"max_sequence_length": 8}}],
+              "adapter": {"type": "lora"}, "generation": {"max_new_tokens": 4, "do_sample": False},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 4, "learning_rate": 1e-4},
+              "preprocessing": {"split": {"type": "fixed", "column": "split"}, "global_max_sequence_length": 64},
+              "backend": {"type": "local"}}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = LudwigModel(config, logging_level=logging.WARNING)
+    training, _, _, _ = model.preprocess(frame, skip_save_processed_input=True)  # what training trains on
+    rows = training.dataset[next(k for k in training.dataset if k.startswith("prompt_"))]
+    print("IDS", json.dumps({"prompts": prompts[:10], "encoded": [tokenizer.encode(p) for p in prompts[:10]],
+                             "train": [remove_left_padding(torch.tensor(row), tokenizer)[0].tolist() for row in rows]}))
+    if mode == "train":
+        model.train(dataset=frame, output_directory=str(work / "results"), skip_save_processed_input=True,
+                    skip_save_progress=True, skip_save_log=True)
+        model_dir = next((work / "results").glob("*/model"))
+        loaded = LudwigModel.load(str(model_dir))
+        fed = []
+        inner = loaded.model.model
+        generate = inner.generate
+        def recording(*args, **kwargs):
+            fed.append(kwargs["input_ids"][0].tolist())
+            return generate(*args, **kwargs)
+        inner.generate = recording
+        loaded.predict(pd.DataFrame({"prompt": prompts[:10]}), skip_save_predictions=True,
+                       skip_save_unprocessed_output=True)
+        from eval.generate import prompt_ids, settings_from_model_dir
+        settings = settings_from_model_dir(model_dir)
+        print("IDS", json.dumps({"predict": fed, "eval": [
+            prompt_ids(tokenizer, p, settings, context_len=1024, max_new_tokens=settings.max_new_tokens)
+            for p in prompts[:10]], "max_input_tokens": settings.max_input_tokens}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def bos_model(tiny_model, tmp_path_factory):
+    """The session's tiny Llama with a tokenizer that adds BOS (as Llama's and stories260k's do)."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bos-llama")
+    for path in tiny_model.iterdir():
+        if path.is_file() and not path.name.startswith("tokenizer"):
+            shutil.copy(path, out / path.name)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _ids(run: subprocess.CompletedProcess[str]) -> dict:
+    assert run.returncode == 0, run.stderr[-3000:]
+    found: dict = {}
+    for line in run.stdout.splitlines():
+        if line.startswith("IDS "):
+            found.update(json.loads(line[4:]))
+    return found
+
+
+def _ends_with_the_answer_cue(tokenizer, ids: list[int]) -> bool:
+    return tokenizer.decode(ids, skip_special_tokens=True).endswith("### Answer:\n")
+
+
+@pytest.mark.slow
+def test_training_predict_and_eval_cut_over_long_prompts_alike_keeping_the_answer_cue(bos_model, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bos_model)
+    ids = _ids(run_python_script(PROMPT_CUT, tmp_path, fixes=True, args=[str(bos_model), "train"]))
+    limit = ids["max_input_tokens"]
+    assert limit == 24
+    long = [i for i, encoded in enumerate(ids["encoded"]) if len(encoded) > limit]
+    assert len(long) >= 5 and len(long) < len(ids["encoded"]), "some prompts over the limit, some not"
+    # the same ids, prompt by prompt: training preprocessing, what `ludwig predict` feeds generate, eval
+    assert ids["train"] == ids["predict"] == ids["eval"]
+    for i in long:
+        assert len(ids["train"][i]) == limit and ids["train"][i][0] == tokenizer.bos_token_id
+        assert ids["train"][i] == [ids["encoded"][i][0], *ids["encoded"][i][-(limit - 1):]]
+        assert _ends_with_the_answer_cue(tokenizer, ids["train"][i])
+    assert all(ids["train"][i] == ids["encoded"][i] for i in range(10) if i not in long)  # short ones intact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", [{"LUDWIG_MT_NO_FIXES": "1"},
+                                    {"LUDWIG_MT_PATCHES_OFF": "cut_prompts_from_the_instruction_side"}],
+                         ids=["no-fixes", "patch-off"])
+def test_without_the_fix_ludwig_cuts_the_end_of_over_long_prompts(bos_model, tmp_path, switch) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bos_model)
+    ids = _ids(run_python_script(PROMPT_CUT, tmp_path, fixes=True, args=[str(bos_model), "preprocess"], env=switch))
+    long = [i for i, encoded in enumerate(ids["encoded"]) if len(encoded) > 24]
+    assert len(long) >= 5
+    for i in long:  # raw Ludwig keeps the FIRST tokens: the instruction; the input and the answer cue are gone
+        assert ids["train"][i] == ids["encoded"][i][:24]
+        assert not _ends_with_the_answer_cue(tokenizer, ids["train"][i])
