@@ -90,7 +90,7 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     config = render_overrides(load_yaml(config_file("sql")), base_model=str(tiny_model), cpu=True,
                               epochs=EPOCHS, batch_size=BATCH, max_sequence_length=48, max_new_tokens=4)
     config["adapter"]["dropout"] = 0.0
-    config["trainer"].update(learning_rate=0.01, steps_per_checkpoint=STEPS_PER_CHECKPOINT)
+    config["trainer"].update(learning_rate=0.05, steps_per_checkpoint=STEPS_PER_CHECKPOINT)
     write_yaml(config, root / "sql.yaml")
     # one optimizer step, no shuffling, SGD (its update is linear in the gradient), no world-size LR scaling
     config["trainer"].update(train_steps=1, should_shuffle=False, learning_rate=0.5, learning_rate_scaling="constant",
