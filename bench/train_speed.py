@@ -176,7 +176,7 @@ def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
     One optimizer step per batch (as the plain loop), ``train_steps`` instead of epochs. Packing keeps the YAML's
     ``global_max_sequence_length`` (the pack length); unpacked cases use exactly the row length.
     """
-    from ludwig_mt.config import render_overrides
+    from ludwig_mt.config import for_raw_ludwig, render_overrides
 
     config = render_overrides(task_yaml(), base_model=str(model_dir), cpu=cpu)
     arch = SHAPES[case.shape]["arch"]
@@ -198,7 +198,7 @@ def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
     packed = bool(trainer.get("packing")) and arch == "llama"
     pack_length = config["preprocessing"].get("global_max_sequence_length") or 0
     config["preprocessing"]["global_max_sequence_length"] = max(pack_length, case.seq_len) if packed else case.seq_len
-    return config
+    return for_raw_ludwig(config) if case.path == "raw" else config  # raw LocalBackend fails on backend.trainer
 
 
 # ---------------------------------------------------------------------------------------------------- workers

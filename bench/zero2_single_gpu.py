@@ -10,7 +10,8 @@ One call, on one GPU:
    the same fixed number of steps:
    ``ludwig``  single-process Ludwig, no accelerate (``python -m ludwig_mt.launch worker train ...``);
    ``zero2``   ``torch.distributed.run`` with one process, Ludwig under accelerate + DeepSpeed ZeRO-2
-               (``ludwig_configs/distributed/zero2.json``), i.e. exactly what ``./run.sh train sql --gpus 1`` runs;
+               (``sql.yaml``'s ``backend:`` settings), i.e. ``python -m ludwig_mt.launch --gpus 1 --strategy zero2``
+               (``./run.sh train sql`` on one GPU runs the plain process instead);
 3. runs ``ludwig predict`` on a few held-out rows with the ZeRO-2 model (proves the output directory loads);
 4. prints a table and writes ``zero2_single_gpu.json`` under ``--out`` (the model and runs go to ``--work``).
 
@@ -43,6 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from ludwig_mt.config import load_yaml, render_overrides, write_yaml  # noqa: E402
 from ludwig_mt.launch import launcher_command, launcher_env  # noqa: E402
+from ludwig_mt.strategies import declared_backend  # noqa: E402
 from ludwig_mt.patches.instrumentation import ENV_RANK_REPORT  # noqa: E402
 from ludwig_mt.strategies import ENV_STRATEGY  # noqa: E402
 from prep.registry import get_task  # noqa: E402
@@ -103,7 +105,8 @@ def train_mode(mode: str, config: Path, dataset: Path, work: Path, smoke: bool, 
     """Train once as ``ludwig`` (single process) or ``zero2`` (launcher, one process); return its measurements."""
     ludwig_args = ["train", "--config", str(config), "--dataset", str(dataset), "--output_directory",
                    str(work / f"results-{mode}"), "--skip_save_processed_input"]
-    env = launcher_env("zero2", cpu=smoke, base=base_env(smoke))  # the same threads/devices for both modes
+    declared = declared_backend(load_yaml(config))  # the YAML's DeepSpeed settings, as ./run.sh train hands them down
+    env = launcher_env("zero2", cpu=smoke, base=base_env(smoke), declared=declared)  # same threads/devices for both
     if mode == "ludwig":
         cmd = [sys.executable, "-m", "ludwig_mt.launch", "worker", *ludwig_args]
         env.pop(ENV_STRATEGY)

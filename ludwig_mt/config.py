@@ -11,7 +11,7 @@ import argparse
 import copy
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import yaml
 
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_text
+from ludwig_mt.strategies import check_strategy_compatible, declared_backend
 from ludwig_mt.tokens import LengthPlan, measure_lengths
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,27 @@ def validate(config: dict[str, Any], source: str = "config", *, base_model: str 
         ModelConfig.from_dict(full)
     except ConfigValidationError as err:
         raise WorkflowError(f"{source}: rejected by Ludwig's schema: {err}") from None
+    check_backend_section(config, source)
+
+
+def check_backend_section(config: Mapping[str, Any], source: str = "config") -> None:
+    """The ``backend:`` section is the project's (Ludwig's schema takes any dict there): its keys and values, and a
+    declared strategy against the rest of the config (ZeRO-3/FSDP with 4-bit refused), each a one-line error."""
+    declared = declared_backend(config, source)
+    if declared.strategy:
+        try:
+            check_strategy_compatible(declared.strategy, config)
+        except WorkflowError as err:
+            raise WorkflowError(f"{source}: backend.trainer.strategy: {err}") from None
+
+
+def for_raw_ludwig(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy Ludwig runs without the project's patches (``LUDWIG_MT_NO_FIXES=1``): ``backend.trainer`` removed,
+    since raw ``LocalBackend`` fails on it (the regression tests and the raw benchmarks)."""
+    out = copy.deepcopy(dict(config))
+    if isinstance(out.get("backend"), dict):
+        out["backend"] = {k: v for k, v in out["backend"].items() if k != "trainer"}
+    return out
 
 
 def _stderr(line: str) -> None:

@@ -18,6 +18,7 @@ multi-GPU, and it also works on CPU (accelerate launch --cpu gave each process a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -26,7 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ludwig_mt.errors import WorkflowError
-from ludwig_mt.strategies import ENV_STRATEGY, STRATEGIES, check_strategy_compatible, default_strategy
+from ludwig_mt.strategies import (
+    ENV_DEEPSPEED,
+    ENV_STRATEGY,
+    STRATEGIES,
+    DeclaredBackend,
+    check_strategy_compatible,
+    declared_backend,
+    deepspeed_settings,
+    default_strategy,
+)
 
 DEFAULT_PORT = 29500
 
@@ -42,6 +52,7 @@ class LaunchSpec:
     machine_rank: int = 0
     main_process_ip: str = "127.0.0.1"
     main_process_port: int | None = None
+    declared: DeclaredBackend = DeclaredBackend()  # the YAML's backend section: DeepSpeed's settings come from it
 
 
 def free_port() -> int:
@@ -83,12 +94,17 @@ def launcher_command(
     ]
 
 
-def launcher_env(strategy: str, *, cpu: bool = False, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the workers: the strategy switch, and on CPU no CUDA and DeepSpeed's CPU accelerator."""
+def launcher_env(strategy: str, *, cpu: bool = False, base: dict[str, str] | None = None,
+                 declared: DeclaredBackend = DeclaredBackend()) -> dict[str, str]:
+    """Environment for the workers: the strategy switch, the YAML's DeepSpeed settings for a DeepSpeed strategy,
+    and on CPU no CUDA and DeepSpeed's CPU accelerator."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     env = dict(os.environ if base is None else base)
     env[ENV_STRATEGY] = strategy
+    env.pop(ENV_DEEPSPEED, None)
+    if strategy in ("zero2", "zero3"):
+        env[ENV_DEEPSPEED] = json.dumps(deepspeed_settings(strategy, declared))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -106,6 +122,25 @@ def config_path_in(ludwig_args: Sequence[str]) -> str | None:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
     return None
+
+
+def launcher_env_plain(cpu: bool) -> dict[str, str]:
+    """One plain process: no strategy switch (Ludwig's own single-process path); on CPU no CUDA."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_STRATEGY, ENV_DEEPSPEED)}
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def launch_hint(config: Mapping[str, Any] | None, argv: Sequence[str], gpus_here: int) -> str | None:
+    """For a plain one-process ``ludwig train`` of a YAML that declares more processes: the one line that says
+    how to launch them (None when one process is what the YAML declares here)."""
+    declared = declared_backend(config)
+    wanted = gpus_here if declared.num_workers == "auto" else int(declared.num_workers)
+    if declared.strategy is None or wanted <= 1:
+        return None
+    return (f"ludwig_mt: this config's backend declares {declared.describe()} ({wanted} here) and this is one plain "
+            f"process. To launch them: python -m ludwig_mt.launch -- {' '.join(argv)}")
 
 
 def check_before_launch(strategy: str, config: Mapping[str, Any] | None, source: str) -> None:
@@ -150,26 +185,74 @@ def worker(ludwig_args: Sequence[str]) -> None:
 
 def add_launch_arguments(parser: argparse.ArgumentParser, *, default_gpus: int | None = 1) -> None:
     """The launcher's options, shared by ``python -m ludwig_mt.launch`` and ``./run.sh train``."""
-    parser.add_argument("--gpus", type=int, default=default_gpus, help="processes on this machine, one per GPU")
+    parser.add_argument("--gpus", type=int, default=default_gpus,
+                        help="processes on this machine, one per GPU (default: the YAML's backend.trainer.num_workers)")
     parser.add_argument("--strategy", choices=STRATEGIES,
-                        help="zero2 (default for 4-bit QLoRA), ddp (default without quantization), zero3 (without "
-                             "quantization: shards the weights too, DeepSpeed), fsdp (the same with PyTorch FSDP2)")
+                        help="overrides the YAML's backend.trainer.strategy: zero2 (DeepSpeed stage 2, for 4-bit QLoRA), "
+                             "ddp, zero3 (without quantization: shards the weights too), fsdp (the same, PyTorch FSDP2)")
     parser.add_argument("--num-machines", type=int, default=1, help="machines in the job (multi-node)")
     parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
     parser.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0, reachable by all")
     parser.add_argument("--main-process-port", type=int, help=f"port on machine 0 (multi-node default {DEFAULT_PORT})")
 
 
-def spec_from_args(args: argparse.Namespace, config: Mapping[str, Any] | None, *, cpu: bool = False) -> LaunchSpec:
-    """The launch the options ask for; without ``--strategy``, the config's default (:func:`ludwig_mt.strategies.default_strategy`)."""
-    return LaunchSpec(processes_per_machine=args.gpus or 1, strategy=args.strategy or default_strategy(config),
-                      cpu=cpu, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                      main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
+def visible_gpus() -> int:
+    """CUDA devices this process may use (``CUDA_VISIBLE_DEVICES`` respected); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_launch(args: argparse.Namespace, config: Mapping[str, Any] | None, *, cpu: bool = False,
+                gpus_here: int | None = None, source: str = "config") -> tuple[LaunchSpec | None, list[str]]:
+    """What to start: the YAML's ``backend:`` section, with the flags (``--gpus``, ``--strategy``) over it.
+
+    Returns the launch (None: one plain process, no DeepSpeed engine, exactly ``ludwig train``) and one note per
+    decision the user should see (a flag overriding the YAML, ``--cpu`` or a machine without GPUs shrinking the
+    declared processes). ``num_workers: auto`` means every visible GPU (``gpus_here``, counted when None).
+    """
+    declared = declared_backend(config, source)
+    notes: list[str] = []
+    flag_processes = getattr(args, "gpus", None)
+    num_machines = getattr(args, "num_machines", 1) or 1
+    if flag_processes is not None:
+        processes = flag_processes
+        if declared.strategy and declared.num_workers not in (flag_processes, "auto"):
+            notes.append(f"--gpus {flag_processes} overrides {source}'s num_workers: {declared.num_workers}")
+    elif declared.strategy is None:
+        processes = 1
+    elif cpu:  # gloo on CPU: a declared number of processes is honoured, "every visible GPU" means one
+        processes = 1 if declared.num_workers == "auto" else int(declared.num_workers)
+        if processes == 1:
+            notes.append(f"--cpu: one plain process; {source} declares {declared.describe()} (--gpus N runs N CPU "
+                         f"processes with its strategy)")
+    else:
+        here = visible_gpus() if gpus_here is None else gpus_here
+        processes = here if declared.num_workers == "auto" else int(declared.num_workers)
+        if here == 0:
+            processes = 1
+            notes.append(f"no GPU visible: one process; {source} declares {declared.describe()}")
+        elif processes > here:
+            raise WorkflowError(f"{source}: backend.trainer.num_workers: {processes} processes, but {here} GPU(s) "
+                                f"are visible. Fix: pass --gpus {here} or set num_workers: auto")
+    flag_strategy = getattr(args, "strategy", None)
+    strategy = flag_strategy or declared.strategy or default_strategy(config)
+    check_before_launch(strategy, config, source)  # the strategy run, and the YAML's own even when overridden
+    if declared.strategy:
+        check_before_launch(declared.strategy, config, source)
+    if flag_strategy and declared.strategy and flag_strategy != declared.strategy:
+        notes.append(f"--strategy {flag_strategy} overrides {source}'s {declared.strategy}")
+    if processes <= 1 and num_machines <= 1 and not (flag_processes is not None and flag_strategy):
+        return None, notes  # one process is a plain process: the single-GPU speed path, no DeepSpeed engine
+    return LaunchSpec(processes_per_machine=processes, strategy=strategy, cpu=cpu, num_machines=num_machines,
+                      machine_rank=getattr(args, "machine_rank", 0), main_process_ip=getattr(
+                          args, "main_process_ip", "127.0.0.1"), main_process_port=getattr(
+                          args, "main_process_port", None), declared=declared), notes
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m ludwig_mt.launch", description=__doc__.splitlines()[0])
-    add_launch_arguments(parser)
+    add_launch_arguments(parser, default_gpus=None)
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU (tests, smoke runs): no CUDA")
     args, rest = parser.parse_known_args(argv)
     rest = rest[1:] if rest[:1] == ["--"] else rest
@@ -186,7 +269,7 @@ def command_and_env(spec: LaunchSpec, ludwig_args: Sequence[str],
     cmd = launcher_command(spec.processes_per_machine, ludwig_args, num_machines=spec.num_machines,
                            machine_rank=spec.machine_rank, main_process_ip=spec.main_process_ip,
                            main_process_port=spec.main_process_port)
-    return cmd, launcher_env(spec.strategy, cpu=spec.cpu)
+    return cmd, launcher_env(spec.strategy, cpu=spec.cpu, declared=spec.declared)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,7 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, ludwig_args = parse_args(argv)
     try:
         config = load_config_in(ludwig_args)
-        cmd, env = command_and_env(spec_from_args(args, config, cpu=args.cpu), ludwig_args, config)
+        spec, notes = plan_launch(args, config, cpu=args.cpu, source=config_path_in(ludwig_args) or "config")
+        for note in notes:
+            print(f"ludwig_mt.launch: {note}", file=sys.stderr)
+        if spec is None:  # one process: plain Ludwig in this environment, as `ludwig train` would run it
+            cmd, env = [sys.executable, "-m", "ludwig_mt.launch", "worker", *ludwig_args], launcher_env_plain(args.cpu)
+        else:
+            cmd, env = command_and_env(spec, ludwig_args, config)
         return subprocess.run(cmd, env=env, check=False).returncode
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,13 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from ludwig_mt.errors import WorkflowError
-from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, spec_from_args
+from ludwig_mt.launch import LaunchSpec, add_launch_arguments, command_and_env, plan_launch
 from prep.registry import config_path
 
 
@@ -50,12 +50,12 @@ def resume_args(output_directory: Path) -> list[str]:
 
 def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_args: list[str] | None = None,
           log_name: str = "train.log", launch: LaunchSpec | None = None, config: Mapping[str, Any] | None = None,
-          resume: bool = False) -> Path:
+          resume: bool = False, notes: Sequence[str] = ()) -> Path:
     """Run ``ludwig train`` as a subprocess with its output in a log file; return the trained model folder.
 
     ``launch`` runs it data-parallel through :mod:`ludwig_mt.launch`, which checks the strategy against ``config``
     (the YAML at ``config_path`` as the caller loaded it, handed down so it is read once; loaded here if not given);
-    ``resume`` continues the newest run.
+    ``resume`` continues the newest run; ``notes`` (what the flags changed of the YAML's backend) head the log.
     """
     if not dataset.exists():
         raise WorkflowError(f"{dataset}: dataset not found. Fix: run ./run.sh prep first or pass --dataset")
@@ -69,7 +69,7 @@ def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_arg
     else:
         cmd, env = command_and_env(launch, ludwig_args, load_yaml(config_path) if config is None else config)
     with open(log, "a" if resume else "w", encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.write("$ " + " ".join(cmd) + "\n" + "".join(f"note: {note}\n" for note in notes))
         fh.flush()
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
@@ -102,15 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_directory or Path("results") / task
     try:
         rendered = args.cpu or args.base_model or args.epochs or args.batch_size
-        distributed = args.gpus is not None or args.strategy is not None or args.num_machines > 1
-        config = load_yaml(path) if rendered or distributed else None  # read once, handed down to the launcher
+        config = load_yaml(path)  # read once, handed down to the launcher
+        source = str(path)
         if rendered:
             config = render_overrides(config, base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
                                       batch_size=args.batch_size, dataset=dataset)  # lengths for --base-model
             path = write_yaml(config, out / f"{task}.rendered.yaml",
                               header=f"# Rendered from {path} by ./run.sh train; do not edit.\n")
-        launch = spec_from_args(args, config, cpu=args.cpu) if distributed else None
-        model = train(path, dataset, out, extra_args=extra, launch=launch, config=config, resume=args.resume)
+        launch, notes = plan_launch(args, config, cpu=args.cpu, source=source)  # the YAML's backend, flags over it
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        model = train(path, dataset, out, extra_args=extra, launch=launch, config=config, resume=args.resume,
+                      notes=notes)
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

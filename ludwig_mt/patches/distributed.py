@@ -45,7 +45,7 @@ from ludwig_mt.strategies import (
     SHARDED_WEIGHT_STRATEGIES,
     check_strategy_compatible,
     deepspeed_config,
-    plugin_file,
+    worker_deepspeed_settings,
     strategy_name,
 )
 
@@ -79,7 +79,7 @@ def _strategy_class():
                 from accelerate import DeepSpeedPlugin
 
                 # batch sizes are set in prepare(), once the trainer config is known
-                kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=plugin_file(strategy))
+                kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=worker_deepspeed_settings(strategy))
             elif strategy == "fsdp" and torch.cuda.is_available():
                 kwargs["fsdp_plugin"] = fsdp_plugin()
             if not torch.cuda.is_available():  # CPU (tests, smoke runs): without these accelerate sees a world of 1
@@ -109,7 +109,7 @@ def _strategy_class():
         def prepare(self, model, trainer_config, base_learning_rate):
             if self.uses_deepspeed:
                 plugin = self.accelerator.state.deepspeed_plugin
-                plugin.deepspeed_config.update(deepspeed_config(self.strategy, trainer_config, self.size()))
+                plugin.deepspeed_config.update(deepspeed_config(plugin.deepspeed_config, trainer_config, self.size()))
             if self.strategy == "fsdp":
                 self.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = decoder_layer_classes(model)
             dist_model, optimizer = super().prepare(model, trainer_config, base_learning_rate)
@@ -339,6 +339,46 @@ def start_accelerate_strategy_under_launcher() -> None:
     rebind("ludwig.backend.base:LocalTrainingMixin.initialize", lambda _ludwigs: initialize)
     rebind("ludwig.backend.base:LocalTrainingMixin.is_coordinator", lambda _ludwigs: is_coordinator)
     rebind("ludwig.backend.base:LocalBackend.create_trainer", handing_strategy)
+
+
+def accept_declared_backend_section() -> None:
+    """A task YAML declares its processes and strategy under ``backend.trainer`` (issue #18), in the form of Ludwig's
+    earlier schema. Ludwig 0.17.10's schema takes any dict under ``backend``, but ``LocalBackend(**kwargs)`` then
+    fails on ``trainer``: the section is the launcher's (:func:`ludwig_mt.launch.plan_launch`), so Ludwig's backend is
+    built from the rest. A plain ``ludwig train`` checks the section before any work (a 4-bit YAML declaring ZeRO-3
+    or FSDP is refused in one line) and, when the YAML declares more processes than this one, says how to launch
+    them."""
+    import sys
+
+    from ludwig_mt.launch import launch_hint
+    from ludwig_mt.strategies import declared_backend
+
+    def without_declared_processes(original):
+        @functools.wraps(original)
+        def create_backend(type, **kwargs):
+            kwargs.pop("trainer", None)
+            return original(type, **kwargs)
+
+        return create_backend
+
+    def checking_declared_backend(original):
+        @functools.wraps(original)
+        def train(self, *args, **kwargs):
+            config = self.config_obj.to_dict()
+            declared = declared_backend(config)
+            if declared.strategy and strategy_name() is None:  # a launcher's workers were checked before start
+                check_strategy_compatible(declared.strategy, config)
+                import torch
+
+                hint = launch_hint(config, sys.argv[1:], torch.cuda.device_count() if torch.cuda.is_available() else 0)
+                if hint:
+                    logger.warning("%s", hint)
+            return original(self, *args, **kwargs)
+
+        return train
+
+    rebind("ludwig.backend:create_backend", without_declared_processes)
+    rebind("ludwig.api:LudwigModel.train", checking_declared_backend)
 
 
 def refuse_incompatible_strategy() -> None:

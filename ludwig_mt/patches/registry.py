@@ -125,6 +125,10 @@ PATCHES: tuple[Patch, ...] = (
           "Ludwig never starts its accelerate strategy: each worker does, shards the rows, only rank 0 writes",
           "distributed", UNDER_LAUNCHER, distributed.start_accelerate_strategy_under_launcher,
           ("ludwig", "accelerate", "deepspeed", "torch")),
+    Patch("accept_declared_backend_section", ("ludwig.backend:create_backend", f"{LUDWIG_MODEL}.train"),
+          "a YAML's `backend.trainer` (processes, DeepSpeed/DDP/FSDP) makes `LocalBackend` fail: it is the launcher's; "
+          "a plain run checks it and says how to launch the declared processes",
+          "distributed", ALWAYS, distributed.accept_declared_backend_section),
     Patch("refuse_incompatible_strategy", (f"{LUDWIG_MODEL}.train",),
           "ZeRO-3/FSDP with 4-bit weights cannot work: refused at `LudwigModel.train` with one line (bare torchrun)",
           "distributed", UNDER_LAUNCHER, distributed.refuse_incompatible_strategy),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from ludwig_mt import launch
-from ludwig_mt.strategies import ENV_STRATEGY
+from ludwig_mt import launch, strategies
+from ludwig_mt.config import check_backend_section, config_file, for_raw_ludwig, load_yaml, render_overrides
+from ludwig_mt.errors import WorkflowError
+from ludwig_mt.strategies import ENV_DEEPSPEED, ENV_STRATEGY
 
 LUDWIG_ARGS = ["train", "--config", "ludwig_configs/sql.yaml", "--dataset", "d.csv"]
 
@@ -59,3 +63,72 @@ def test_4bit_yaml_with_zero3_or_fsdp_stops_before_any_process_starts(
     assert launch.main(["--gpus", "2", "--strategy", strategy, "--", *LUDWIG_ARGS]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ludwig_configs/sql.yaml: ") and "zero2" in lines[0]
+
+
+# ------------------------------------------------------------------------ the YAML's backend section (issue #18)
+def plan(config: dict, *argv: str, cpu: bool = False, gpus_here: int = 4):
+    args, _ = launch.parse_args([*argv, "--", *LUDWIG_ARGS])
+    return launch.plan_launch(args, config, cpu=cpu, gpus_here=gpus_here, source="sql.yaml")
+
+
+def test_the_yaml_alone_decides_processes_and_strategy() -> None:
+    sql = load_yaml(config_file("sql"))
+    spec, notes = plan(sql)
+    assert (spec.processes_per_machine, spec.strategy, notes) == (4, "zero2", [])
+    assert json.loads(launch.launcher_env(spec.strategy, base={}, declared=spec.declared)[ENV_DEEPSPEED]) == \
+        strategies.deepspeed_settings("zero2", strategies.declared_backend(sql))  # the YAML's DeepSpeed settings
+    sql["backend"]["trainer"].update(num_workers=2, strategy={"type": "ddp"})
+    spec, _ = plan(sql)
+    assert (spec.processes_per_machine, spec.strategy) == (2, "ddp")
+    assert ENV_DEEPSPEED not in launch.launcher_env("ddp", base={ENV_DEEPSPEED: "{}"}, declared=spec.declared)
+
+
+def test_flags_override_the_yaml_and_say_so() -> None:
+    sql = load_yaml(config_file("sql"))
+    sql["backend"]["trainer"]["num_workers"] = 2
+    spec, notes = plan(sql, "--gpus", "3", "--strategy", "ddp")
+    assert (spec.processes_per_machine, spec.strategy) == (3, "ddp")
+    assert notes == ["--gpus 3 overrides sql.yaml's num_workers: 2", "--strategy ddp overrides sql.yaml's zero2"]
+
+
+def test_one_process_is_always_a_plain_process() -> None:
+    sql = load_yaml(config_file("sql"))
+    assert plan(sql, gpus_here=1) == (None, [])  # one GPU: exactly `ludwig train`, no DeepSpeed engine
+    assert plan(sql, "--gpus", "1")[0] is None
+    spec, notes = plan(sql, cpu=True)
+    assert spec is None and notes[0].startswith("--cpu: one plain process; sql.yaml declares zero2 on every visible GPU")
+    spec, notes = plan(sql, gpus_here=0)
+    assert spec is None and notes[0].startswith("no GPU visible: one process")
+    assert plan({"model_type": "llm"}, gpus_here=8) == (None, [])  # no section: one process, as Ludwig does
+    assert plan(sql, "--gpus", "1", "--strategy", "zero2")[0].strategy == "zero2"  # asked for by name: the engine
+
+
+def test_declared_processes_beyond_the_visible_gpus_are_refused() -> None:
+    sql = load_yaml(config_file("sql"))
+    sql["backend"]["trainer"]["num_workers"] = 8
+    with pytest.raises(WorkflowError, match=r"^sql.yaml: backend.trainer.num_workers: 8 processes, but 4 GPU"):
+        plan(sql)
+
+
+@pytest.mark.parametrize("strategy", [{"type": "fsdp"}, {"type": "deepspeed", "zero_optimization": {"stage": 3}}])
+def test_4bit_yaml_declaring_zero3_or_fsdp_is_refused_before_any_work(strategy: dict, tmp_path: Path) -> None:
+    sql = load_yaml(config_file("sql"))
+    sql["backend"]["trainer"]["strategy"] = strategy
+    with pytest.raises(WorkflowError, match="Fix: use --strategy zero2"):
+        plan(sql)
+    with pytest.raises(WorkflowError, match=r"^x.yaml: backend.trainer.strategy: .*4-bit"):
+        check_backend_section(sql, "x.yaml")  # what every YAML check (validate) runs: plain `ludwig train` too
+    check_backend_section(render_overrides(sql, cpu=True), "x.yaml")  # --cpu drops 4-bit: allowed
+
+
+def test_plain_ludwig_train_of_a_multi_process_yaml_says_how_to_launch_it() -> None:
+    sql = load_yaml(config_file("sql"))
+    hint = launch.launch_hint(sql, ["train", "--config", "sql.yaml"], gpus_here=4)
+    assert hint.endswith("To launch them: python -m ludwig_mt.launch -- train --config sql.yaml")
+    assert launch.launch_hint(sql, ["train"], gpus_here=1) is None
+    assert launch.launch_hint(for_raw_ludwig(sql), ["train"], gpus_here=4) is None
+
+
+def test_raw_ludwig_copy_has_no_backend_trainer() -> None:
+    sql = load_yaml(config_file("sql"))
+    assert for_raw_ludwig(sql)["backend"] == {"type": "local"} and "trainer" in sql["backend"]

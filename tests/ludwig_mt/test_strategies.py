@@ -32,39 +32,63 @@ def test_sharded_weights_refuse_merging_the_adapter_into_sharded_base_weights(st
     strategies.check_strategy_compatible("zero2", config)
 
 
-def test_zero3_file_is_stage_3_and_comments_are_dropped_at_every_depth() -> None:
-    class Trainer:
-        batch_size, gradient_accumulation_steps, gradient_clipping = 4, 1, None
-
-    config = strategies.deepspeed_config("zero3", Trainer(), world_size=2)
-    assert config["zero_optimization"]["stage"] == 3 and config["train_batch_size"] == 8
-    assert strategies.without_comments({"_a": 1, "b": {"_c": 2, "d": [3]}}) == {"b": {"d": [3]}}
-    assert not any(k.startswith("_") for k in config["zero_optimization"])
+def test_every_task_yaml_declares_deepspeed_zero2_on_every_visible_gpu() -> None:
+    for path in sorted(config_file("sql").parent.glob("*.yaml")):
+        declared = strategies.declared_backend(load_yaml(path), str(path))
+        assert (declared.strategy, declared.num_workers) == ("zero2", "auto"), path
+        assert declared.deepspeed["zero_optimization"]["stage"] == 2
+        assert not set(strategies.TRAINER_OWNED_KEYS) & set(declared.deepspeed)  # batch sizes come from trainer:
 
 
-def test_deepspeed_config_takes_batch_sizes_and_clipping_from_the_trainer() -> None:
-    class Clip:
-        clipglobalnorm = 0.5
-
-    class Trainer:
-        batch_size, gradient_accumulation_steps, gradient_clipping = 8, 2, Clip()
-
-    config = strategies.deepspeed_config("zero2", Trainer(), world_size=4)
-    assert config["zero_optimization"]["stage"] == 2
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (8, 2)
-    assert config["train_batch_size"] == 64 and config["gradient_clipping"] == 0.5
-    assert not any(key.startswith("_") for key in config)
-    Trainer.batch_size = "auto"
-    with pytest.raises(WorkflowError, match="trainer.batch_size"):
-        strategies.deepspeed_config("zero2", Trainer(), world_size=4)
+def section(trainer: object) -> dict:
+    return {"backend": {"type": "local", "trainer": trainer}}
 
 
-def test_every_strategy_is_documented_and_its_file_exists() -> None:
-    readme = (strategies.DISTRIBUTED_CONFIG_DIR / "README.md").read_text(encoding="utf-8")
-    for name in strategies.STRATEGIES:
-        assert f"--strategy {name}" in readme
-    for file in filter(None, strategies.STRATEGY_FILES.values()):
-        assert (strategies.DISTRIBUTED_CONFIG_DIR / file).exists() and file in readme
+def test_declared_backend_reads_ludwigs_earlier_form_and_plain_local() -> None:
+    assert strategies.declared_backend({}) == strategies.DeclaredBackend()
+    assert strategies.declared_backend({"backend": "local"}).strategy is None
+    assert strategies.declared_backend({"backend": {"type": "local"}}).num_workers == 1
+    zero3 = strategies.declared_backend(section({"num_workers": 4, "use_gpu": True, "strategy": {
+        "type": "deepspeed", "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}}))
+    assert (zero3.strategy, zero3.num_workers) == ("zero3", 4)
+    assert zero3.deepspeed["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert strategies.declared_backend(section({"strategy": "ddp"})) == strategies.DeclaredBackend("ddp", "auto")
+    assert strategies.declared_backend(section({"strategy": {"type": "fsdp"}, "num_workers": 2})).strategy == "fsdp"
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"backend": {"type": "ray"}}, "backend.type"),
+    ({"backend": {"type": "local", "trainerz": {}}}, "backend.trainerz"),
+    (section({"num_workers": 0}), "backend.trainer.num_workers"),
+    (section({"num_workers": "all"}), "backend.trainer.num_workers"),
+    (section({"strategy": {"type": "horovod"}}), "backend.trainer.strategy.type"),
+    (section({"strategy": {"type": "deepspeed", "zero_optimization": {"stage": 1}}}),
+     "backend.trainer.strategy.zero_optimization.stage"),
+    (section({"strategy": {"type": "deepspeed", "zero_optimization": {"stage": 2}, "train_batch_size": 64}}),
+     "backend.trainer.strategy.train_batch_size"),
+    (section({"strategy": {"type": "ddp", "static_graph": True}}), "backend.trainer.strategy.static_graph"),
+    (section({"num_workers": 2, "epochs": 3}), "backend.trainer.epochs"),
+])
+def test_a_bad_backend_section_is_refused_in_one_line_naming_the_key(config: dict, key: str) -> None:
+    with pytest.raises(WorkflowError) as err:
+        strategies.declared_backend(config, "x.yaml")
+    assert str(err.value).startswith(f"x.yaml: {key}") and "Fix:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_deepspeed_settings_keep_the_yamls_and_take_the_stage_of_the_strategy_run() -> None:
+    declared = strategies.declared_backend(load_yaml(config_file("sql")))
+    assert strategies.deepspeed_settings("zero2", declared) == dict(declared.deepspeed)
+    zero3 = strategies.deepspeed_settings("zero3", declared)  # --strategy zero3 over a zero2 YAML
+    assert zero3["zero_optimization"] == {**declared.deepspeed["zero_optimization"], "stage": 3}
+    assert declared.deepspeed["zero_optimization"]["stage"] == 2  # not modified
+    bare = strategies.deepspeed_settings("zero2", strategies.DeclaredBackend())
+    assert bare["zero_optimization"] == {"stage": 2} and bare["zero_allow_untested_optimizer"] is True
+
+
+def test_workers_take_the_launchers_settings_or_the_defaults() -> None:
+    env = {strategies.ENV_DEEPSPEED: '{"zero_optimization": {"stage": 3, "overlap_comm": false}}'}
+    assert strategies.worker_deepspeed_settings("zero3", env)["zero_optimization"]["overlap_comm"] is False
+    assert strategies.worker_deepspeed_settings("zero3", {})["zero_optimization"] == {"stage": 3}
 
 
 def test_strategy_comes_from_the_launcher_switch_or_world_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,6 +67,8 @@ def test_run_sh_train_takes_the_yaml_from_the_task_record(tmp_path: Path, ludwig
     (cmd, _), = calls
     assert cmd[cmd.index("--config") + 1].endswith("ludwig_configs/multitask.yaml")
     assert train.main(["spider"]) == 2 and train.main(["nope"]) == 2
-    errors = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    notes, errors = [x for x in lines if x.startswith("note: ")], [x for x in lines if not x.startswith("note: ")]
+    assert all("multitask.yaml declares zero2 on every visible GPU" in x for x in notes)  # what became of the section
     assert errors[0].startswith("error: spider: evaluation-only task") and errors[1].startswith("error: nope: no such")
     assert len(errors) == 2 and len(calls) == 1

@@ -54,6 +54,20 @@ def test_4bit_model_is_placed_on_the_rank_gpu_only_under_a_launcher(monkeypatch:
     assert placement.from_pretrained is not Loader.from_pretrained and placement.__name__ == "Loader"
 
 
+def test_a_declared_backend_section_breaks_raw_ludwigs_local_backend_but_not_the_patched_one() -> None:
+    """Ludwig 0.17.10's schema takes the section, its ``LocalBackend(**kwargs)`` does not (issue #18)."""
+    import ludwig.api  # noqa: F401  (the import hook applies the registry)
+    from ludwig.backend import initialize_backend
+
+    from ludwig_mt.patches import core
+
+    section = load_yaml(config_file("sql"))["backend"]
+    with pytest.raises(TypeError, match="trainer"):
+        core.original("ludwig.backend:create_backend")(**section)
+    assert type(initialize_backend(section)).__name__ == "LocalBackend"
+    assert "accept_declared_backend_section" in core.layers()["ludwig.backend:create_backend"]
+
+
 @pytest.mark.slow  # a fresh interpreter importing Ludwig: ~20 s on 2 shared cores
 def test_plain_process_keeps_the_local_strategy() -> None:
     code = ("import ludwig.api; from ludwig.backend import initialize_backend; from ludwig import distributed as d; "
@@ -89,24 +103,47 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {"root": root, "test": Path(report.files["test"])}
 
 
+#: the ``backend.trainer.strategy`` a YAML declares for each strategy name (issue #18: the launcher reads it)
+STRATEGY_SECTIONS: dict[str, dict] = {
+    "ddp": {"type": "ddp"},
+    "fsdp": {"type": "fsdp"},
+    "zero2": {"type": "deepspeed", "zero_optimization": {"stage": 2}},
+    # persistence 0: every weight is sharded, the small LoRA tensors too, so the gathered save/load path always runs
+    "zero3": {"type": "deepspeed", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+}
+
+
+def declaring(work: dict[str, Path], config: str, strategy: str, processes: int) -> str:
+    """A copy of the YAML ``config`` whose ``backend:`` declares ``strategy`` on ``processes`` processes."""
+    name = f"{Path(config).stem}.{strategy}{processes}.yaml"
+    declared = load_yaml(work["root"] / config)
+    declared["backend"] = {"type": "local", "trainer": {"num_workers": processes,
+                                                        "strategy": STRATEGY_SECTIONS[strategy]}}
+    write_yaml(declared, work["root"] / name)
+    return name
+
+
 def ludwig_train(work: dict[str, Path], name: str, *, config: str = "sql.yaml", processes: int = 0,
                  strategy: str = "ddp", env: dict[str, str] | None = None,
                  resume: bool = False) -> subprocess.CompletedProcess:
-    """``ludwig train`` (processes=0) or ``python -m ludwig_mt.launch --cpu --gpus N``; output under root/name."""
+    """``ludwig train`` (processes=0) or ``python -m ludwig_mt.launch --cpu`` of a copy of ``config`` that declares
+    ``strategy`` on ``processes`` processes in its backend section (no --gpus, no --strategy); output under root/name."""
+    if processes:
+        config = declaring(work, config, strategy, processes)
     with open(work["root"] / f"{name}.log", "a", encoding="utf-8") as log:
-        return subprocess.run(train_command(work, name, config, processes, ("--strategy", strategy), resume),
+        return subprocess.run(train_command(work, name, config, processes, (), resume),
                               timeout=600, stdout=log, stderr=subprocess.STDOUT, env=train_env(work, name, env))
 
 
 def train_command(work: dict[str, Path], name: str, config: str, processes: int, launch_args: tuple[str, ...],
                   resume: bool) -> list[str]:
+    """Plain ``ludwig train`` (processes=0), else the launcher with ``launch_args`` (flags over the YAML)."""
     root = work["root"]
     args = ["train", "--config", str(root / config), "--dataset", str(root / "train.csv"), "--skip_save_processed_input"]
     args += ["--model_resume_path", str(root / name / "experiment_run")] if resume else [
         "--output_directory", str(root / name)]
     if processes:
-        cmd = [sys.executable, "-m", "ludwig_mt.launch", "--cpu", "--gpus", str(processes),
-               *launch_args, "--", *args]
+        cmd = [sys.executable, "-m", "ludwig_mt.launch", "--cpu", *launch_args, "--", *args]
     else:
         cmd = [ludwig_executable(), *args]
     return cmd
@@ -284,7 +321,7 @@ def test_two_machine_launch_on_localhost_matches_one_machine(work: dict[str, Pat
     port = str(free_port())
     with open(work["root"] / "two_machines.log", "a", encoding="utf-8") as log:
         machines = [subprocess.Popen(train_command(work, "two_machines", "sql.yaml", 1, (
-            "--strategy", "ddp", "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
+            "--gpus", "1", "--strategy", "ddp", "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
             "--main-process-port", port), False), stdout=log, stderr=subprocess.STDOUT,
             env=train_env(work, "two_machines")) for rank in (0, 1)]
         codes = [m.wait(timeout=600) for m in machines]

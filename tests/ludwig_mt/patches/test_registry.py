@@ -77,7 +77,8 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
     """The table's order is the order of the layers: a later patch wraps an earlier one."""
     trainer, llm = "ludwig.trainers.trainer:Trainer", "ludwig.models.llm:LLM"
     assert registry.stacking() == {
-        "ludwig.api:LudwigModel.train": ["refuse_quantized_training_without_cuda", "refuse_incompatible_strategy"],
+        "ludwig.api:LudwigModel.train": ["refuse_quantized_training_without_cuda", "accept_declared_backend_section",
+                                         "refuse_incompatible_strategy"],
         f"{llm}.forward": ["unpacked_forward_instead_of_broken_packing", "target_only_logits"],
         f"{trainer}._train_loop": ["resume_mid_epoch_where_it_stopped", "write_rank_report"],
         model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "place_quantized_model_on_local_rank"],
