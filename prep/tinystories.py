@@ -2,8 +2,10 @@
 
 Not a skill to learn but the remedy against forgetting one: mixed into a fine-tune (``prep mix --tasks banking77
 stories:300``), each row keeps the model writing stories while it learns the new task. A row is one story: its
-first sentence is the prompt (plain text, no instruction: this is language modelling, not a task) and the rest of
-the story the response, so the training loss falls on story text as in pre-training.
+first sentence is the prompt (plain text, no instruction: this is language modelling, not a task) and the next
+sentences, up to ``CONTINUATION_CHARS``, the response, so the training loss falls on story text as in
+pre-training. The cap keeps a replay row about as long as a task row: a whole story costs several times more to
+train on (attention grows with the square of its length) and replays the same kind of text.
 
 Published as ``TinyStories-train.txt`` (stories separated by ``<|endoftext|>``); the hub version has a ``text``
 column. Only train-split stories belong here: forgetting is measured on held-out *validation* stories (the eval
@@ -22,6 +24,7 @@ from prep.task import RESPONSE, TaskSpec
 
 SEPARATOR = "<|endoftext|>"  # between stories in the published .txt files
 TEMPLATE = "{opening}"  # the story's first sentence, as it is: no instruction, so the rest is plain continuation
+CONTINUATION_CHARS = 300  # the response: whole sentences after the first, up to this many characters
 # The first sentence: up to the first . ! or ? (with a closing quote) followed by white space.
 _FIRST_SENTENCE = re.compile(r"^(.+?[.!?][\"']?)\s+(?=\S)", re.S)
 
@@ -41,12 +44,21 @@ def read_local(path: Path) -> list[SourceRow]:
     return read_stories(path) if path.suffix.lower() == ".txt" else read_file_or_folder(path)
 
 
-def split_story(story: str) -> tuple[str, str]:
-    """(first sentence, the rest); a story of one sentence has no rest to learn from and is dropped."""
+# A sentence end inside the continuation: . ! or ? (with a closing quote) followed by white space or the end.
+_SENTENCE_END = re.compile(r"[.!?][\"']?(?=\s|$)")
+
+
+def split_story(story: str, limit: int = CONTINUATION_CHARS) -> tuple[str, str]:
+    """(first sentence, the whole sentences after it up to ``limit`` characters; at least one, however long).
+    A story of one sentence has nothing to continue and is dropped. Pure."""
     match = _FIRST_SENTENCE.match(story)
     if match is None:
         raise DropRow("story of one sentence")
-    return match.group(1).strip(), story[match.end():].strip()
+    rest = story[match.end():].strip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(rest)]
+    within = [end for end in ends if end <= limit]
+    cut = within[-1] if within else (ends[0] if ends else len(rest))
+    return match.group(1).strip(), rest[:cut].strip()
 
 
 def to_fields(row: SourceRow) -> dict[str, str]:

@@ -53,7 +53,7 @@ class DemoSettings:
 
     train_rows: int = 1000  # banking77 training rows (of the 2,000 shipped)
     test_rows: int = 300  # banking77 held-out rows (official test split; of the 400 shipped)
-    replay_rows: int = 300  # TinyStories train stories mixed into the multitask adapter's training data
+    replay_rows: int = 200  # TinyStories train stories mixed into the multitask adapter's training data
     probe_texts: int = 150  # held-out TinyStories validation stories the forgetting is measured on (of 378)
     epochs: int = 2
     learning_rate: float = 3e-3  # the YAMLs' 2e-4 is for 1.5B-parameter bases; a 260K model needs far more
