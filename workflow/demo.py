@@ -51,9 +51,9 @@ class DemoSettings:
     """What the CPU demo sizes down; every other setting is the task YAML's. Defaults: measured on 2 shared cores
     to fit about 3 minutes (docs/demo/README.md)."""
 
-    train_rows: int = 1000  # banking77 training rows (of the 2,000 shipped)
+    train_rows: int = 750  # banking77 training rows (of the 2,000 shipped)
     test_rows: int = 300  # banking77 held-out rows (official test split; of the 400 shipped)
-    replay_rows: int = 200  # TinyStories train stories mixed into the multitask adapter's training data
+    replay_rows: int = 150  # TinyStories train stories mixed into the multitask adapter's training data
     probe_texts: int = 150  # held-out TinyStories validation stories the forgetting is measured on (of 378)
     epochs: int = 2
     learning_rate: float = 3e-3  # the YAMLs' 2e-4 is for 1.5B-parameter bases; a 260K model needs far more
@@ -170,7 +170,7 @@ def run_demo(workdir: Path, settings: DemoSettings = DemoSettings(), *,
     predictions = step(f"ludwig predict {TASK} ({settings.predict_rows} rows)", lambda: predict(
         adapters[TASK], predict_csv, workdir / "predictions" / TASK, logs / "predict.log"))
     paths["predictions"] = str(predictions)
-    probe = probe_file(PROBE, workdir / "probe" / "tinystories.txt", settings.probe_texts)
+    probe = probe_file(PROBE, workdir / "probe" / PROBE.name, settings.probe_texts)  # named as the shipped one
     evaluation = step("eval: base, banking77, multitask on banking77 + stories probe",
                       lambda: retention_report(adapters, probe, prepared, workdir))
     report_dir = evaluation.request.report_dir
@@ -187,12 +187,21 @@ def retention_report(adapters: Mapping[str, Path], probe: Path, prepared: Path, 
     from eval.runner import EvalRequest, ModelSpec, read_probe, run_eval
 
     models = (ModelSpec(TASK, adapters[TASK], (TASK,)), ModelSpec(MIX_TASK, adapters[MIX_TASK], (TASK, REPLAY)))
-    request = EvalRequest(name="demo", base_model=str(BASE_MODEL), models=models, tasks=(TASK,), prepared=prepared,
+    request = EvalRequest(name="demo", base_model=shown(BASE_MODEL), models=models, tasks=(TASK,), prepared=prepared,
                           out=workdir / "reports", probes=(read_probe(probe),), device="cpu")
     with logging_to(request.report_dir / LOG_FILE):
         result = run_eval(request, progress=False)
         write_report(result)
     return result
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the working folder when inside it (reports name ``workflow/assets/...``, not a home
+    folder), else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def predict_agreement(predictions: Path, eval_texts: list[str]) -> tuple[int, int]:
@@ -216,9 +225,10 @@ def _as_text(value: Any) -> str:
 def _interval(estimate: Mapping[str, Any], scale: float = 1.0, unit: str = "") -> str:
     """``+0.060 [+0.037, +0.083]`` (``scale`` 100 with unit ``%`` for relative changes)."""
     value, low, high = (estimate.get(k) for k in ("value", "low", "high"))
+    digits = 1 if unit else 3
     if low is None or high is None:
-        return f"{value * scale:+.3g}{unit} (no interval)"
-    return f"{value * scale:+.3f}{unit} [{low * scale:+.3f}, {high * scale:+.3f}]"
+        return f"{value * scale:+.{digits}f}{unit} (no interval)"
+    return f"{value * scale:+.{digits}f}{unit} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]"
 
 
 def _verdict(cell: Mapping[str, Any]) -> str:

@@ -62,7 +62,8 @@ def test_readings_are_computed_from_the_report() -> None:
         in out["gain"]
     assert "(significant" in out["gain"] and "trivial baseline 0.020" in out["gain"]
     forget = ppl["banking77"]["tinystories"]["delta"]
-    assert f"change {100 * forget['value']:+.3f} %" in out["forgetting"]
+    assert f"change {100 * forget['value']:+.1f} % [{100 * forget['low']:+.1f}, {100 * forget['high']:+.1f}]" \
+        in out["forgetting"]
     assert f"{ppl[BASE]['tinystories']['score']['value']:.2f} -> " in out["forgetting"]
     assert "multitask forgot less than banking77 (intervals do not overlap)" in out["remedy"]
     mix_gain = cells[MIX_TASK]["banking77"]["delta"]["value"]
@@ -145,6 +146,6 @@ def test_demo_end_to_end_on_a_few_rows(tmp_path: Path) -> None:
     result = demo.run_demo(tmp_path, settings)
     report = json.loads((tmp_path / "reports" / "demo" / "report.json").read_text())
     assert report["retention"]["models"] == [BASE, "banking77", MIX_TASK]
-    assert report["probes"] == {"tinystories": 6}
+    assert report["probes"] == {"tinystories_valid": 6}
     assert readings(result["report"]) == readings(report)
     assert result["predict_agreement"][1] == 4
