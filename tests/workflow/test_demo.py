@@ -139,9 +139,10 @@ def test_quiet_library_chatter_silences_torch_deprecations_and_transformers_bars
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_a_few_rows(tmp_path: Path) -> None:
+def test_demo_end_to_end_on_a_few_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real path (prep -> ludwig train x2 -> ludwig predict -> eval) on stories260k, with few rows: it runs,
     and its readings come from the report it wrote."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ludwig processes, as the demo runs them
     settings = DemoSettings(train_rows=40, test_rows=12, replay_rows=10, probe_texts=6, epochs=1, predict_rows=4)
     result = demo.run_demo(tmp_path, settings)
     report = json.loads((tmp_path / "reports" / "demo" / "report.json").read_text())
