@@ -98,7 +98,7 @@ def candidates(kind: str, train: pd.DataFrame | None) -> list[Candidate]:
     answers = list(train[RESPONSE]) if train is not None else []
     if kind == "label":
         label = most_frequent(answers) if answers else ""
-        return [Candidate(f"majority answer '{label}'", lambda row: label)] if answers else []
+        return [Candidate(f"majority answer '{label.strip()}'", lambda row: label)] if answers else []
     if kind == "sql":
         return [Candidate("SELECT * FROM <the row's first table>",
                           lambda row: f"SELECT * FROM {first_table(row.get('context', ''))}"),

@@ -33,12 +33,13 @@ def first_line(prediction: str) -> str:
 
 
 def label_key(text: str) -> str:
-    """prep's case- and whitespace-insensitive key, without wrapping quotes, brackets or punctuation.
+    """prep's case- and whitespace-insensitive key, without wrapping quotes, brackets or punctuation; an underscore
+    is a space (``card_arrival`` and prep's verbalised ``card arrival`` are the same label).
 
     Stripping '?' from both the answer and the label matters because one banking77 intent is literally
     ``reverted_card_payment?``: the bare name and the name with its '?' both match it.
     """
-    return normalise_key(text).strip(_WRAPPING)
+    return normalise_key(text.replace("_", " ")).strip(_WRAPPING)
 
 
 def label_lookup(labels: Iterable[str]) -> dict[str, str]:

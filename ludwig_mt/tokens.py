@@ -3,7 +3,7 @@ lengths of a dataset's rows, the sequence lengths that fit them, and which side 
 
 Sequence lengths in a Ludwig YAML are counts of ONE tokenizer's tokens. The task YAMLs were sized for a 150k-piece
 BPE; through another tokenizer the same rows can be far longer (banking77's prompt, which lists all 77 intents, is
-~1,384 tokens through stories260k's 512-piece vocabulary, against a 512-token context). Kept as they were, the
+~1,200 tokens through stories260k's 512-piece vocabulary, against a 512-token context). Kept as they were, the
 lengths cut every prompt and push the response out of the merged training row (loss = nan: no target token left).
 So a YAML rendered for another base model gets lengths measured on the rows it trains on (:func:`plan_lengths`,
 pure, over token lengths; :func:`measure_lengths`, the thin tokenizer wrapper).

@@ -3,6 +3,16 @@
 Published as train.csv / test.csv with columns text, category (the intent name); the hub version has integer
 labels, which `load_hub_rows` maps to the same names. The official test split is the held-out set. The prompt
 lists every intent, so the base model can answer too and the retention report measures real forgetting.
+
+Intents are verbalised (``card_arrival`` -> ``card arrival``) in the prompt's list and in the response: a model
+learns words it already knows, not snake_case. Measured on stories260k, whose 512-piece vocabulary has no trained
+piece for ``_`` (byte fallback): with underscores it scored 0 % after fine-tuning, with spaces it learns. The
+scorer (``eval.classification.label_key``) reads either spelling as the same intent.
+
+A response ends with a newline: the answer is one line, and eval scores the first line. A fine-tuned model
+learns to end its answer there even where the end-of-sequence token after the response is not learned (measured on
+stories260k after ``ludwig train``: the EOS position stays untrained, so answers ran on into noise after a correct
+intent, and the line end is what lets the scorer read them).
 """
 
 from __future__ import annotations
@@ -46,9 +56,16 @@ INTENTS: tuple[str, ...] = (
     'why_verify_identity', 'wrong_amount_of_cash_received', 'wrong_exchange_rate_for_cash_withdrawal',
 )
 
+
+
+def verbalise(intent: str) -> str:
+    """An intent name as words: ``card_arrival`` -> ``card arrival`` (``Refund_not_showing_up`` keeps its case)."""
+    return intent.replace("_", " ")
+
+
 TEMPLATE = (
     "### Task: Classify the banking customer message into exactly one of these intents:\n"
-    + ", ".join(INTENTS)
+    + ", ".join(map(verbalise, INTENTS))
     + "\n### Message:\n{text}\n### Intent:\n"
 )
 
@@ -64,7 +81,7 @@ def to_fields(row: SourceRow) -> dict[str, str]:
     intent = require_text(row, key)
     if intent not in INTENTS:
         raise PrepError(row.where, f"unknown intent '{intent}'", "use one of the 77 banking77 intent names")
-    return {"text": require_text(row, "text"), RESPONSE: intent}
+    return {"text": require_text(row, "text"), RESPONSE: verbalise(intent) + "\n"}
 
 
 def group_key(fields: Mapping[str, str]) -> str:

@@ -64,7 +64,7 @@ def where(path: str | os.PathLike[str], row: int) -> str:
     return f"{path}: row {row}"
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -85,7 +85,7 @@ def _read_text(path: Path) -> str:
 
 def read_json_records(path: Path) -> list[SourceRow]:
     """A JSON list of objects, or a datasets-server page (``{"rows": [{"row": {...}}]}``)."""
-    text = _read_text(path)
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -104,7 +104,7 @@ def read_json_records(path: Path) -> list[SourceRow]:
 
 def read_jsonl_records(path: Path) -> list[SourceRow]:
     rows = []
-    for i, line in enumerate(_read_text(path).splitlines(), start=1):
+    for i, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -119,7 +119,7 @@ def read_jsonl_records(path: Path) -> list[SourceRow]:
 
 def read_delimited_records(path: Path, delimiter: str) -> list[SourceRow]:
     """CSV/TSV with a header row; rows are numbered as a spreadsheet would (header = row 1)."""
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True)
     rows = []
     try:
         for i, rec in enumerate(reader, start=2):

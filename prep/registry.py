@@ -13,7 +13,17 @@ from pathlib import Path
 
 from ludwig_mt.config import config_file
 from ludwig_mt.errors import WorkflowError
-from prep import banking77, commonsense_qa, gpteacher, lamini_docs, paradetox, samsum, spider, sql_create_context
+from prep import (
+    banking77,
+    commonsense_qa,
+    gpteacher,
+    lamini_docs,
+    paradetox,
+    samsum,
+    spider,
+    sql_create_context,
+    tinystories,
+)
 from prep.common import PrepError
 from prep.custom_task import load_custom_tasks
 from prep.mix import MIX_CONFIG, MIX_TASK
@@ -28,6 +38,7 @@ BUILTIN: tuple[TaskSpec, ...] = (
     commonsense_qa.TASK,
     samsum.TASK,
     lamini_docs.TASK,
+    tinystories.TASK,
 )
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (*BUILTIN, *load_custom_tasks())}
 

@@ -78,8 +78,9 @@ class TaskSpec:
     def config_path(self) -> Path:
         """The Ludwig YAML that trains this task; a one-line error when it has none or the file is missing."""
         if self.ludwig_config is None:
-            raise WorkflowError(f"{self.name}: evaluation-only task, no Ludwig config trains it. "
-                                "Fix: train a task that has one (python -m prep lists them)")
+            raise WorkflowError(f"{self.name}: evaluation-only task or mixture ingredient, no Ludwig config trains "
+                                "it on its own. Fix: train a task that has one (python -m prep lists them), or "
+                                "mix it in with ./run.sh prep mix")
         return config_file(self.ludwig_config)
 
     def owned_by(self, model_name: str) -> bool:

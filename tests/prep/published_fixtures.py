@@ -100,7 +100,15 @@ def lamini_docs(folder: Path, n: int = 100) -> Path:
     return folder
 
 
+def tinystories(folder: Path, n: int = 100) -> Path:
+    """TinyStories-train.txt: stories separated by <|endoftext|> lines, as published."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stories = [f"Tom found a red ball number {i}. He played with it all day.\nThen he went home." for i in range(n)]
+    (folder / "TinyStories-train.txt").write_text("\n<|endoftext|>\n".join(stories) + "\n", encoding="utf-8")
+    return folder
+
+
 WRITERS = {
     "instruct": gpteacher, "detox": paradetox, "sql": sql_create_context, "spider": spider, "banking77": banking77,
-    "commonsense_qa": commonsense_qa, "samsum": samsum, "lamini_docs": lamini_docs,
+    "commonsense_qa": commonsense_qa, "samsum": samsum, "lamini_docs": lamini_docs, "stories": tinystories,
 }

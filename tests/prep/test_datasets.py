@@ -32,7 +32,8 @@ def test_prepares_published_files_deterministically_without_leakage(task: str, t
     assert len(test) > 0 and first.rows_out["test"] == len(test)
     assert not set(train["prompt"]) & set(test["prompt"])  # no held-out prompt is trained on
     assert (train["task"] == task).all() and (test["task"] == task).all()
-    assert all(p.startswith("### ") for p in pd.concat([train, test])["prompt"])
+    header = get_task(task).template.split("{")[0]  # "### Task: ..." for every task but the plain-text replay
+    assert all(p.startswith(header) for p in pd.concat([train, test])["prompt"])
 
 
 def test_official_splits_are_kept(tmp_path: Path) -> None:
