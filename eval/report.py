@@ -322,6 +322,28 @@ def model_configs(manifest: dict[str, Any]) -> list[str]:
     return parts
 
 
+def study_section(manifest: dict[str, Any]) -> list[str]:
+    """``./run.sh study``'s record (workflow/study.py), when this report is a study's: how each model was trained
+    and how fast (Ludwig's training loop: tokens and optimizer steps per second), and how prompts were given."""
+    study = manifest.get("study")
+    if not study:
+        return []
+
+    def rate(value: Any, digits: int = 0) -> str:
+        return DASH if value is None else f"{value:,.{digits}f}"
+
+    rows = [[t["name"], str(t["train_rows"]), str(t.get("steps") or DASH), rate(t.get("tokens_per_second")),
+             rate(t.get("steps_per_second"), 2), rate(t.get("loop_seconds"), 1), f"{t['wall_seconds']:.1f}"]
+            for t in study.get("trainings", [])]
+    table = (["model", "training rows", "steps", "tokens/s", "steps/s", "loop s", "ludwig train s"], rows)
+    return ["## Training (./run.sh study)",
+            f"Base `{study.get('base_model')}`; epochs {study.get('epochs') or 'as in each YAML'}; "
+            f"{'CPU' if study.get('cpu') else 'GPU'}; chat template {study.get('chat_template', 'off')}. "
+            "Throughput: Ludwig's training_progress.json (total_tokens_used, steps) over the training loop's time "
+            "(its progress bar in train.log); `ludwig train s` is the whole process (loading, evaluation, saving).",
+            markdown(table)]
+
+
 def markdown(table: Table) -> str:
     header, rows = table
 
@@ -408,6 +430,7 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
         "Every model generates on a task with that task's settings (greedy decoding).",
         markdown(settings_table(result)),
         "## Run manifest", facts, markdown(packages), markdown(data), *model_configs(result.manifest),
+        *study_section(result.manifest),
         "## Timings",
         markdown(timings_table(result)),
     ]

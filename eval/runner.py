@@ -646,7 +646,8 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         probes={p.name: len(p.texts) for p in request.probes}, lm_eval=lm_eval_results, retention=retention,
         timings=timings, baselines=baselines, probe_results=probe_results, contamination=overlaps,
         manifest=run_manifest(request, [p.versions for p in pairs]) | (
-            {} if request.saved is None else {k: request.saved["manifest"][k] for k in ("models", "device")}),
+            {} if request.saved is None else {k: request.saved["manifest"][k] for k in ("models", "device")}
+            | ({"study": request.saved["extra"]} if request.saved.get("extra") else {})),
         tests={t: test for t, (test, _, _) in tests.items()},
     )
 
