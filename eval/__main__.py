@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-eval-tasks", type=split_list, default=(),
                         help="lm-eval-harness tasks by name, e.g. hellaswag,arc_easy (needs lm-eval installed)")
     parser.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most N examples per task")
+    parser.add_argument("--chat-template", choices=("on", "off"), default="off",
+                        help="wrap every prompt in the base tokenizer's chat template (an instruct model's format; "
+                             "adapters were trained without it) (default: off); the report says which")
+    parser.add_argument("--merge-lora", choices=("on", "off", "auto"), default="auto",
+                        help="generate with the LoRA merged into bf16 weights (on) or kept apart on the trained "
+                             "(4-bit) weights as ludwig predict does (off); auto: merged on CUDA only")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--generate-only", action="store_true",
                        help="generate and save every pair (generations/ + identities.json), score nothing")
@@ -157,6 +163,7 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
         probes=probes_from_args(args.probe, args.no_perplexity), spider_dir=args.spider_dir, device=args.device,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, lm_eval_tasks=args.lm_eval_tasks,
         lm_eval_limit=args.lm_eval_limit, rescore=args.rescore, generate_only=args.generate_only,
+        chat_template=args.chat_template == "on", merge_lora={"on": True, "off": False}.get(args.merge_lora),
     )
 
 

@@ -270,6 +270,16 @@ def lm_eval_table(result: EvalResult) -> Table:
     return header, rows
 
 
+def prompt_format(chat_template: bool, merge_lora: bool | None) -> str:
+    """How prompts reached the models and how adapters were applied, in words (the report must say both)."""
+    prompts = ("Prompts: wrapped in the base tokenizer's chat template (one user turn + assistant cue)."
+               if chat_template else "Prompts: plain text as prepared, no chat template (as Ludwig trains and "
+               "predicts).")
+    lora = {True: "merged into bf16 weights", False: "kept apart on the base's trained weights (as ludwig predict)",
+            None: "merged on CUDA, kept apart on CPU (eval's default)"}[merge_lora]
+    return f"{prompts} LoRA adapters: {lora}."
+
+
 def settings_table(result: EvalResult) -> Table:
     header = ["task", "max input tokens", "max new tokens", "batch size", "settings from", "test rows", "evaluated"]
     rows = [[task, str(s.get("max_input_tokens")), str(s.get("max_new_tokens")), str(s.get("batch_size")),
@@ -427,7 +437,8 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
     parts += [
         "## Settings and rows",
         f"Device: `{req.device or 'auto'}`; max rows per task: {req.max_rows or 'all'}; cache: `{req.cache}`. "
-        "Every model generates on a task with that task's settings (greedy decoding).",
+        "Every model generates on a task with that task's settings (greedy decoding). "
+        f"{prompt_format(req.chat_template, req.merge_lora)}",
         markdown(settings_table(result)),
         "## Run manifest", facts, markdown(packages), markdown(data), *model_configs(result.manifest),
         *study_section(result.manifest),

@@ -121,6 +121,8 @@ class EvalRequest:
     rescore: bool = False  # re-score cached predictions (after a metric changed) without generating again
     generate_only: bool = False  # generate and save every pair, score nothing (eval.saved writes the folder)
     saved: Mapping[str, Any] | None = None  # identities.json of a generate-only run: score its generations only
+    chat_template: bool = False  # prompts wrapped in the base tokenizer's chat template (eval.generate)
+    merge_lora: bool | None = None  # adapters merged into bf16 weights (True), kept apart (False); None: CUDA only
 
     @property
     def report_dir(self) -> Path:
@@ -152,8 +154,8 @@ def default_backend() -> Backend:
 
     return Backend(
         load_base=lambda base, settings, *, device: generate.load_base_model(base, settings, device=device),
-        load_adapter=lambda path, *, base_model, device: generate.load_ludwig_model(
-            path, base_model=base_model, device=device),
+        load_adapter=lambda path, *, base_model, device, merge=None: generate.load_ludwig_model(
+            path, base_model=base_model, device=device, merge=merge),
         generate=generate.generate,
         text_nll=perplexity.text_nll,
         score=scoring.score_task,
@@ -418,6 +420,8 @@ def settings_key(settings: Any) -> dict[str, Any]:
     """The generation settings that change outputs: not the batch size (speed only), not quantization (part of
     the model's identity), and the generation section reduced to what changes greedy decoding."""
     values = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "quantization")}
+    if not values.get("chat_template"):  # off: the key every cache entry had before the option existed
+        values.pop("chat_template", None)
     if values.get("generation"):
         values["generation"] = effective_generation(values["generation"])
     return values
@@ -533,6 +537,8 @@ def task_settings(request: EvalRequest, backend: Backend) -> tuple[dict[str, Any
             s = replace(s, batch_size=request.batch_size)
         if request.max_new_tokens:
             s = replace(s, max_new_tokens=min(s.max_new_tokens, request.max_new_tokens))
+        if request.chat_template:
+            s = replace(s, chat_template=True)
         settings[task] = s
         info[task] = asdict(s) | {"source": source}
     return settings, info
@@ -563,7 +569,8 @@ def _model_loader(request: EvalRequest, backend: Backend, run: Run, first_settin
         return missing
     if run.path is None:
         return lambda: backend.load_base(request.base_model, first_settings, device=request.device)
-    return lambda: backend.load_adapter(run.path, base_model=request.base_model, device=request.device)
+    merge = {} if request.merge_lora is None else {"merge": request.merge_lora}
+    return lambda: backend.load_adapter(run.path, base_model=request.base_model, device=request.device, **merge)
 
 
 def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str], None] = lambda message: None,
@@ -582,7 +589,8 @@ def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str],
     first_settings = settings[request.tasks[0]]
     # The base runs 4-bit on CUDA when the first task's config quantizes (eval.generate.load_base_model).
     base = _digest([base_identity(request.base_model), request.device or "auto",
-                    json.dumps(getattr(first_settings, "quantization", None) or {}, sort_keys=True)])
+                    json.dumps(getattr(first_settings, "quantization", None) or {}, sort_keys=True),
+                    *([] if request.merge_lora is None else [f"merge_lora={request.merge_lora}"])])
     resources = None if request.generate_only else backend.resources(
         work_dir=request.cache / "resources", prepared_dir=request.prepared, spider_dir=request.spider_dir)
     specs = (ModelSpec(BASE, None, ()), *request.models)

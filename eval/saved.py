@@ -57,6 +57,7 @@ def generate_only(request: EvalRequest, backend: Backend | None = None,
     record = {
         "format": FORMAT, "name": request.name, "base_model": request.base_model, "device": request.device,
         "max_rows": request.max_rows, "max_new_tokens": request.max_new_tokens,
+        "chat_template": request.chat_template, "merge_lora": request.merge_lora,
         "tasks": {task: {"test_sha256": test_hash, "test_rows": total, "evaluated": len(test),
                          "settings": generated.settings_info[task]}
                   for task, (test, test_hash, total) in generated.tests.items()},
@@ -122,7 +123,8 @@ def scoring_request(folder: Path, *, prepared: Path, out: Path, name: str | None
         tasks=tuple(record["tasks"]), prepared=prepared, out=out, cache_dir=cache_dir,
         max_rows=record["max_rows"], max_new_tokens=record["max_new_tokens"], device=record["device"],
         probes=tuple(Probe(p["name"], tuple(p["texts"]), p["source"]) for p in record["probes"]),
-        spider_dir=spider_dir, saved=record | {"folder": str(folder)})
+        spider_dir=spider_dir, chat_template=record["chat_template"], merge_lora=record["merge_lora"],
+        saved=record | {"folder": str(folder)})
     for kind in ("pairs", "perplexity"):
         for entry in sorted((folder / GENERATIONS / kind).glob("*.json")):
             target = request.cache / kind / entry.name
