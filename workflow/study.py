@@ -73,6 +73,11 @@ class StudyPlan:
     probe: str | None = "general"  # None: no perplexity
     max_new_tokens: int | None = None
     name: str = REPORT_NAME
+    parallel: int = 1  # trainings run at once (a small model leaves most of a GPU idle)
+    eval_batch_size: int | None = None
+    merge_lora: bool | None = None  # eval's adapter path (None: merged on CUDA only)
+    agreement: Path | None = None  # workflow.agreement's JSON: eval vs ludwig predict, recorded in the report
+    stop_after: str | None = None  # "train": stop once trained and merged (study.json written)
 
     @property
     def prepared_dir(self) -> Path:
@@ -100,6 +105,7 @@ class Training:
     steps: int | None = None
     tokens: int | None = None
     loop_seconds: float | None = None
+    concurrent: int = 1  # trainings that shared the machine meanwhile (--parallel): throughput is per process
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -139,8 +145,11 @@ def check_plan(plan: StudyPlan) -> None:
             raise WorkflowError(f"--merge {method}: unknown method. Fix: use some of: {', '.join(MERGE_METHODS)}")
     if plan.merges and len(plan.tasks) < 2:
         raise WorkflowError("--merge needs two or more --tasks. Fix: add tasks or drop --merge")
+    if plan.agreement is not None and not plan.agreement.is_file():
+        raise WorkflowError(f"--agreement {plan.agreement}: file not found. Fix: pass workflow.agreement's --out file")
     for number, flag in ((plan.max_rows, "--max-rows"), (plan.test_rows, "--test-rows"), (plan.epochs, "--epochs"),
-                         (plan.batch_size, "--batch-size"), (plan.max_new_tokens, "--max-new-tokens")):
+                         (plan.batch_size, "--batch-size"), (plan.max_new_tokens, "--max-new-tokens"),
+                         (plan.parallel, "--parallel"), (plan.eval_batch_size, "--eval-batch-size")):
         if number is not None and number < 1:
             raise WorkflowError(f"{flag} {number}: must be at least 1. Fix: pass a positive number")
     if plan.chat_template not in ("on", "off"):
@@ -236,13 +245,25 @@ def training_progress(model_dir: Path, log: Path) -> tuple[int | None, int | Non
     return int(progress.get("steps") or 0) or None, int(progress.get("total_tokens_used") or 0) or None, seconds
 
 
+def finished_model(out: Path) -> Path | None:
+    """The model folder of a finished earlier training in ``out`` (weights and config saved), else None."""
+    done = [m for m in out.glob("*/model") if (m / "model_hyperparameters.json").is_file()
+            and (m / "model_weights").is_dir() and (m / "training_progress.json").is_file()]
+    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+
+
 def train_one(plan: StudyPlan, name: str, task: str, seed: int) -> Training:
-    """One model: its YAML rendered for the base (lengths measured on its dataset), trained with its seed."""
+    """One model: its YAML rendered for the base (lengths measured on its dataset), trained with its seed; a
+    finished earlier training in its folder is reused (a study resumes where it stopped)."""
     from prep.registry import config_path
     from workflow.train import train
 
     dataset = plan.prepared_dir / task / "train.csv"
     out = plan.out / "results" / name
+    rows = len(pd.read_csv(dataset, usecols=["prompt"]))
+    record = out / "training.json"
+    if finished_model(out) is not None and record.is_file():
+        return Training(**json.loads(record.read_text(encoding="utf-8")))
     config = render_overrides(load_yaml(config_path(task)), base_model=plan.base_model, cpu=plan.cpu,
                               epochs=plan.epochs, batch_size=plan.batch_size, dataset=dataset,
                               notify=lambda line: None)
@@ -252,9 +273,10 @@ def train_one(plan: StudyPlan, name: str, task: str, seed: int) -> Training:
     model = train(rendered, dataset, out, extra_args=["--random_seed", str(LUDWIG_DEFAULT_SEED + seed - 1)])
     wall = time.perf_counter() - started
     steps, tokens, loop = training_progress(model, out / "train.log")
-    rows = len(pd.read_csv(dataset, usecols=["prompt"]))
-    return Training(name, task, seed, str(model), str(out / "train.log"), str(rendered), rows, wall, steps, tokens,
-                    loop)
+    done = Training(name, task, seed, str(model), str(out / "train.log"), str(rendered), rows, wall, steps, tokens,
+                    loop, plan.parallel)
+    atomic_write_json(record, done.__dict__)
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -275,8 +297,12 @@ def merge_all(plan: StudyPlan, trained: Mapping[str, Training]) -> dict[str, Pat
     """Each --merge method over the single-task adapters (seed 1 of each task), into ``merged/<method>/``."""
     merge = merge_function()
     singles = {task: Path(trained[task].model_dir) for task in plan.tasks}
-    return {f"merge-{method}": Path(merge(singles, method, out=plan.out / "merged" / method))
-            for method in plan.merges}
+    merged = {}
+    for method in plan.merges:
+        out = plan.out / "merged" / method
+        done = (out / "model_hyperparameters.json").is_file()  # merged by an earlier run of this study
+        merged[f"merge-{method}"] = out if done else Path(merge(singles, method, out=out))
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -298,14 +324,18 @@ def eval_request(plan: StudyPlan, trained: Mapping[str, Training], merged: Mappi
     models += [ModelSpec(name, path, plan.tasks) for name, path in merged.items()]
     return EvalRequest(name=plan.name, base_model=plan.base_model, models=tuple(models), tasks=plan.tasks,
                        prepared=plan.prepared_dir, out=plan.out / "reports", probes=probes,
-                       device="cpu" if plan.cpu else None, max_new_tokens=plan.max_new_tokens)
+                       device="cpu" if plan.cpu else None, max_new_tokens=plan.max_new_tokens,
+                       batch_size=plan.eval_batch_size, chat_template=plan.chat_template == "on",
+                       merge_lora=plan.merge_lora)
 
 
 def study_record(plan: StudyPlan, rows: Mapping[str, Any], trainings: Sequence[Training],
                  merged: Mapping[str, Path], timings: Mapping[str, float]) -> dict[str, Any]:
     """What the study did, for study.json and the report's manifest."""
     return {"base_model": plan.base_model, "tasks": list(plan.tasks), "rows": dict(rows),
-            "epochs": plan.epochs, "cpu": plan.cpu, "chat_template": plan.chat_template,
+            "epochs": plan.epochs, "cpu": plan.cpu, "chat_template": plan.chat_template, "parallel": plan.parallel,
+            "merge_lora": plan.merge_lora,
+            "agreement": json.loads(plan.agreement.read_text(encoding="utf-8")) if plan.agreement else None,
             "trainings": [t.as_dict() for t in trainings], "merges": {k: str(v) for k, v in merged.items()},
             "seconds": dict(timings)}
 
@@ -335,15 +365,14 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     else:
         rows = {t: {"train": len(pd.read_csv(plan.prepared / t / "train.csv", usecols=["prompt"]))}
                 for t in (*plan.tasks, *([MIX] if plan.mix else []))}
-    trained: dict[str, Training] = {}
     runs = plan.models()
-    for i, (name, task, seed) in enumerate(runs, start=1):
-        trained[name] = step(f"train {i}/{len(runs)}: {name} ({rows[task]['train']} rows)",
-                             lambda n=name, t=task, s=seed: train_one(plan, n, t, s))
-        t = trained[name]
-        note(f"{name}: {t.steps or '?'} steps, {_rate(t.tokens_per_second)} tokens/s, "
-             f"{_rate(t.steps_per_second, 2)} steps/s in the loop; {t.wall_seconds:.1f} s in all; log {t.log}")
+    label = f"train {len(runs)} models ({plan.parallel} at a time; logs: {plan.out / 'results'}/<model>/train.log)"
+    trained = step(label, lambda: train_all(plan, runs, note))
     merged = step("merge " + ", ".join(plan.merges), lambda: merge_all(plan, trained)) if plan.merges else {}
+    if plan.stop_after == "train":
+        record = study_record(plan, rows, list(trained.values()), merged, timings) | {"eval_log": None}
+        atomic_write_json(plan.out / "study.json", record)
+        return record | {"stopped": "after training"}
     request = eval_request(plan, trained, merged)
     record = study_record(plan, rows, list(trained.values()), merged, timings)
     eval_log = request.report_dir / LOG_FILE
@@ -363,6 +392,23 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     record["eval_log"] = str(eval_log)
     atomic_write_json(plan.out / "study.json", record)
     return record | ({} if plan.generate_only else {"result": result})
+
+
+def train_all(plan: StudyPlan, runs: Sequence[tuple[str, str, int]],
+              note: Callable[[str], None]) -> dict[str, Training]:
+    """Every training, ``plan.parallel`` at a time (each a ``ludwig train`` process), in the order given;
+    the first error stops the study after the running ones end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(run: tuple[str, str, int]) -> Training:
+        done = train_one(plan, *run)
+        note(f"{done.name}: {done.train_rows} rows, {done.steps or '?'} steps, {_rate(done.tokens_per_second)} "
+             f"tokens/s, {_rate(done.steps_per_second, 2)} steps/s in the loop; {done.wall_seconds:.1f} s in all; "
+             f"log {done.log}")
+        return done
+
+    with ThreadPoolExecutor(max_workers=max(1, plan.parallel)) as pool:
+        return {t.name: t for t in pool.map(one, runs)}
 
 
 def _rate(value: float | None, digits: int = 0) -> str:
@@ -390,6 +436,10 @@ def print_summary(record: Mapping[str, Any], console: Console) -> None:
     total = sum(record["seconds"].values())
     console.print(f"steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in record["seconds"].items()) +
                   f"; total {total:.0f} s", highlight=False)
+    if record.get("stopped"):
+        console.print(f"stopped {record['stopped']}: {record['base_model']} adapters under the study folder "
+                      "(study.json); run the same command without --stop-after to evaluate", highlight=False)
+        return
     where = record.get("report") or f"{record['identities']} (score with ./run.sh eval --score-only " \
                                     f"{Path(record['identities']).parent} --prepared <prepared>)"
     console.print(f"report: {where}\neval log: {record['eval_log']}", highlight=False, soft_wrap=True)
@@ -414,7 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="training batch size (default: each YAML's)")
     parser.add_argument("--cpu", action="store_true", help="train and evaluate on CPU (no quantization)")
     parser.add_argument("--generate-only", action="store_true", help="stop after generation (score elsewhere)")
-    parser.add_argument("--stop-after", choices=("prep",), help="stop after this step (prep: a folder to carry)")
+    parser.add_argument("--stop-after", choices=("prep", "train"),
+                        help="stop after this step (prep: a folder to carry elsewhere; train: trained and merged, "
+                             "a later run reuses them)")
+    parser.add_argument("--parallel", type=int, default=1, help="trainings at once (default 1)")
+    parser.add_argument("--eval-batch-size", type=int, help="generation batch size (default: eval's)")
+    parser.add_argument("--merge-lora", choices=("on", "off", "auto"), default="auto",
+                        help="eval's adapter path: merged bf16 (on), apart as ludwig predict (off), auto: merged on "
+                             "CUDA only; pick the one workflow.agreement finds agreeing with ludwig predict")
+    parser.add_argument("--agreement", type=Path, help="workflow.agreement's JSON, recorded in the report")
     parser.add_argument("--chat-template", choices=("on", "off"), default="off",
                         help="score with the base model's chat template around each prompt (default off)")
     parser.add_argument("--probe", default="general", help="perplexity probe name or file (default: general)")
@@ -436,7 +494,9 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         sources=sources, mix=args.mix, merges=args.merge, seeds=args.seeds, seed_tasks=args.seed_tasks,
         max_rows=args.max_rows, test_rows=args.test_rows, epochs=args.epochs, batch_size=args.batch_size,
         cpu=args.cpu, generate_only=args.generate_only, chat_template=args.chat_template,
-        probe=None if args.no_perplexity else args.probe, max_new_tokens=args.max_new_tokens, name=args.name)
+        probe=None if args.no_perplexity else args.probe, max_new_tokens=args.max_new_tokens, name=args.name,
+        parallel=args.parallel, eval_batch_size=args.eval_batch_size, agreement=args.agreement,
+        merge_lora={"on": True, "off": False}.get(args.merge_lora), stop_after=args.stop_after)
 
 
 def main(argv: list[str] | None = None) -> int:
