@@ -351,7 +351,22 @@ def study_section(manifest: dict[str, Any]) -> list[str]:
             f"{'CPU' if study.get('cpu') else 'GPU'}; chat template {study.get('chat_template', 'off')}. "
             "Throughput: Ludwig's training_progress.json (total_tokens_used, steps) over the training loop's time "
             "(its progress bar in train.log); `ludwig train s` is the whole process (loading, evaluation, saving).",
-            markdown(table)]
+            markdown(table), *agreement_lines(study.get("agreement"))]
+
+
+def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
+    """workflow.agreement's result: how often eval's generations equal ``ludwig predict``'s, per adapter path,
+    and which path the scores above used (or that none was measured)."""
+    if not agreement:
+        return ["Agreement with `ludwig predict`: not measured for this run (python -m workflow.agreement)."]
+    rows = [[name, *(f"{r[p]['equal']}/{r[p]['rows']}" for p in ("unmerged", "merged"))]
+            for name, r in agreement["models"].items()]
+    choice = agreement["choice"]
+    return ["### Agreement with `ludwig predict`",
+            "Rows whose generated text is identical to plain `ludwig predict`'s for the same rows (first "
+            f"{agreement['rows_per_model']} test rows of each model's task). Scored with the {choice['path']} path "
+            f"(`--merge-lora {choice['merge_lora']}`): {choice['reason']}.",
+            markdown((["model", "unmerged (LoRA apart)", "merged (bf16)"], rows))]
 
 
 def markdown(table: Table) -> str:
