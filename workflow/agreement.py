@@ -62,18 +62,23 @@ def choose(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
     return {"merge_lora": "on" if PATHS[best] else "off", "path": best, "fraction": share, "reason": reason}
 
 
-def agreement_for(name: str, model_dir: Path, test: pd.DataFrame, work: Path, *, base_model: str | None,
-                  device: str | None, batch_size: int) -> dict[str, Any]:
-    """One model: ``ludwig predict`` on the rows, then eval's generation unmerged and merged, compared."""
-    from eval.generate import generate, load_ludwig_model
+def ludwig_predictions(name: str, model_dir: Path, test: pd.DataFrame, work: Path) -> tuple[list[str], float]:
+    """Plain ``ludwig predict`` on the rows (its own process): the texts and the seconds it took."""
     from workflow.demo import _as_text, predict
 
     dataset = work / name / "rows.csv"
     atomic_write_csv(dataset, test[["prompt"]])
     started = time.perf_counter()
     predictions = predict(model_dir, dataset, work / name / "predict", work / name / "predict.log")
-    expected = [_as_text(v) for v in pd.read_parquet(predictions)["response_response"]]
-    out: dict[str, Any] = {"model_dir": str(model_dir), "seconds_ludwig_predict": time.perf_counter() - started,
+    return [_as_text(v) for v in pd.read_parquet(predictions)["response_response"]], time.perf_counter() - started
+
+
+def agreement_for(name: str, model_dir: Path, test: pd.DataFrame, work: Path, expected: list[str], seconds: float,
+                  *, base_model: str | None, device: str | None, batch_size: int) -> dict[str, Any]:
+    """One model: eval's generation unmerged and merged, compared with ``ludwig predict``'s texts."""
+    from eval.generate import generate, load_ludwig_model
+
+    out: dict[str, Any] = {"model_dir": str(model_dir), "seconds_ludwig_predict": seconds,
                            "log": str(work / name / "predict.log")}
     for path, merge in PATHS.items():
         loaded = load_ludwig_model(model_dir, base_model=base_model, device=device, merge=merge)
@@ -87,15 +92,20 @@ def agreement_for(name: str, model_dir: Path, test: pd.DataFrame, work: Path, *,
 def run(models: Mapping[str, Path], prepared: Path, rows: int, out: Path, *, base_model: str | None = None,
         device: str | None = None, batch_size: int = 32) -> dict[str, Any]:
     """Every model's agreement and the path to score with; written to ``out`` (JSON) and returned."""
-    results = {}
-    for name, model_dir in models.items():
+    from concurrent.futures import ThreadPoolExecutor
+
+    tests = {}
+    for name in models:
         test_csv = prepared / name / "test.csv"
         if not test_csv.is_file():
             raise WorkflowError(f"--model {name}: {test_csv} not found. Fix: name each model after its task, with "
                                 "--prepared holding that task")
-        test = pd.read_csv(test_csv, keep_default_na=False, dtype=str).head(rows)
-        results[name] = agreement_for(name, model_dir, test, out.parent / "agreement-work", base_model=base_model,
-                                      device=device, batch_size=batch_size)
+        tests[name] = pd.read_csv(test_csv, keep_default_na=False, dtype=str).head(rows)
+    work = out.parent / "agreement-work"
+    with ThreadPoolExecutor(max_workers=len(models) or 1) as pool:  # ludwig predict processes run at once
+        predicted = dict(zip(models, pool.map(lambda n: ludwig_predictions(n, models[n], tests[n], work), models)))
+    results = {name: agreement_for(name, models[name], tests[name], work, *predicted[name], base_model=base_model,
+                                   device=device, batch_size=batch_size) for name in models}
     record = {"rows_per_model": rows, "models": results, "choice": choose(results)}
     atomic_write_json(out, record)
     return record

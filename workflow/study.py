@@ -407,8 +407,10 @@ def train_all(plan: StudyPlan, runs: Sequence[tuple[str, str, int]],
              f"log {done.log}")
         return done
 
+    first = sorted(runs, key=lambda run: run[1] != MIX)  # the mix, the longest, starts first
     with ThreadPoolExecutor(max_workers=max(1, plan.parallel)) as pool:
-        return {t.name: t for t in pool.map(one, runs)}
+        done = {t.name: t for t in pool.map(one, first)}
+    return {name: done[name] for name, _, _ in runs}
 
 
 def _rate(value: float | None, digits: int = 0) -> str:
