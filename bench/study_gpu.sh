@@ -42,6 +42,10 @@ echo "import ludwig_mt.autoload" > "$SHIM/sitecustomize.py"
 printf '#!%s\nfrom ludwig.cli import main\nmain()\n' "$(command -v python3)" > "$SHIM/ludwig"; chmod +x "$SHIM/ludwig"
 export PYTHONPATH="$SHIM:$PWD:$PWD/.gpu-site" PATH="$SHIM:$PATH" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
        TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+ds_meta=.gpu-site/deepspeed-0.19.8.dist-info  # as bench/gpu_evidence.sh: accelerate looks for deepspeed's metadata
+if [ -d .gpu-site/deepspeed ] && [ ! -d "$ds_meta" ]; then
+  mkdir -p "$ds_meta" && printf 'Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.19.8\n' > "$ds_meta/METADATA"
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$OUT/timings.txt"
 
 MERGE=()

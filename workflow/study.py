@@ -489,7 +489,8 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     for item in args.source:
         task, sep, path = item.partition("=")
         if not sep or not task or not path:
-            raise WorkflowError(f"--source {item!r}: expected TASK=PATH. Fix: e.g. --source sql=../shared/data/wikisql_mlx")
+            raise WorkflowError(f"--source {item!r}: expected TASK=PATH. Fix: e.g. "
+                                "--source sql=../shared/data/wikisql_mlx")
         sources[task.strip()] = path.strip()
     return StudyPlan(
         base_model=args.base_model, tasks=args.tasks, out=args.out, data_root=args.data_root, prepared=args.prepared,

@@ -78,7 +78,8 @@ def test_generate_path_imports_no_scoring_library() -> None:
     blocked = ("sqlglot", "rouge_score", "nltk", "datasets", "sentence_transformers")
     code = ("import sys\n"
             f"for name in {blocked!r}: sys.modules[name] = None\n"
-            "import eval.__main__, eval.saved, eval.scoring, eval.generate, eval.perplexity, workflow.study\n"
+            "import eval.__main__, eval.saved, eval.scoring, eval.generate, eval.perplexity\n"
+            "import workflow.study, workflow.agreement\n"
             "from eval.__main__ import build_parser\n"
             "assert build_parser().parse_args(['--score-only', 'x']).score_only.name == 'x'\n"
             "print('ok')\n")
