@@ -124,13 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="eval's generation batch size")
     args = parser.parse_args(argv)
     try:
-        models = {}
-        for item in args.model:
-            name, sep, path = item.partition("=")
-            if not sep or not Path(path).is_dir():
-                raise WorkflowError(f"--model {item}: expected TASK=DIR with an existing folder. Fix: pass "
-                                    "<output_directory>/<run>/model")
-            models[name] = Path(path)
+        from eval.runner import parse_assignment, require_model_dir
+
+        models = {name: require_model_dir(name, Path(path))
+                  for name, path in (parse_assignment(item, "--model") for item in args.model)}
         record = run(models, args.prepared, args.rows, args.out, base_model=args.base_model, device=args.device,
                      batch_size=args.batch_size)
     except WorkflowError as err:

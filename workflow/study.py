@@ -121,10 +121,6 @@ class Training:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def split_list(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
 def check_plan(plan: StudyPlan) -> None:
     """One-line errors for every input a user can get wrong, before any work starts."""
     from prep.registry import TASKS
@@ -448,6 +444,8 @@ def print_summary(record: Mapping[str, Any], console: Console) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eval.__main__ import split_list
+
     parser = argparse.ArgumentParser(prog="./run.sh study", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--base-model", required=True, help="local model folder (e.g. from ./run.sh model)")
@@ -485,13 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_from_args(args: argparse.Namespace) -> StudyPlan:
-    sources = {}
-    for item in args.source:
-        task, sep, path = item.partition("=")
-        if not sep or not task or not path:
-            raise WorkflowError(f"--source {item!r}: expected TASK=PATH. Fix: e.g. "
-                                "--source sql=../shared/data/wikisql_mlx")
-        sources[task.strip()] = path.strip()
+    from eval.runner import parse_assignment
+
+    sources = dict(parse_assignment(item, "--source") for item in args.source)
     return StudyPlan(
         base_model=args.base_model, tasks=args.tasks, out=args.out, data_root=args.data_root, prepared=args.prepared,
         sources=sources, mix=args.mix, merges=args.merge, seeds=args.seeds, seed_tasks=args.seed_tasks,

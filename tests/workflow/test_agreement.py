@@ -42,4 +42,4 @@ def test_report_says_which_path_scored_or_that_agreement_was_not_measured() -> N
 
 def test_cli_refuses_a_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--model", f"sql={tmp_path / 'none'}", "--prepared", str(tmp_path), "--out", str(tmp_path / "a.json")])
-    assert code == 2 and "expected TASK=DIR with an existing folder" in capsys.readouterr().err
+    assert code == 2 and "folder not found" in capsys.readouterr().err
