@@ -289,15 +289,26 @@ def merge_function() -> Callable[..., Path]:
     return merge
 
 
-def merge_all(plan: StudyPlan, trained: Mapping[str, Training]) -> dict[str, Path]:
-    """Each --merge method over the single-task adapters (seed 1 of each task), into ``merged/<method>/``."""
+def merge_all(plan: StudyPlan, trained: Mapping[str, Training],
+              failed: Callable[[str, str], None] | None = None) -> dict[str, Path]:
+    """Each --merge method over the single-task adapters (seed 1 of each task), into ``merged/<method>/``.
+
+    ``failed(method, error)``: a method that fails is left out and reported there, so one merge cannot cost a
+    whole study (a GPU session); without it the first failure stops the study."""
     merge = merge_function()
     singles = {task: Path(trained[task].model_dir) for task in plan.tasks}
     merged = {}
     for method in plan.merges:
         out = plan.out / "merged" / method
-        done = (out / "model_hyperparameters.json").is_file()  # merged by an earlier run of this study
-        merged[f"merge-{method}"] = out if done else Path(merge(singles, method, out=out))
+        if (out / "model_hyperparameters.json").is_file():  # merged by an earlier run of this study
+            merged[f"merge-{method}"] = out
+            continue
+        try:
+            merged[f"merge-{method}"] = Path(merge(singles, method, out=out))
+        except Exception as err:  # noqa: BLE001  (any failure of the other branch's code: reported, not fatal)
+            if failed is None:
+                raise
+            failed(method, f"{type(err).__name__}: {err}")
     return merged
 
 
@@ -326,13 +337,15 @@ def eval_request(plan: StudyPlan, trained: Mapping[str, Training], merged: Mappi
 
 
 def study_record(plan: StudyPlan, rows: Mapping[str, Any], trainings: Sequence[Training],
-                 merged: Mapping[str, Path], timings: Mapping[str, float]) -> dict[str, Any]:
+                 merged: Mapping[str, Path], timings: Mapping[str, float],
+                 merge_errors: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What the study did, for study.json and the report's manifest."""
     return {"base_model": plan.base_model, "tasks": list(plan.tasks), "rows": dict(rows),
             "epochs": plan.epochs, "cpu": plan.cpu, "chat_template": plan.chat_template, "parallel": plan.parallel,
             "merge_lora": plan.merge_lora,
             "agreement": json.loads(plan.agreement.read_text(encoding="utf-8")) if plan.agreement else None,
             "trainings": [t.as_dict() for t in trainings], "merges": {k: str(v) for k, v in merged.items()},
+            "merge_errors": dict(merge_errors or {}),
             "seconds": dict(timings)}
 
 
@@ -364,13 +377,20 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     runs = plan.models()
     label = f"train {len(runs)} models ({plan.parallel} at a time; logs: {plan.out / 'results'}/<model>/train.log)"
     trained = step(label, lambda: train_all(plan, runs, note))
-    merged = step("merge " + ", ".join(plan.merges), lambda: merge_all(plan, trained)) if plan.merges else {}
+    merge_errors: dict[str, str] = {}
+
+    def merge_failed(method: str, error: str) -> None:
+        merge_errors[method] = error
+        console.print(f"[red]merge {method} failed, left out:[/red] {error}", highlight=False)
+
+    merged = step("merge " + ", ".join(plan.merges), lambda: merge_all(plan, trained, merge_failed)) \
+        if plan.merges else {}
     if plan.stop_after == "train":
-        record = study_record(plan, rows, list(trained.values()), merged, timings) | {"eval_log": None}
+        record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors) | {"eval_log": None}
         atomic_write_json(plan.out / "study.json", record)
         return record | {"stopped": "after training"}
     request = eval_request(plan, trained, merged)
-    record = study_record(plan, rows, list(trained.values()), merged, timings)
+    record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors)
     eval_log = request.report_dir / LOG_FILE
     if plan.generate_only:
         from eval.saved import generate_only

@@ -127,3 +127,19 @@ def test_cpu_study_generates_and_scores_elsewhere(tiny_model: Path, tmp_path: Pa
     report = json.loads((tmp_path / "scored/study/report.json").read_text())
     assert report["manifest"]["study"]["trainings"][2]["name"] == MIX
     assert "## Training (./run.sh study)" in (tmp_path / "scored/study/report.md").read_text()
+
+
+def test_a_failing_merge_is_left_out_and_reported_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def merge_adapters(models, method, *, weights=None, density=None, seed=0, out):
+        if method == "ties":
+            raise RuntimeError("shapes differ")
+        return out
+
+    monkeypatch.setitem(sys.modules, "workflow.merge", types.SimpleNamespace(merge_adapters=merge_adapters))
+    p = plan(tmp_path, merges=("linear", "ties"))
+    trained = {t: training(t, t) for t in p.tasks}
+    failures: dict[str, str] = {}
+    assert list(merge_all(p, trained, lambda m, e: failures.update({m: e}))) == ["merge-linear"]
+    assert failures == {"ties": "RuntimeError: shapes differ"}
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        merge_all(p, trained)
