@@ -351,7 +351,10 @@ def study_section(manifest: dict[str, Any]) -> list[str]:
             f"{'CPU' if study.get('cpu') else 'GPU'}; chat template {study.get('chat_template', 'off')}. "
             "Throughput: Ludwig's training_progress.json (total_tokens_used, steps) over the training loop's time "
             "(its progress bar in train.log); `ludwig train s` is the whole process (loading, evaluation, saving).",
-            markdown(table), *agreement_lines(study.get("agreement"))]
+            markdown(table),
+            *([f"Merges left out (failed): {'; '.join(f'{m}: {e}' for m, e in study['merge_errors'].items())}."]
+              if study.get("merge_errors") else []),
+            *agreement_lines(study.get("agreement"))]
 
 
 def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
