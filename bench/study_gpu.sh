@@ -53,12 +53,18 @@ if python3 -c "import workflow.merge" 2>/dev/null; then MERGE=(--merge linear,ti
 STUDY=(python3 -m workflow.study --base-model "$BASE" --tasks "$TASKS" --prepared "$DATA" --out "$WORK" --mix
        --seeds 2 --seed-tasks "$SEED_TASK" --epochs 1 --parallel "$PARALLEL" "${MERGE[@]}" --probe "$PROBE" "${DRY[@]}")
 
-pack() {  # everything but the adapters, small enough to come back (re-run after each phase: a timeout keeps the last)
-  (cd "$WORK" && tar czf "$OUT/study_generations.tar.gz" --ignore-failed-read \
-     $(ls -d reports study.json agreement.json results/*/train.log results/*/training.json results/*/*.rendered.yaml \
-           results/*/*/training_statistics.json results/*/*/description.json results/*/*/model/training_progress.json \
-           results/*/*/model/model_hyperparameters.json merged/*/*.json agreement-work/*/predict.log 2>/dev/null)) \
-     && ls -la "$OUT/study_generations.tar.gz" | awk '{print "packed", $5, "bytes"}'
+pack() {  # everything but the adapters, small enough to come back; re-run after each phase, a timeout keeps the last
+  local files=()
+  pushd "$WORK" >/dev/null || return
+  shopt -s nullglob
+  files=(reports study.json agreement.json results/*/train.log results/*/training.json results/*/*.rendered.yaml
+         results/*/*/training_statistics.json results/*/*/description.json results/*/*/model/training_progress.json
+         results/*/*/model/model_hyperparameters.json merged/*/*.json agreement-work/*/predict.log)
+  shopt -u nullglob
+  local present=()
+  for f in "${files[@]}"; do [ -e "$f" ] && present+=("$f"); done
+  tar czf "$OUT/study_generations.tar.gz" "${present[@]}" && echo "packed $(stat -c %s "$OUT/study_generations.tar.gz") bytes"
+  popd >/dev/null || return
 }
 
 mark "train: ${TASKS} + mix + ${SEED_TASK} seed 2 ${MERGE[*]:-} (${PARALLEL} at a time)"
