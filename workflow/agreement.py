@@ -49,7 +49,7 @@ def compare(expected: Sequence[str], got: Sequence[str]) -> dict[str, Any]:
 def choose(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """The path to score with: most rows identical over every model (ties: unmerged); and why, in words."""
     totals = {path: sum(r[path]["equal"] for r in results.values()) for path in PATHS}
-    rows = sum(next(iter(r.values()))["rows"] for r in results.values()) if results else 0
+    rows = sum(r["unmerged"]["rows"] for r in results.values())
     best = max(PATHS, key=lambda path: (totals[path], path == "unmerged"))
     share = {path: (totals[path] / rows if rows else 0.0) for path in PATHS}
     if rows and totals[best] == rows:

@@ -21,7 +21,8 @@ def test_compare_counts_identical_texts_and_shows_the_first_difference() -> None
 
 
 def _result(unmerged: int, merged: int, rows: int = 8) -> dict:
-    return {"unmerged": {"equal": unmerged, "rows": rows}, "merged": {"equal": merged, "rows": rows}}
+    return {"model_dir": "m", "seconds_ludwig_predict": 1.0, "log": "predict.log",  # as agreement_for gives
+            "unmerged": {"equal": unmerged, "rows": rows}, "merged": {"equal": merged, "rows": rows}}
 
 
 def test_choice_is_the_path_that_agrees_most_ties_go_to_unmerged() -> None:
