@@ -93,8 +93,9 @@ mark "generated"; pack
 if [ "$(elapsed)" -lt $(( BUDGET_S - 90 )) ]; then  # the instruct base as it is meant to be prompted
   timeout $(( BUDGET_S - 20 - $(elapsed) )) python3 -m eval --base-model "$BASE" --prepared "$DATA" --tasks "$TASKS" \
     --name base-chat --out "$WORK/reports" --generate-only --chat-template on --batch-size "$EVAL_BATCH" \
-    --device "$DEVICE" --no-perplexity 2>&1 | tail -3
-  mark "base with chat template generated"; pack
+    --device "$DEVICE" --no-perplexity > "$WORK/base-chat.log" 2>&1 \
+    && mark "base with chat template generated" || mark "base with chat template failed: $(tail -1 "$WORK/base-chat.log")"
+  pack
 else
   mark "base with chat template skipped (time)"
 fi
