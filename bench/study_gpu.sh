@@ -59,7 +59,8 @@ pack() {  # everything but the adapters, small enough to come back; re-run after
   shopt -s nullglob
   files=(reports study.json agreement.json results/*/train.log results/*/training.json results/*/*.rendered.yaml
          results/*/*/training_statistics.json results/*/*/description.json results/*/*/model/training_progress.json
-         results/*/*/model/model_hyperparameters.json merged/*/*.json agreement-work/*/predict.log)
+         results/*/*/model/model_hyperparameters.json merged/*/*.json agreement-work/*/predict.log study-train.log
+         base-chat.log)
   shopt -u nullglob
   local present=()
   for f in "${files[@]}"; do [ -e "$f" ] && present+=("$f"); done
