@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 request = scoring_request(args.score_only, prepared=args.prepared, out=args.out, name=args.name,
                                           cache_dir=args.cache_dir, spider_dir=args.spider_dir)
+                if missing := request.saved.get("models_not_generated"):  # type: ignore[union-attr]
+                    errors.print(f"[yellow]warning[/yellow]: {args.score_only} was cut short; not generated, so "
+                                 f"not in the report: {', '.join(missing)}", highlight=False)
             else:
                 request = request_from_args(args, tuple(spec.name for spec in specs))
             validate_request(request, list(TASKS))

@@ -574,9 +574,10 @@ def _model_loader(request: EvalRequest, backend: Backend, run: Run, first_settin
 
 
 def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str], None] = lambda message: None,
-                 progress: bool = True) -> Generated:
+                 progress: bool = True, after_run: Callable[[Generated], None] | None = None) -> Generated:
     """Every (model seed, task) pair and every probe, from the cache or generated (and scored, unless
-    ``generate_only``); lm-eval results too."""
+    ``generate_only``); lm-eval results too. ``after_run`` sees what is done after each model seed (a
+    generate-only run saves its progress, so a run cut short still leaves the models it finished)."""
     from prep.registry import TASKS
 
     validate_request(request, list(TASKS))
@@ -616,6 +617,8 @@ def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str],
             spec = next(s for s in specs if s.name == run.model)
             lm_eval_results[run.model] = _run_lm_eval(request, spec, identity, notify)
         model.release()
+        if after_run is not None:
+            after_run(Generated(tests, settings_info, identities, pairs, probe_results, lm_eval_results, timings))
     return Generated(tests, settings_info, identities, pairs, probe_results, lm_eval_results, timings, resources)
 
 
@@ -655,7 +658,8 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         timings=timings, baselines=baselines, probe_results=probe_results, contamination=overlaps,
         manifest=run_manifest(request, [p.versions for p in pairs]) | (
             {} if request.saved is None else {k: request.saved["manifest"][k] for k in ("models", "device")}
-            | ({"study": request.saved["extra"]} if request.saved.get("extra") else {})),
+            | ({"study": request.saved["extra"]} if request.saved.get("extra") else {})
+            | {"models_not_generated": list(request.saved.get("models_not_generated", []))}),
         tests={t: test for t, (test, _, _) in tests.items()},
     )
 

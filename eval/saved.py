@@ -43,15 +43,30 @@ def generate_only(request: EvalRequest, backend: Backend | None = None,
                   extra: Mapping[str, Any] | None = None) -> Path:
     """Generate every pair and probe of ``request`` (nothing scored) and save them with their identities in the
     report folder; returns the path of identities.json. ``extra`` is recorded as given (e.g. the study's
-    training throughput or chat-template choice)."""
+    training throughput or chat-template choice). identities.json is rewritten after each model seed with the
+    models finished so far (``"complete": false`` until the end): a run stopped by a time limit can still be
+    scored for those."""
     request = replace(request, generate_only=True)
-    generated = generate_all(request, backend or default_backend(), notify, progress)
-    folder = request.report_dir / GENERATIONS
-    for pair in generated.pairs:
-        _copy(Path(pair.cache_file), folder / "pairs" / f"{pair.key}.json")
+    path = request.report_dir / IDENTITIES
+    save = lambda generated, complete: _save(request, generated, extra, complete)  # noqa: E731
+    save(generate_all(request, backend or default_backend(), notify, progress,
+                      after_run=lambda partial: save(partial, False)), True)
+    return path
+
+
+def _save(request: EvalRequest, generated: Any, extra: Mapping[str, Any] | None, complete: bool) -> None:
+    """identities.json and the generations of every model whose seeds have all run (the base first)."""
     labels = {run.label: run for spec in (ModelSpec(BASE, None, ()), *request.models) for run in model_runs(spec)}
-    for label in labels:
-        for probe in request.probes:
+    done = [m for m in request.models if all(r.label in generated.identities for r in model_runs(m))]
+    names = {BASE, *(m.name for m in done)}
+    if BASE not in generated.identities:
+        return
+    pairs = [p for p in generated.pairs if p.model in names]
+    folder = request.report_dir / GENERATIONS
+    for pair in pairs:
+        _copy(Path(pair.cache_file), folder / "pairs" / f"{pair.key}.json")
+    for label, run in labels.items():
+        for probe in request.probes if run.model in names else ():
             key = probe_key(generated.identities[label], probe)
             _copy(request.cache / "perplexity" / f"{key}.json", folder / "perplexity" / f"{key}.json")
     record = {
@@ -62,18 +77,17 @@ def generate_only(request: EvalRequest, backend: Backend | None = None,
                          "settings": generated.settings_info[task]}
                   for task, (test, test_hash, total) in generated.tests.items()},
         "models": [{"name": m.name, "own_tasks": list(m.own_tasks), "paths": [str(p) for p in m.seed_paths]}
-                   for m in request.models],
-        "identities": generated.identities,
-        "keys": {f"{labels_of(p, labels)}|{p.task}": p.key for p in generated.pairs},
+                   for m in done],
+        "complete": complete, "models_not_generated": [m.name for m in request.models if m not in done],
+        "identities": {label: i for label, i in generated.identities.items() if labels[label].model in names},
+        "keys": {f"{labels_of(p, labels)}|{p.task}": p.key for p in pairs},
         "pairs": [{"model": p.model, "seed": p.seed, "task": p.task, "key": p.key, "rows": p.rows,
-                   "seconds_generate": p.seconds_generate} for p in generated.pairs],
+                   "seconds_generate": p.seconds_generate} for p in pairs],
         "probes": [{"name": p.name, "source": p.source, "texts": list(p.texts)} for p in request.probes],
-        "manifest": run_manifest(request, [p.versions for p in generated.pairs]),
+        "manifest": run_manifest(replace(request, models=tuple(done)), [p.versions for p in pairs]),
         "timings": generated.timings, "extra": dict(extra or {}),
     }
-    path = request.report_dir / IDENTITIES
-    atomic_write_json(path, record)
-    return path
+    atomic_write_json(request.report_dir / IDENTITIES, record)
 
 
 def labels_of(pair: Any, labels: Mapping[str, Any]) -> str:

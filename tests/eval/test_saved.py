@@ -85,3 +85,25 @@ def test_generate_path_imports_no_scoring_library() -> None:
             "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_run_cut_short_leaves_the_models_it_finished(world: dict[str, Any]) -> None:  # noqa: F811
+    fake = world["fake"]
+    real_generate = fake.generate
+
+    def generate(loaded, prompts, **kw):  # the time limit strikes while the multitask adapter generates
+        if loaded.name == "multitask":
+            raise KeyboardInterrupt
+        return real_generate(loaded, prompts, **kw)
+
+    fake.generate = generate
+    with pytest.raises(KeyboardInterrupt):
+        _generate(world)
+    folder = world["tmp"] / "gpu" / "gen"
+    record = json.loads((folder / IDENTITIES).read_text())
+    assert record["complete"] is False and record["models_not_generated"] == ["multitask"]
+    assert [m["name"] for m in record["models"]] == ["sql"] and set(record["identities"]) == {"base", "sql"}
+    result = run_eval(scoring_request(folder, prepared=world["prepared"], out=world["tmp"] / "cpu"),
+                      FakeBackend().backend(), progress=False)
+    assert {p.model for p in result.pairs} == {"base", "sql"}
+    assert result.manifest["models_not_generated"] == ["multitask"]
