@@ -113,7 +113,8 @@ def test_cpu_study_generates_and_scores_elsewhere(tiny_model: Path, tmp_path: Pa
     out = tmp_path / "study"
     assert main(["--base-model", str(tiny_model), "--tasks", "sql,detox", "--data-root", str(data), "--out", str(out),
                  "--mix", "--merge", "linear", "--max-rows", "16", "--test-rows", "4", "--epochs", "1",
-                 "--batch-size", "8", "--cpu", "--no-perplexity", "--max-new-tokens", "4", "--generate-only"]) == 0
+                 "--batch-size", "8", "--cpu", "--no-perplexity", "--max-new-tokens", "4", "--generate-only",
+                 "--parallel", "3"]) == 0
     study = json.loads((out / "study.json").read_text())
     assert [t["name"] for t in study["trainings"]] == ["sql", "detox", MIX]
     assert study["rows"][MIX]["train"] == 32 and all(t["steps"] == 2 for t in study["trainings"][:2])
