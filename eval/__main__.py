@@ -19,6 +19,12 @@ for this run and adds it to --tasks; it is scored by the spec's metric (metric: 
 the labels of its training split, <prepared>/<task>/train.csv; default rougeL) and generates under the YAML its
 spec names (ludwig_config, beside the spec or in ludwig_configs/) or its single-task adapter's saved config.
 
+Split runs: --generate-only generates every pair and probe and scores nothing: <out>/<name>/generations/ and
+identities.json (model, seed, task, rows, settings, cache key of each generation; needs none of the scoring
+libraries: the GPU image lacks them). --score-only DIR scores such a folder on another machine into the normal
+report (no model is loaded; --prepared must hold the same test.csv files, checked by sha256; --name and
+--base-model default to the recorded ones).
+
 Which tasks an adapter owns (its "own" tasks in the summary): --owns NAME=t1,t2 when given; else its name when
 that is a task (--model sql=DIR owns sql); else the tasks in its training data's `task` column (the multitask
 mixture has one, found through Ludwig's description.json next to the model folder).
@@ -68,7 +74,8 @@ def split_list(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--base-model", required=True, help="local model folder or hub name (the adapters' base)")
+    parser.add_argument("--base-model", help="local model folder or hub name (the adapters' base); required "
+                                              "unless --score-only")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR[,DIR...]",
                         help="a trained Ludwig model folder (<output_directory>/<experiment>_run/model); several "
                              "comma-separated folders = the same adapter trained with different seeds; repeat")
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spec", action="append", default=[], type=Path, metavar="FILE",
                         help="a bring-your-own task spec YAML (as given to ./run.sh prep --spec): its task is "
                              "registered for this run, scored by the spec's metric, and evaluated; repeat")
-    parser.add_argument("--name", required=True, help="report name: writes <out>/<name>/")
+    parser.add_argument("--name", help="report name: writes <out>/<name>/ (required unless --score-only)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
     parser.add_argument("--max-rows", type=int, help="score only the first N test rows of each task")
@@ -99,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-eval-tasks", type=split_list, default=(),
                         help="lm-eval-harness tasks by name, e.g. hellaswag,arc_easy (needs lm-eval installed)")
     parser.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most N examples per task")
+    parser.add_argument("--chat-template", choices=("on", "off"), default="off",
+                        help="wrap every prompt in the base tokenizer's chat template (an instruct model's format; "
+                             "adapters were trained without it) (default: off); the report says which")
+    parser.add_argument("--merge-lora", choices=("on", "off", "auto"), default="auto",
+                        help="generate with the LoRA merged into bf16 weights (on) or kept apart on the trained "
+                             "(4-bit) weights as ludwig predict does (off); auto: merged on CUDA only")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--generate-only", action="store_true",
+                       help="generate and save every pair (generations/ + identities.json), score nothing")
+    split.add_argument("--score-only", type=Path, metavar="DIR",
+                       help="score the generations a --generate-only run saved in DIR (its report folder)")
     return parser
 
 
@@ -116,6 +134,11 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
     ``--spec`` files, registered by the caller) join ``--tasks``."""
     from prep.registry import TASKS
 
+    for value, flag in ((args.base_model, "--base-model"), (args.name, "--name")):
+        if not value:
+            raise WorkflowError(f"{flag}: required. Fix: pass {flag} (or --score-only DIR)")
+    if args.lm_eval_tasks and args.generate_only:
+        raise WorkflowError("--lm-eval-tasks with --generate-only: lm-eval scores as it runs. Fix: run it apart")
     owns = {}
     for item in args.owns:
         name, tasks = parse_assignment(item, "--owns")
@@ -139,7 +162,8 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
         out=args.out, cache_dir=args.cache_dir, max_rows=args.max_rows,
         probes=probes_from_args(args.probe, args.no_perplexity), spider_dir=args.spider_dir, device=args.device,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, lm_eval_tasks=args.lm_eval_tasks,
-        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore,
+        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore, generate_only=args.generate_only,
+        chat_template=args.chat_template == "on", merge_lora={"on": True, "off": False}.get(args.merge_lora),
     )
 
 
@@ -184,10 +208,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = tuple(load_spec(path) for path in args.spec)
         with registered(specs, [str(path) for path in args.spec]):
-            request = request_from_args(args, tuple(spec.name for spec in specs))
+            if args.score_only is not None:
+                from eval.saved import scoring_request
+
+                request = scoring_request(args.score_only, prepared=args.prepared, out=args.out, name=args.name,
+                                          cache_dir=args.cache_dir, spider_dir=args.spider_dir)
+                if missing := request.saved.get("models_not_generated"):  # type: ignore[union-attr]
+                    errors.print(f"[yellow]warning[/yellow]: {args.score_only} was cut short; not generated, so "
+                                 f"not in the report: {', '.join(missing)}", highlight=False)
+            else:
+                request = request_from_args(args, tuple(spec.name for spec in specs))
             validate_request(request, list(TASKS))
+            notify = lambda message: errors.print(f"[dim]eval[/dim] {message}")  # noqa: E731
             with logging_to(request.report_dir / LOG_FILE):
-                result = run_eval(request, notify=lambda message: errors.print(f"[dim]eval[/dim] {message}"))
+                if request.generate_only:
+                    from eval.saved import generate_only
+
+                    saved = generate_only(request, notify=notify)
+                    print(f"generations: {saved.parent / 'generations'}  identities: {saved}  (score them with "
+                          f"--score-only {saved.parent})")
+                    return 0
+                result = run_eval(request, notify=notify)
                 paths = write_report(result)
             print_summary(result, paths, Console())
     except (WorkflowError, PrepError) as err:

@@ -73,6 +73,9 @@ class GenerationSettings:
     lowercase: bool = False  # the input feature's preprocessing.lowercase
     generation: Mapping[str, Any] = field(default_factory=dict)  # Ludwig's `generation:` section, as given
     quantization: Mapping[str, Any] | None = None  # Ludwig's `quantization:` section (bitsandbytes), if any
+    # Wrap each prompt in the tokenizer's chat template (one user turn + the assistant cue) before encoding: how an
+    # instruct model is meant to be prompted. Ludwig trains and predicts without it, so off for adapters' parity.
+    chat_template: bool = False
 
 
 @dataclass
@@ -338,7 +341,10 @@ def prompt_ids(tokenizer, prompt: str, settings: GenerationSettings, *, context_
                max_new_tokens: int) -> list[int]:
     """The input ids Ludwig's predict feeds ``model.generate`` for one prompt (steps 1-5 of the module doc)."""
     text = str(prompt)
-    ids = list(tokenizer.encode(text.lower() if settings.lowercase else text, truncation=True))
+    text = text.lower() if settings.lowercase else text
+    if settings.chat_template:
+        text = with_chat_template(tokenizer, text)
+    ids = list(tokenizer.encode(text, truncation=True))
     pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
     ids = keep_prompt_tail(ids, settings.max_input_tokens, bos)
     if pad is not None and pad in ids:
@@ -349,6 +355,16 @@ def prompt_ids(tokenizer, prompt: str, settings: GenerationSettings, *, context_
     if len(ids) > max_input_length:
         ids = ids[-max_input_length:] if max_input_length > 0 else []
     return ids
+
+
+def with_chat_template(tokenizer, text: str) -> str:
+    """``text`` as one user turn in the tokenizer's chat template, ending with the assistant's cue; a one-line
+    error for a tokenizer without a template (a base, not an instruct, model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise WorkflowError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no chat template. Fix: score "
+                            "with --chat-template off (a base model is prompted with plain text)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str):

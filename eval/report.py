@@ -270,6 +270,16 @@ def lm_eval_table(result: EvalResult) -> Table:
     return header, rows
 
 
+def prompt_format(chat_template: bool, merge_lora: bool | None) -> str:
+    """How prompts reached the models and how adapters were applied, in words (the report must say both)."""
+    prompts = ("Prompts: wrapped in the base tokenizer's chat template (one user turn + assistant cue)."
+               if chat_template else "Prompts: plain text as prepared, no chat template (as Ludwig trains and "
+               "predicts).")
+    lora = {True: "merged into bf16 weights", False: "kept apart on the base's trained weights (as ludwig predict)",
+            None: "merged on CUDA, kept apart on CPU (eval's default)"}[merge_lora]
+    return f"{prompts} LoRA adapters: {lora}."
+
+
 def settings_table(result: EvalResult) -> Table:
     header = ["task", "max input tokens", "max new tokens", "batch size", "settings from", "test rows", "evaluated"]
     rows = [[task, str(s.get("max_input_tokens")), str(s.get("max_new_tokens")), str(s.get("batch_size")),
@@ -320,6 +330,46 @@ def model_configs(manifest: dict[str, Any]) -> list[str]:
             config = yaml.safe_dump(record.get("config"), sort_keys=False) if record.get("config") else "(not found)"
             parts.append(f"<details><summary>{title}</summary>\n\n```yaml\n{config}```\n</details>")
     return parts
+
+
+def study_section(manifest: dict[str, Any]) -> list[str]:
+    """``./run.sh study``'s record (workflow/study.py), when this report is a study's: how each model was trained
+    and how fast (Ludwig's training loop: tokens and optimizer steps per second), and how prompts were given."""
+    study = manifest.get("study")
+    if not study:
+        return []
+
+    def rate(value: Any, digits: int = 0) -> str:
+        return DASH if value is None else f"{value:,.{digits}f}"
+
+    rows = [[t["name"], str(t["train_rows"]), str(t.get("steps") or DASH), rate(t.get("tokens_per_second")),
+             rate(t.get("steps_per_second"), 2), rate(t.get("loop_seconds"), 1), f"{t['wall_seconds']:.1f}"]
+            for t in study.get("trainings", [])]
+    table = (["model", "training rows", "steps", "tokens/s", "steps/s", "loop s", "ludwig train s"], rows)
+    return ["## Training (./run.sh study)",
+            f"Base `{study.get('base_model')}`; epochs {study.get('epochs') or 'as in each YAML'}; "
+            f"{'CPU' if study.get('cpu') else 'GPU'}; chat template {study.get('chat_template', 'off')}. "
+            "Throughput: Ludwig's training_progress.json (total_tokens_used, steps) over the training loop's time "
+            "(its progress bar in train.log); `ludwig train s` is the whole process (loading, evaluation, saving).",
+            markdown(table),
+            *([f"Merges left out (failed): {'; '.join(f'{m}: {e}' for m, e in study['merge_errors'].items())}."]
+              if study.get("merge_errors") else []),
+            *agreement_lines(study.get("agreement"))]
+
+
+def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
+    """workflow.agreement's result: how often eval's generations equal ``ludwig predict``'s, per adapter path,
+    and which path the scores above used (or that none was measured)."""
+    if not agreement:
+        return ["Agreement with `ludwig predict`: not measured for this run (python -m workflow.agreement)."]
+    rows = [[name, *(f"{r[p]['equal']}/{r[p]['rows']}" for p in ("unmerged", "merged"))]
+            for name, r in agreement["models"].items()]
+    choice = agreement["choice"]
+    return ["### Agreement with `ludwig predict`",
+            "Rows whose generated text is identical to plain `ludwig predict`'s for the same rows (first "
+            f"{agreement['rows_per_model']} test rows of each model's task). Scored with the {choice['path']} path "
+            f"(`--merge-lora {choice['merge_lora']}`): {choice['reason']}.",
+            markdown((["model", "unmerged (LoRA apart)", "merged (bf16)"], rows))]
 
 
 def markdown(table: Table) -> str:
@@ -405,9 +455,11 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
     parts += [
         "## Settings and rows",
         f"Device: `{req.device or 'auto'}`; max rows per task: {req.max_rows or 'all'}; cache: `{req.cache}`. "
-        "Every model generates on a task with that task's settings (greedy decoding).",
+        "Every model generates on a task with that task's settings (greedy decoding). "
+        f"{prompt_format(req.chat_template, req.merge_lora)}",
         markdown(settings_table(result)),
         "## Run manifest", facts, markdown(packages), markdown(data), *model_configs(result.manifest),
+        *study_section(result.manifest),
         "## Timings",
         markdown(timings_table(result)),
     ]

@@ -21,6 +21,11 @@ Fair comparison: every model is scored on a task with that task's generation set
 tokens), read from the single-task adapter trained on it when one is given, else from
 ``ludwig_configs/<task>.yaml``; the base model and the multitask adapter therefore generate under the same
 limits as the specialist.
+
+Split runs (a GPU machine without the scoring libraries, then a CPU machine): ``generate_only`` generates every
+pair and probe, scores nothing, and leaves ``<report>/generations/`` plus ``identities.json`` (model, seed, task,
+key, rows, settings; :mod:`eval.saved`); a request built from that folder (``saved``) scores those generations
+without loading any model: the keys recorded there are the cache keys, and any pair missing is a one-line error.
 """
 
 from __future__ import annotations
@@ -114,6 +119,10 @@ class EvalRequest:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None
     rescore: bool = False  # re-score cached predictions (after a metric changed) without generating again
+    generate_only: bool = False  # generate and save every pair, score nothing (eval.saved writes the folder)
+    saved: Mapping[str, Any] | None = None  # identities.json of a generate-only run: score its generations only
+    chat_template: bool = False  # prompts wrapped in the base tokenizer's chat template (eval.generate)
+    merge_lora: bool | None = None  # adapters merged into bf16 weights (True), kept apart (False); None: CUDA only
 
     @property
     def report_dir(self) -> Path:
@@ -139,13 +148,14 @@ class Backend:
 
 
 def default_backend() -> Backend:
-    """The real backend; imported lazily because torch/transformers take seconds to import."""
+    """The real backend; imported lazily because torch/transformers take seconds to import. eval.scoring
+    imports no optional scorer library at import time, so a generate-only run works without them."""
     from eval import generate, perplexity, scoring
 
     return Backend(
         load_base=lambda base, settings, *, device: generate.load_base_model(base, settings, device=device),
-        load_adapter=lambda path, *, base_model, device: generate.load_ludwig_model(
-            path, base_model=base_model, device=device),
+        load_adapter=lambda path, *, base_model, device, merge=None: generate.load_ludwig_model(
+            path, base_model=base_model, device=device, merge=merge),
         generate=generate.generate,
         text_nll=perplexity.text_nll,
         score=scoring.score_task,
@@ -410,6 +420,8 @@ def settings_key(settings: Any) -> dict[str, Any]:
     """The generation settings that change outputs: not the batch size (speed only), not quantization (part of
     the model's identity), and the generation section reduced to what changes greedy decoding."""
     values = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "quantization")}
+    if not values.get("chat_template"):  # off: the key every cache entry had before the option existed
+        values.pop("chat_template", None)
     if values.get("generation"):
         values["generation"] = effective_generation(values["generation"])
     return values
@@ -469,7 +481,7 @@ def validate_request(request: EvalRequest, known_tasks: Sequence[str]) -> None:
             raise WorkflowError(f"--model {BASE}=...: '{BASE}' is the base model's row. Fix: pick another name")
         if names.count(name) > 1:
             raise WorkflowError(f"--model {name}: given twice. Fix: give each model its own name")
-    for spec in request.models:
+    for spec in request.models if request.saved is None else ():  # saved: the folders stayed where they ran
         for path in spec.seed_paths:
             require_model_dir(spec.name, path)
     if not request.prepared.is_dir():
@@ -512,7 +524,11 @@ class _LazyModel:
 
 
 def task_settings(request: EvalRequest, backend: Backend) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Each task's generation settings (see the module docstring) and their description for the report."""
+    """Each task's generation settings (see the module docstring) and their description for the report; a saved
+    run's as recorded (its keys already hold them; the adapters' saved configs are not here)."""
+    if request.saved is not None:
+        return {task: None for task in request.tasks}, {t: dict(request.saved["tasks"][t]["settings"])
+                                                          for t in request.tasks}
     settings, info = {}, {}
     for task in request.tasks:
         config, source = task_config(task, request.models)
@@ -521,21 +537,51 @@ def task_settings(request: EvalRequest, backend: Backend) -> tuple[dict[str, Any
             s = replace(s, batch_size=request.batch_size)
         if request.max_new_tokens:
             s = replace(s, max_new_tokens=min(s.max_new_tokens, request.max_new_tokens))
+        if request.chat_template:
+            s = replace(s, chat_template=True)
         settings[task] = s
         info[task] = asdict(s) | {"source": source}
     return settings, info
 
 
-def run_eval(request: EvalRequest, backend: Backend | None = None,
-             notify: Callable[[str], None] = lambda message: None, progress: bool = True) -> EvalResult:
-    """Every (model seed, task) pair, every probe and every task's trivial baseline, cached; the contamination
-    check and the run manifest; returns everything the report needs."""
+@dataclass
+class Generated:
+    """What the model side of a run produced: every pair (scored unless generate-only) and probe, with the
+    identities, settings and test sets behind them; :func:`run_eval` scores on, ``eval.saved`` saves it."""
+
+    tests: dict[str, tuple[pd.DataFrame, str, int]]
+    settings_info: dict[str, dict[str, Any]]
+    identities: dict[str, str]  # run label -> model identity (the cache keys' model part)
+    pairs: list[PairResult]
+    probe_results: list[ProbeResult]
+    lm_eval: dict[str, dict[str, dict[str, float]]]
+    timings: dict[str, float]
+    resources: Any = None
+
+
+def _model_loader(request: EvalRequest, backend: Backend, run: Run, first_settings: Any) -> Callable[[], Any]:
+    """How to load one run's model; for a saved run, a one-line error: everything must come from its folder."""
+    if request.saved is not None:
+        def missing() -> Any:
+            raise WorkflowError(f"{run.label}: a pair or probe was not generated in {request.saved['folder']} "
+                                "(other tasks, rows, probes or settings?). Fix: score with the options it was "
+                                "generated with (see its identities.json), or generate again")
+        return missing
+    if run.path is None:
+        return lambda: backend.load_base(request.base_model, first_settings, device=request.device)
+    merge = {} if request.merge_lora is None else {"merge": request.merge_lora}
+    return lambda: backend.load_adapter(run.path, base_model=request.base_model, device=request.device, **merge)
+
+
+def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str], None] = lambda message: None,
+                 progress: bool = True, after_run: Callable[[Generated], None] | None = None) -> Generated:
+    """Every (model seed, task) pair and every probe, from the cache or generated (and scored, unless
+    ``generate_only``); lm-eval results too. ``after_run`` sees what is done after each model seed (a
+    generate-only run saves its progress, so a run cut short still leaves the models it finished)."""
     from prep.registry import TASKS
 
-    started = time.perf_counter()
     validate_request(request, list(TASKS))
     tests = {task: load_test(request.prepared, task, request.max_rows) for task in request.tasks}
-    backend = backend or default_backend()
     for task in request.tasks:
         if task not in backend.primary_metric:
             raise WorkflowError(f"--tasks {task}: no metric defined for it in eval.scoring. "
@@ -544,22 +590,23 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
     first_settings = settings[request.tasks[0]]
     # The base runs 4-bit on CUDA when the first task's config quantizes (eval.generate.load_base_model).
     base = _digest([base_identity(request.base_model), request.device or "auto",
-                    json.dumps(getattr(first_settings, "quantization", None) or {}, sort_keys=True)])
-    resources = backend.resources(work_dir=request.cache / "resources", prepared_dir=request.prepared,
-                                  spider_dir=request.spider_dir)
+                    json.dumps(getattr(first_settings, "quantization", None) or {}, sort_keys=True),
+                    *([] if request.merge_lora is None else [f"merge_lora={request.merge_lora}"])])
+    resources = None if request.generate_only else backend.resources(
+        work_dir=request.cache / "resources", prepared_dir=request.prepared, spider_dir=request.spider_dir)
     specs = (ModelSpec(BASE, None, ()), *request.models)
     timings: dict[str, float] = {}
+    identities: dict[str, str] = {}
     pairs: list[PairResult] = []
     probe_results: list[ProbeResult] = []
     lm_eval_results: dict[str, dict[str, dict[str, float]]] = {}
     for run in [run for spec in specs for run in model_runs(spec)]:
-        identity = base if run.path is None else adapter_identity(run.path, base)
-        if run.path is None:
-            load = lambda: backend.load_base(request.base_model, first_settings, device=request.device)  # noqa: E731
+        if request.saved is not None:
+            identity = request.saved["identities"][run.label]
         else:
-            load = (lambda p=run.path: backend.load_adapter(p, base_model=request.base_model,  # noqa: E731
-                                                             device=request.device))
-        model = _LazyModel(load, run.label, timings)
+            identity = base if run.path is None else adapter_identity(run.path, base)
+        identities[run.label] = identity
+        model = _LazyModel(_model_loader(request, backend, run, first_settings), run.label, timings)
         for task in request.tasks:
             test, test_hash, _ = tests[task]
             pairs.append(_run_pair(request, backend, run, identity, task, test, test_hash, settings[task], model,
@@ -570,6 +617,25 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
             spec = next(s for s in specs if s.name == run.model)
             lm_eval_results[run.model] = _run_lm_eval(request, spec, identity, notify)
         model.release()
+        if after_run is not None:
+            after_run(Generated(tests, settings_info, identities, pairs, probe_results, lm_eval_results, timings))
+    return Generated(tests, settings_info, identities, pairs, probe_results, lm_eval_results, timings, resources)
+
+
+def run_eval(request: EvalRequest, backend: Backend | None = None,
+             notify: Callable[[str], None] = lambda message: None, progress: bool = True) -> EvalResult:
+    """Every (model seed, task) pair, every probe and every task's trivial baseline, cached; the contamination
+    check and the run manifest; returns everything the report needs."""
+    from prep.registry import TASKS
+
+    if request.generate_only:
+        raise WorkflowError("run_eval scores; a generate-only request goes to eval.saved.generate_only")
+    started = time.perf_counter()
+    backend = backend or default_backend()
+    generated = generate_all(request, backend, notify, progress)
+    tests, settings_info, pairs, resources = generated.tests, generated.settings_info, generated.pairs, \
+        generated.resources
+    probe_results, lm_eval_results, timings = generated.probe_results, generated.lm_eval, generated.timings
     baselines = {task: b for task in request.tasks
                  if (b := _run_baseline(request, backend, task, tests[task][0], tests[task][1], resources, notify))}
     primary = {task: backend.primary_metric[task] for task in request.tasks}
@@ -582,13 +648,18 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
     overlaps = check_contamination(request, {t: test for t, (test, _, _) in tests.items()}, TASKS)
     timings["total"] = time.perf_counter() - started
     return EvalResult(
-        request=request, own_tasks={spec.name: list(spec.own_tasks) for spec in specs}, settings=settings_info,
+        request=request, own_tasks={spec.name: list(spec.own_tasks) for spec in (ModelSpec(BASE, None, ()),
+                                                                                  *request.models)},
+        settings=settings_info,
         rows={task: {"test_rows": total, "evaluated": len(test)} for task, (test, _, total) in tests.items()},
         pairs=pairs, perplexity={m: {p: v.perplexity for p, v in row.items()}
                                  for m, row in probe_means(probe_results).items()},
         probes={p.name: len(p.texts) for p in request.probes}, lm_eval=lm_eval_results, retention=retention,
         timings=timings, baselines=baselines, probe_results=probe_results, contamination=overlaps,
-        manifest=run_manifest(request, [p.versions for p in pairs]),
+        manifest=run_manifest(request, [p.versions for p in pairs]) | (
+            {} if request.saved is None else {k: request.saved["manifest"][k] for k in ("models", "device")}
+            | ({"study": request.saved["extra"]} if request.saved.get("extra") else {})
+            | {"models_not_generated": list(request.saved.get("models_not_generated", []))}),
         tests={t: test for t, (test, _, _) in tests.items()},
     )
 
@@ -689,10 +760,15 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
               test: pd.DataFrame, test_hash: str, settings: Any, model: _LazyModel, resources: Any,
               notify: Callable[[str], None], progress: bool) -> PairResult:
     """One (model seed, task) pair from the cache, or generated, scored and written to the cache."""
-    key = pair_key(identity, task, test_hash, settings, request.max_rows)
+    key = pair_key(identity, task, test_hash, settings, request.max_rows) if request.saved is None else \
+        request.saved["keys"][f"{run.label}|{task}"]
     path = request.cache / "pairs" / f"{key}.json"
     entry = read_cache(path)
-    if entry is not None and not request.rescore:
+    if entry is not None and request.generate_only:
+        notify(f"{run.label} × {task}: cached ({len(entry['predictions'])} rows)")
+        return PairResult(run.model, task, key, len(entry["predictions"]), {}, True, entry["seconds_generate"], 0.0,
+                          str(path), run.seed, {}, {}, entry["predictions"], entry["versions"])
+    if entry is not None and not request.rescore and entry["scores"] is not None:
         notify(f"{run.label} × {task}: cached ({len(entry['predictions'])} rows)")
         logger.info("cache hit %s x %s: %s", run.label, task, path)
         return PairResult(run.model, task, key, len(entry["predictions"]), entry["scores"], True,
@@ -712,6 +788,15 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
     if len(predictions) != len(test):
         raise WorkflowError(f"{run.label} x {task}: {len(predictions)} predictions for {len(test)} rows. "
                             f"Fix: report this bug in eval.generate")
+    saved_settings = settings_key(settings) if settings is not None else entry["settings"]  # type: ignore[index]
+    if request.generate_only:  # scores None: a later run scores these predictions
+        atomic_write_json(path, {"format": CACHE_FORMAT, "model": run.label, "task": task, "key": key,
+                                 "settings": saved_settings, "max_rows": request.max_rows,
+                                 "predictions": list(predictions), "scores": None, "row_scores": None,
+                                 "scoring_settings": None, "versions": versions,
+                                 "seconds_generate": seconds_generate, "seconds_score": 0.0})
+        return PairResult(run.model, task, key, len(predictions), {}, False, seconds_generate, 0.0, str(path),
+                          run.seed, {}, {}, list(predictions), versions)
     started = time.perf_counter()
     scored = backend.score(task, test, predictions, resources)
     seconds_score = time.perf_counter() - started
@@ -720,7 +805,7 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
     logger.info("%s x %s: %s (generate %.1f s, score %.1f s)", run.label, task, scores, seconds_generate,
                 seconds_score)
     atomic_write_json(path, {"format": CACHE_FORMAT, "model": run.label, "task": task, "key": key,
-                             "settings": settings_key(settings), "max_rows": request.max_rows,
+                             "settings": saved_settings, "max_rows": request.max_rows,
                              "predictions": list(predictions), "scores": scores, "row_scores": row_scores,
                              "scoring_settings": dict(scored.settings), "versions": versions,
                              "seconds_generate": seconds_generate, "seconds_score": seconds_score})
@@ -728,10 +813,14 @@ def _run_pair(request: EvalRequest, backend: Backend, run: Run, identity: str, t
                       str(path), run.seed, row_scores, dict(scored.settings), list(predictions), versions)
 
 
+def probe_key(identity: str, probe: Probe) -> str:
+    """The cache key of one model's perplexity on one probe (its texts, not its name)."""
+    return _digest([json.dumps({"format": CACHE_FORMAT, "model": identity, "texts": list(probe.texts)})])
+
+
 def _run_probe(request: EvalRequest, backend: Backend, run: Run, identity: str, probe: Probe,
                model: _LazyModel, notify: Callable[[str], None]) -> ProbeResult:
-    key = _digest([json.dumps({"format": CACHE_FORMAT, "model": identity, "texts": list(probe.texts)})])
-    path = request.cache / "perplexity" / f"{key}.json"
+    path = request.cache / "perplexity" / f"{probe_key(identity, probe)}.json"
     entry = read_cache(path)
     if entry is None:
         notify(f"{run.label}: perplexity on probe '{probe.name}' ({len(probe.texts)} texts)")

@@ -20,7 +20,6 @@ import pandas as pd
 
 from eval.classification import label_key, score_choices, score_labels
 from eval.detox import SOURCE, load_encoder, load_or_train_classifier, score_detox
-from eval.sql import score_spider, score_sql, spider_database
 from eval.task_scores import TaskScores
 from eval.text import clean_predictions, references_of, score_text
 from ludwig_mt.errors import WorkflowError
@@ -51,6 +50,8 @@ def _column(test: pd.DataFrame, name: str, task: str) -> list[str]:
 
 
 def _score_sql(test: pd.DataFrame, predictions: list[str], _: EvalResources) -> TaskScores:
+    from eval.sql import score_sql  # sqlglot: imported when SQL is scored (generate-only runs lack it)
+
     return score_sql(predictions, _column(test, RESPONSE, "sql"), _column(test, "context", "sql"))
 
 
@@ -60,6 +61,8 @@ def _score_spider(test: pd.DataFrame, predictions: list[str], resources: EvalRes
         where = "no spider_dir" if spider_dir is None else f"{spider_dir / 'database'} not found"
         raise WorkflowError(f"spider: {where}; pass spider_dir (--spider-dir), the Spider folder holding "
                             "database/<db_id>/<db_id>.sqlite, so execution accuracy runs on the real databases")
+    from eval.sql import score_spider, spider_database  # sqlglot, as in _score_sql
+
     databases = [spider_database(spider_dir, db_id) for db_id in _column(test, "db_id", "spider")]
     return score_spider(predictions, _column(test, RESPONSE, "spider"), _column(test, "context", "spider"),
                         databases)

@@ -15,15 +15,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import cache
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import sacrebleu
-from rouge_score import rouge_scorer
 
 from eval.task_scores import TaskScores, mean, scores_from_rows
 from ludwig_mt.errors import WorkflowError
 from prep.common import normalise_key
 from prep.task import REFERENCES, RESPONSE
+
+if TYPE_CHECKING:  # rouge-score is imported when ROUGE is computed: the GPU image (generate-only) lacks it
+    from rouge_score import rouge_scorer
 
 
 # Sentence punctuation, quotes and Ludwig's '!' padding (token id 0 of Qwen2.5/Llama 3) around an answer.
@@ -85,6 +88,8 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 
 @cache
 def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

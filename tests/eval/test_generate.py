@@ -225,3 +225,22 @@ def test_generate_matches_ludwig_predict(ludwig_run: dict[str, Path], merge: boo
     assert longest > loaded.settings.max_input_tokens  # Ludwig's truncation is exercised
     assert generate(loaded, prompts, batch_size=4, progress=False) == expected
     assert len(set(expected)) >= 4 and len({len(t) for t in expected}) >= 3  # varied, so equality means something
+
+
+def test_chat_template_wraps_the_prompt_or_is_refused_without_one(loaded: LoadedModel) -> None:
+    from dataclasses import replace
+
+    tok = loaded.tokenizer
+    plain = GenerationSettings(max_input_tokens=1000, max_new_tokens=4)
+    chat = replace(plain, chat_template=True)
+    saved = getattr(tok, "chat_template", None)
+    try:
+        tok.chat_template = None
+        with pytest.raises(WorkflowError, match=r"no chat template. Fix: score with --chat-template off"):
+            prompt_ids(tok, "the cat", chat, context_len=1024, max_new_tokens=4)
+        tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+        ids = prompt_ids(tok, "the cat", chat, context_len=1024, max_new_tokens=4)
+        assert ids == tok.encode("<u>the cat</u><a>") != prompt_ids(tok, "the cat", plain, context_len=1024,
+                                                                     max_new_tokens=4)
+    finally:
+        tok.chat_template = saved

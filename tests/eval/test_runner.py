@@ -468,3 +468,24 @@ def test_cli_lm_eval_tasks_without_lm_eval(world: dict[str, Any], capsys: pytest
                               "--name", "x", "--out", str(world["tmp"]), "--lm-eval-tasks", "hellaswag",
                               "--no-perplexity"])
     assert "pip install lm-eval==" in err
+
+
+def test_chat_template_and_merge_path_are_part_of_the_key_and_reach_the_loader(world: dict[str, Any]) -> None:
+    @dataclass(frozen=True)
+    class ChatSettings(FakeSettings):
+        chat_template: bool = False
+
+    assert "chat_template" not in settings_key(ChatSettings(1, 2))  # off: keys made before the option stay valid
+    assert settings_key(ChatSettings(1, 2, chat_template=True))["chat_template"] is True
+    merges = []
+    fake = world["fake"]
+    backend = fake.backend()
+    load = backend.load_adapter
+    backend = Backend(**{**backend.__dict__, "load_adapter": lambda p, *, base_model, device, merge=None: (
+        merges.append(merge), load(p, base_model=base_model, device=device))[1]})
+    keys = {}
+    for merge in (None, False):
+        result = run_eval(request(world, "sql", merge_lora=merge), backend, progress=False)
+        keys[merge] = {p.key for p in result.pairs}
+    assert merges == [None, False]  # None: merge= not passed, the loader decides (merged on CUDA only)
+    assert not keys[None] & keys[False]

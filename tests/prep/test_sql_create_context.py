@@ -96,3 +96,40 @@ def test_cli_max_rows_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert prep_main(["sql", "--source", str(src), "--out", str(tmp_path / "out"), "--max-rows", "20"]) == 0
     assert json.loads((tmp_path / "out/sql/report.json").read_text())["rows_in"] == 20
     assert "prep summary" in capsys.readouterr().out
+
+
+def write_mlx_wikisql(folder: Path) -> Path:
+    """A small folder in MLX's WikiSQL text format (train/valid/test.jsonl), made up in its shape."""
+    folder.mkdir()
+    tables = [(f"1-{1000 + t}-1", "State/territory, Current slogan, # of reigns, Order") for t in range(12)]
+    for name, part in (("train.jsonl", tables[:8]), ("valid.jsonl", tables[8:10]), ("test.jsonl", tables[10:])):
+        lines = []
+        for table, columns in part:
+            for q, sql in (("Which slogan for Oz?", f"SELECT Current slogan FROM {table} WHERE State/territory = 'Oz'"),
+                           ("How many reigns?", f"SELECT COUNT # of reigns FROM {table} WHERE Order = 2 AND "
+                                                f"Current slogan = 'It's A AND B'")):
+                lines.append(json.dumps({"text": f"table: {table}\ncolumns: {columns}\nQ: {q} {table}\nA: {sql}"}))
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_mlx_wikisql_rows_become_sqlite_over_create_table(tmp_path: Path) -> None:
+    report = prepare(SQL, str(write_mlx_wikisql(tmp_path / "wikisql_mlx")), tmp_path / "out")
+    train = pd.read_csv(tmp_path / "out/sql/train.csv", keep_default_na=False)
+    test = pd.read_csv(tmp_path / "out/sql/test.csv", keep_default_na=False)
+    assert report.rows_in == 24 and len(test) == 8  # valid + test are held out; WikiSQL splits by table
+    assert not set(train["context"]) & set(test["context"])
+    row = test[test["question"].str.startswith("How many")].iloc[0]
+    assert row["context"] == ("CREATE TABLE table_1_1008_1 (state_territory VARCHAR, current_slogan VARCHAR, "
+                              "of_reigns VARCHAR, col_order VARCHAR)")
+    assert row["response"] == ("SELECT COUNT(of_reigns) FROM table_1_1008_1 WHERE col_order = 2 AND "
+                               "current_slogan = 'It''s A AND B'")
+
+
+def test_mlx_wikisql_gold_queries_execute_on_their_tables(tmp_path: Path) -> None:
+    import sqlite3
+    prepare(SQL, str(write_mlx_wikisql(tmp_path / "wikisql_mlx")), tmp_path / "out")
+    for row in pd.read_csv(tmp_path / "out/sql/train.csv", keep_default_na=False).itertuples():
+        conn = sqlite3.connect(":memory:")
+        conn.execute(row.context)
+        conn.execute(row.response).fetchall()
