@@ -48,6 +48,7 @@ from ludwig_mt.io import atomic_write_json
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # bump when the cached JSON changes shape: old entries are then ignored, never misread
+MERGE_RECORD = "merge.json"  # what ./run.sh merge writes into a merged model folder (workflow.merge)
 LM_EVAL_VERSION = "0.4.13"  # the release the lm-eval integration was written against (optional, not a dependency)
 
 
@@ -269,14 +270,25 @@ def trained_tasks(model_dir: Path) -> tuple[str, ...] | None:
     return tuple(sorted(set(tasks) - {""})) or None
 
 
-def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
-                      owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
-    """Which tasks an adapter was trained on; the rule (documented in the README):
+def merged_tasks(model_dir: Path) -> tuple[str, ...] | None:
+    """The tasks a merged adapter owns, as ``./run.sh merge`` recorded them in its ``merge.json`` (the union of
+    the merged adapters' tasks); None when the folder is no merge."""
+    try:
+        record = json.loads((model_dir / MERGE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tasks = record.get("tasks") if isinstance(record, dict) else None
+    return tuple(str(t) for t in tasks) if isinstance(tasks, list) and tasks else None
+
+
+def known_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
+                    owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """Which tasks an adapter was trained on, or () when nothing says; the rule (documented in the README):
 
     1. ``--owns NAME=task1,task2`` when given;
     2. else the model's name when it is a task (``--model sql=DIR`` owns sql);
-    3. else the tasks of the training data's ``task`` column (the multitask mixture has one);
-    4. else a one-line error asking for ``--owns``.
+    3. else a merged adapter's recorded tasks (its ``merge.json``);
+    4. else the tasks of the training data's ``task`` column (the multitask mixture has one).
     """
     from prep.registry import owned_by_name
 
@@ -284,7 +296,13 @@ def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
         return tuple(owns[name])
     if named := owned_by_name(name, known_tasks):
         return named
-    found = trained_tasks(path)
+    return merged_tasks(path) or trained_tasks(path) or ()
+
+
+def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
+                      owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """:func:`known_own_tasks`, or a one-line error asking for ``--owns`` when nothing says."""
+    found = known_own_tasks(name, path, known_tasks, owns)
     if found:
         return found
     raise WorkflowError(f"--model {name}={path}: cannot tell which tasks it was trained on (not a task name, "
