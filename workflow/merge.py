@@ -135,7 +135,8 @@ def check_inputs(inputs: Sequence[AdapterInput], method: str) -> None:
             raise WorkflowError(f"--model {item.name}: trained on base {_base_of(item)!r}, --model {first.name} on "
                                 f"{_base_of(first)!r}; adapters of different bases cannot be merged. Fix: merge "
                                 "adapters trained on the same base_model")
-        mine, theirs = sorted(item.adapter.get("target_modules") or []), sorted(first.adapter.get("target_modules") or [])
+        mine = sorted(item.adapter.get("target_modules") or [])
+        theirs = sorted(first.adapter.get("target_modules") or [])
         if mine != theirs:
             raise WorkflowError(f"--model {item.name}: target modules {','.join(mine)} differ from --model "
                                 f"{first.name}'s {','.join(theirs)}. Fix: merge adapters trained with the same "
@@ -158,7 +159,8 @@ def check_options(method: str, count: int, weights: Sequence[float] | None,
     if method not in METHODS:
         raise WorkflowError(f"--method {method}: unknown. Fix: use one of: {', '.join(METHODS)}")
     if count < 2:
-        raise WorkflowError(f"{count} --model given: a merge needs at least 2. Fix: pass --model NAME=DIR twice or more")
+        raise WorkflowError(f"{count} --model given: a merge needs at least 2. "
+                            "Fix: pass --model NAME=DIR twice or more")
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(weights) != count:
         raise WorkflowError(f"--weights {','.join(map(str, weights))}: {len(weights)} weights for {count} models. "
@@ -261,8 +263,9 @@ def merge_weights(inputs: Sequence[AdapterInput], method: str, weights: Sequence
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise WorkflowError(f"base model {base}: could not load it ({str(err).splitlines()[0]}). Fix: make the base "
-                            "the adapters were trained on available offline (a local folder or a cached hub name)") from None
+        raise WorkflowError(f"base model {base}: could not load it ({str(err).splitlines()[0]}). Fix: make the "
+                            "base the adapters were trained on available offline (a local folder or a cached hub "
+                            "name)") from None
     names = [f"input{i}" for i in range(len(inputs))]
     peft_model = PeftModel.from_pretrained(model, str(inputs[0].path / WEIGHTS_DIR), adapter_name=names[0])
     for name, item in zip(names[1:], inputs[1:], strict=True):
@@ -335,7 +338,8 @@ def parse_numbers(text: str, option: str) -> list[float]:
     try:
         return [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise WorkflowError(f"{option} {text}: not a comma-separated list of numbers. Fix: e.g. {option} 1,0.5") from None
+        raise WorkflowError(f"{option} {text}: not a comma-separated list of numbers. "
+                            f"Fix: e.g. {option} 1,0.5") from None
 
 
 def parse_models(items: Sequence[str]) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """workflow.merge: merged updates checked against numpy computations of each method, loading through Ludwig and
 PEFT, the record eval reads, and the refusals.
 
-One real `ludwig train` (tiny model, a few rows, one epoch) gives a faithful Ludwig model folder; the "sql" and
+The shared real `ludwig train` (conftest tiny_sql_run: tiny model, one epoch) gives a faithful Ludwig model folder; the "sql" and
 "detox" adapters are copies of it whose LoRA factors are replaced by seeded random ones (training for one epoch
 leaves B near its zero init, which would make every merge trivially zero).
 """
@@ -37,24 +37,14 @@ def randomize(folder: Path, seed: int, rank: int | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ludwig_mt.config import load_yaml, render_overrides, write_yaml
-    from prep.registry import get_task
-    from prep.task import prepare
-    from workflow.samples import write_sql_sample
-    from workflow.train import train
-
+def adapters(tiny_sql_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("merge")
-    report = prepare(get_task("sql"), str(write_sql_sample(work / "v4.json", 24)), work / "prepared")
-    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(tiny_model), cpu=True,
-                              epochs=1, batch_size=8, max_new_tokens=8)
-    trained = train(write_yaml(config, work / "sql.cpu.yaml"), Path(report.files["train"]), work / "results")
     folders = {}
     for seed, name in enumerate(("sql", "detox", "low_rank")):
         folders[name] = work / name
-        shutil.copytree(trained, folders[name])
+        shutil.copytree(tiny_sql_run["model"], folders[name])
         randomize(folders[name], seed, rank=4 if name == "low_rank" else None)
-    folders["test_csv"] = Path(report.files["test"])
+    folders["test_csv"] = tiny_sql_run["test"]
     return folders
 
 
