@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
     parser.add_argument("--max-rows", type=int, help="score only the first N test rows of each task")
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="rows to score: test.csv (default), or the validation rows of train.csv (split 1), "
+                             "to choose settings such as merge weights without touching the test set")
     parser.add_argument("--probe", action="append", default=[], metavar="NAME|FILE",
                         help="probe for perplexity: a shipped one by name (general = 416 WikiText-2 test paragraphs, "
                              "the default; tinystories = 378 TinyStories validation stories; quick = 10 paragraphs, "
@@ -139,7 +142,7 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
         out=args.out, cache_dir=args.cache_dir, max_rows=args.max_rows,
         probes=probes_from_args(args.probe, args.no_perplexity), spider_dir=args.spider_dir, device=args.device,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, lm_eval_tasks=args.lm_eval_tasks,
-        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore,
+        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore, split=args.split,
     )
 
 

@@ -146,6 +146,9 @@ def notes(result: EvalResult) -> list[str]:
     if disagreements:
         lines.append("Metrics disagree in direction, so the primary metric alone misleads: "
                      + "; ".join(disagreements) + ". See the task's table below.")
+    if result.request.split != "test":
+        lines.append(f"**Scored on the {result.request.split} split** (the rows of train.csv with split 1), not on "
+                     "test.csv: for choosing settings; report test scores from a run with --split test.")
     missing = [t for t in ret.tasks if ret.baseline.get(t) is None]
     if missing:
         lines.append(f"No trivial baseline for {', '.join(missing)} (no training rows in train.csv).")

@@ -115,6 +115,7 @@ class EvalRequest:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None
     rescore: bool = False  # re-score cached predictions (after a metric changed) without generating again
+    split: str = "test"  # "validation": the validation rows of train.csv (for choosing settings, never test)
 
     @property
     def report_dir(self) -> Path:
@@ -370,23 +371,38 @@ def adapter_identity(model_dir: Path, base: str) -> str:
     return _digest(parts)
 
 
-def load_test(prepared: Path, task: str, max_rows: int | None) -> tuple[pd.DataFrame, str, int]:
-    """``<prepared>/<task>/test.csv`` (first ``max_rows`` rows: prep sorts them by a hash, so a fair sample),
-    its content hash and its full row count."""
-    path = prepared / task / "test.csv"
+SPLITS = ("test", "validation")
+
+
+def split_file(prepared: Path, task: str, split: str) -> Path:
+    """Where a split's rows live: test.csv, or train.csv for the validation rows (Ludwig's ``split`` = 1)."""
+    return prepared / task / ("test.csv" if split == "test" else "train.csv")
+
+
+def load_test(prepared: Path, task: str, max_rows: int | None,
+              split: str = "test") -> tuple[pd.DataFrame, str, int]:
+    """The held-out rows of ``split`` (first ``max_rows`` rows: prep sorts them by a hash, so a fair sample),
+    a hash of their file and split, and their full row count. ``validation``: the rows of train.csv with
+    ``split`` 1, which training only used for early stopping, so settings can be chosen without the test set."""
+    from prep.common import LUDWIG_SPLIT_CODE, VALIDATION
+
+    path = split_file(prepared, task, split)
     if not path.is_file():
-        raise WorkflowError(f"{path}: test.csv not found. Fix: run ./run.sh prep {task} --out {prepared}")
+        raise WorkflowError(f"{path}: {path.name} not found. Fix: run ./run.sh prep {task} --out {prepared}")
     raw = path.read_bytes()
     test = pd.read_csv(path, keep_default_na=False, dtype=str)  # as eval.scoring expects: text stays text
-    missing = [c for c in ("prompt", "response") if c not in test.columns]
+    missing = [c for c in ("prompt", "response", *(["split"] if split != "test" else [])) if c not in test.columns]
     if missing:
         raise WorkflowError(f"{path}: no column {', '.join(missing)}. Fix: re-run ./run.sh prep {task}")
+    if split != "test":
+        test = test[test["split"] == str(LUDWIG_SPLIT_CODE[VALIDATION])].reset_index(drop=True)
     if test.empty:
-        raise WorkflowError(f"{path}: no rows. Fix: prepare more data for {task}")
+        raise WorkflowError(f"{path}: no {split} rows. Fix: prepare more data for {task}")
     total = len(test)
     if max_rows is not None:
         test = test.head(max_rows).reset_index(drop=True)
-    return test, hashlib.sha256(raw).hexdigest(), total
+    digest = hashlib.sha256(raw).hexdigest()
+    return test, digest if split == "test" else f"{split}:{digest}", total
 
 
 def task_config(task: str, models: Sequence[ModelSpec]) -> tuple[dict[str, Any], str]:
@@ -492,10 +508,13 @@ def validate_request(request: EvalRequest, known_tasks: Sequence[str]) -> None:
             require_model_dir(spec.name, path)
     if not request.prepared.is_dir():
         raise WorkflowError(f"--prepared {request.prepared}: folder not found. Fix: run ./run.sh prep first")
+    if request.split not in SPLITS:
+        raise WorkflowError(f"--split {request.split}: unknown. Fix: use one of: {', '.join(SPLITS)}")
     for task in request.tasks:
-        test = request.prepared / task / "test.csv"
+        test = split_file(request.prepared, task, request.split)
         if not test.is_file():
-            raise WorkflowError(f"{test}: test.csv not found. Fix: run ./run.sh prep {task} --out {request.prepared}")
+            raise WorkflowError(f"{test}: {test.name} not found. Fix: run ./run.sh prep {task} --out "
+                                f"{request.prepared}")
     if request.lm_eval_tasks:
         require_lm_eval()
 
@@ -552,7 +571,7 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
 
     started = time.perf_counter()
     validate_request(request, list(TASKS))
-    tests = {task: load_test(request.prepared, task, request.max_rows) for task in request.tasks}
+    tests = {task: load_test(request.prepared, task, request.max_rows, request.split) for task in request.tasks}
     backend = backend or default_backend()
     for task in request.tasks:
         if task not in backend.primary_metric:
@@ -596,8 +615,11 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         baseline={t: np.asarray(b.row_scores[primary[t]]) for t, b in baselines.items()
                   if primary[t] in b.row_scores},
         probes=probe_inputs(probe_results))
-    notify("contamination: comparing training data with the test sets and probes")
-    overlaps = check_contamination(request, {t: test for t, (test, _, _) in tests.items()}, TASKS)
+    if request.split == "test":
+        notify("contamination: comparing training data with the test sets and probes")
+        overlaps = check_contamination(request, {t: test for t, (test, _, _) in tests.items()}, TASKS)
+    else:  # validation rows live in train.csv by construction: every one would be reported
+        overlaps = contamination.Contamination([], {}, [f"the {request.split} split (its rows are in train.csv)"])
     timings["total"] = time.perf_counter() - started
     return EvalResult(
         request=request, own_tasks={spec.name: list(spec.own_tasks) for spec in specs}, settings=settings_info,
