@@ -25,13 +25,14 @@ validation`` and writes the best at ``--out``; every candidate's scores are reco
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from eval.generate import HYPERPARAMETERS, WEIGHTS_DIR
 from eval.runner import MERGE_RECORD, known_own_tasks, parse_assignment, require_model_dir
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_json
+from prep.common import PrepError
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +335,93 @@ def merge_adapters(models: Mapping[str, Path], method: str, *, weights: Sequence
     return out
 
 
+# ---------------------------------------------------------------------------------------------- grid search
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of a grid search: the weights (None: 1 each) and the density (None: the method's default)."""
+
+    weights: tuple[float, ...] | None = None
+    density: float | None = None
+
+
+#: A candidate's merged folder -> task -> its primary score on the validation split (higher is better).
+Evaluate = Callable[[Path], Mapping[str, float]]
+
+
+def parse_grid(items: Sequence[str]) -> list[Candidate]:
+    """``["weights=1,1:0.5,1", "density=0.3,0.5"]`` -> every combination (weights lists are ``:``-separated)."""
+    weights: list[tuple[float, ...] | None] = [None]
+    densities: list[float | None] = [None]
+    for item in items:
+        key, value = parse_assignment(item, "--grid")
+        if key == "weights":
+            weights = [tuple(parse_numbers(part, "--grid weights=")) for part in value.split(":") if part.strip()]
+        elif key == "density":
+            densities = list(parse_numbers(value, "--grid density="))
+        else:
+            raise WorkflowError(f"--grid {item}: unknown setting {key}. Fix: --grid weights=1,1:0.5,1 and/or "
+                                "--grid density=0.3,0.5,0.7")
+    return [Candidate(w, d) for w, d in itertools.product(weights, densities)]
+
+
+def grid_search(models: Mapping[str, Path], method: str, candidates: Sequence[Candidate], *, evaluate: Evaluate,
+                seed: int = 0, out: Path, notify: Callable[[str], None] = lambda message: None) -> Path:
+    """Merge with every candidate setting, score each with ``evaluate`` (on the validation split: the test split
+    must not choose settings), and write the best (the highest mean score over the tasks; the first of equals)
+    at ``out``, its ``merge.json`` holding every candidate's scores. Candidates are built in a hidden folder
+    beside ``out``, removed at the end."""
+    if not candidates:
+        raise WorkflowError("--grid: no candidate settings. Fix: e.g. --grid weights=1,1:0.5,1")
+    for candidate in candidates:  # every setting checked before any model is loaded
+        check_options(method, len(models), candidate.weights, candidate.density)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.grid.", dir=out.parent))
+    results: list[dict[str, Any]] = []
+    try:
+        for i, candidate in enumerate(candidates):
+            weights, density = check_options(method, len(models), candidate.weights, candidate.density)
+            notify(f"candidate {i + 1}/{len(candidates)}: weights {weights}, density {density}")
+            folder = merge_adapters(models, method, weights=weights, density=density, seed=seed,
+                                    out=work / f"candidate{i}")
+            scores = {task: float(v) for task, v in evaluate(folder).items()}
+            mean = sum(scores.values()) / len(scores) if scores else float("nan")
+            results.append({"weights": weights, "density": density, "scores": scores, "mean": mean})
+            notify(f"candidate {i + 1}/{len(candidates)}: mean validation score {mean:.4f} {scores}")
+        best = max(range(len(results)), key=lambda i: (not math.isnan(results[i]["mean"]), results[i]["mean"], -i))
+        for i, result in enumerate(results):
+            result["best"] = i == best
+        return merge_adapters(models, method, weights=results[best]["weights"], density=results[best]["density"],
+                              seed=seed, out=out, grid=results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def validation_evaluator(models: Mapping[str, Path], *, prepared: Path, tasks: Sequence[str], reports: Path,
+                         max_rows: int | None = None, max_new_tokens: int | None = None,
+                         device: str | None = None, notify: Callable[[str], None] = lambda message: None) -> Evaluate:
+    """``evaluate`` for :func:`grid_search`: ``eval --split validation`` of a candidate next to the input
+    adapters (so each task generates under its specialist's settings, and their scores are cached once); the
+    candidate's primary score per task. Predictions are cached under ``<reports>/.cache`` like eval's."""
+    from eval.runner import EvalRequest, ModelSpec, run_eval, validate_request
+    from prep.registry import TASKS
+
+    inputs = [read_input(name, Path(path)) for name, path in models.items()]
+    specs = tuple(ModelSpec(item.name, item.path, item.tasks) for item in inputs)
+    base = str(inputs[0].config.get("base_model") or "")
+
+    def evaluate(folder: Path) -> dict[str, float]:
+        request = EvalRequest(name=f"merge-grid-{folder.name}", base_model=base,
+                              models=(*specs, ModelSpec("candidate", folder, tuple(tasks))), tasks=tuple(tasks),
+                              prepared=prepared, out=reports, max_rows=max_rows, max_new_tokens=max_new_tokens,
+                              device=device, split="validation")
+        validate_request(request, list(TASKS))
+        result = run_eval(request, notify=notify, progress=False)
+        return {task: result.retention.cells["candidate"][task].score.value for task in tasks}
+
+    return evaluate
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def parse_numbers(text: str, option: str) -> list[float]:
     try:
@@ -364,21 +453,66 @@ def build_parser() -> argparse.ArgumentParser:
                                                         f"(default {DEFAULT_DENSITY})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dare_* methods' random drops (default 0)")
     parser.add_argument("--out", type=Path, required=True, help="the merged Ludwig model folder to write")
+    search = parser.add_argument_group("grid search (scored on the validation split, never on test)")
+    search.add_argument("--grid", action="append", default=[], metavar="weights=W,W:W,W|density=D,D",
+                        help="settings to try, e.g. --grid weights=1,1:0.5,1 --grid density=0.3,0.5,0.7; repeat")
+    search.add_argument("--prepared", type=Path, default=Path("data/prepared"),
+                        help="prepared data with <task>/train.csv holding validation rows (default: %(default)s)")
+    search.add_argument("--tasks", help="comma-separated tasks to score (default: every task the inputs own)")
+    search.add_argument("--reports", type=Path, default=Path("reports"),
+                        help="eval's folder, for its cache and the grid log (default: %(default)s)")
+    search.add_argument("--max-rows", type=int, help="score only the first N validation rows of each task")
+    search.add_argument("--max-new-tokens", type=int, help="cap every task's new tokens (quick searches)")
+    search.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     return parser
+
+
+def run_grid(args: argparse.Namespace, models: Mapping[str, Path]) -> Path:
+    """The command line's grid search, logged to ``<reports>/merge-grid-<out name>.log``."""
+    from rich.console import Console
+
+    from eval.report import logging_to
+
+    candidates = parse_grid(args.grid)
+    tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or list(dict.fromkeys(
+        t for name, path in models.items() for t in read_input(name, path).tasks))
+    log = args.reports / f"merge-grid-{args.out.name}.log"
+    console = Console(stderr=True)
+
+    def notify(message: str) -> None:
+        console.print(f"[dim]merge[/dim] {message}", highlight=False)
+
+    notify(f"{len(candidates)} candidates, scored on the validation rows of {', '.join(tasks)}; log: {log}")
+    with logging_to(log):
+        evaluate = validation_evaluator(models, prepared=args.prepared, tasks=tasks, reports=args.reports,
+                                        max_rows=args.max_rows, max_new_tokens=args.max_new_tokens,
+                                        device=args.device, notify=notify)
+        return grid_search(models, args.method, candidates, evaluate=evaluate, seed=args.seed, out=args.out,
+                           notify=notify)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         weights = parse_numbers(args.weights, "--weights") if args.weights else None
-        out = merge_adapters(parse_models(args.model), args.method, weights=weights, density=args.density,
-                             seed=args.seed, out=args.out)
-    except WorkflowError as err:
+        models = parse_models(args.model)
+        if args.grid:
+            if weights is not None or args.density is not None:
+                raise WorkflowError("--weights/--density with --grid: the grid sets them. Fix: put the values in "
+                                    "--grid weights=... / --grid density=...")
+            out = run_grid(args, models)
+        else:
+            out = merge_adapters(models, args.method, weights=weights, density=args.density, seed=args.seed,
+                                 out=args.out)
+    except (WorkflowError, PrepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     record = json.loads((out / MERGE_RECORD).read_text(encoding="utf-8"))
-    print(f"merged {', '.join(record['models'])} ({args.method}, rank {record['rank']}) into {out}; owns "
-          f"{', '.join(record['tasks'])}")
+    chosen = f"weights {record['weights']}" + (f", density {record['density']}" if record["density"] else "")
+    best = next((c for c in record["grid"] if c.get("best")), None)
+    score = f" (best of {len(record['grid'])} on validation: mean {best['mean']:.4f})" if best else ""
+    print(f"merged {', '.join(record['models'])} ({args.method}, rank {record['rank']}, {chosen}){score} into "
+          f"{out}; owns {', '.join(record['tasks'])}")
     return 0
 
 

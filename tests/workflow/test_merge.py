@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ludwig_mt.errors import WorkflowError
-from workflow.merge import MERGE_RECORD, main, merge_adapters
+from workflow.merge import MERGE_RECORD, Candidate, grid_search, main, merge_adapters, parse_grid
 
 WEIGHTS = "model_weights/adapter_model.safetensors"
 
@@ -45,6 +46,7 @@ def adapters(tiny_sql_run: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         shutil.copytree(tiny_sql_run["model"], folders[name])
         randomize(folders[name], seed, rank=4 if name == "low_rank" else None)
     folders["test_csv"] = tiny_sql_run["test"]
+    folders["prepared"] = tiny_sql_run["work"] / "prepared"
     return folders
 
 
@@ -79,9 +81,7 @@ def ties_by_hand(tensors: list[np.ndarray], weights: list[float], density: float
     return (weighted * agree).sum(0) / np.maximum(agree.sum(0), 1)
 
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_cat_is_exactly_the_weighted_sum_of_the_updates(adapters: dict[str, Path], tmp_path: Path) -> None:
     out = merge_adapters({"sql": adapters["sql"], "detox": adapters["detox"]}, "cat", weights=[1.0, 0.5],
                          out=tmp_path / "cat")
@@ -92,6 +92,7 @@ def test_cat_is_exactly_the_weighted_sum_of_the_updates(adapters: dict[str, Path
     assert json.loads((out / "model_weights/adapter_config.json").read_text())["r"] == 32
 
 
+@pytest.mark.slow
 def test_linear_merges_the_factors_separately(adapters: dict[str, Path], tmp_path: Path) -> None:
     out = merge_adapters({"sql": adapters["sql"], "detox": adapters["detox"]}, "linear", weights=[1.0, 0.25],
                          out=tmp_path / "linear")
@@ -106,6 +107,7 @@ def test_linear_merges_the_factors_separately(adapters: dict[str, Path], tmp_pat
         assert not np.allclose(scale * b @ a, exact, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_svd_keeps_the_whole_sum_at_rank_sum_of_ranks(adapters: dict[str, Path], tmp_path: Path) -> None:
     out = merge_adapters({"sql": adapters["sql"], "samsum": adapters["low_rank"]}, "svd", weights=[1.0, 2.0],
                          out=tmp_path / "svd")
@@ -115,6 +117,7 @@ def test_svd_keeps_the_whole_sum_at_rank_sum_of_ranks(adapters: dict[str, Path],
     assert json.loads((out / "model_hyperparameters.json").read_text())["adapter"]["r"] == 16 + 4
 
 
+@pytest.mark.slow
 def test_ties_matches_a_computation_by_hand(adapters: dict[str, Path], tmp_path: Path) -> None:
     out = merge_adapters({"sql": adapters["sql"], "detox": adapters["detox"]}, "ties", weights=[1.0, 0.5],
                          density=0.3, out=tmp_path / "ties")
@@ -126,6 +129,7 @@ def test_ties_matches_a_computation_by_hand(adapters: dict[str, Path], tmp_path:
         np.testing.assert_allclose(b, ties_by_hand([b1, b2], w, 0.3), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dare_is_reproducible_by_seed_and_drops_at_the_density(adapters: dict[str, Path], tmp_path: Path) -> None:
     models = {"sql": adapters["sql"], "detox": adapters["detox"]}
     first = merge_adapters(models, "dare_linear", density=0.5, seed=7, out=tmp_path / "a")
@@ -145,6 +149,7 @@ def test_dare_is_reproducible_by_seed_and_drops_at_the_density(adapters: dict[st
     assert json.loads((first / MERGE_RECORD).read_text())["seed"] == 7
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_through_ludwig_and_peft_and_owns_both_tasks(adapters: dict[str, Path],
                                                                          tmp_path: Path) -> None:
     import pandas as pd
@@ -175,6 +180,7 @@ def test_merged_folder_loads_through_ludwig_and_peft_and_owns_both_tasks(adapter
     assert resolve_own_tasks("merged", out, ["sql", "detox", "samsum"], {}) == ("sql", "detox")
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_folder_and_replaces_an_earlier_merge(adapters: dict[str, Path], tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
@@ -195,26 +201,55 @@ def _one_line(excinfo: pytest.ExceptionInfo[WorkflowError], *needles: str) -> No
         assert needle in message
 
 
-def test_refusals_name_the_input_and_the_fix(adapters: dict[str, Path], tmp_path: Path) -> None:
-    two = {"sql": adapters["sql"], "detox": adapters["detox"]}
+def test_refusals_of_options_come_before_any_folder_is_read(tmp_path: Path) -> None:
+    two = {"sql": tmp_path / "a", "detox": tmp_path / "b"}
     with pytest.raises(WorkflowError) as err:
         merge_adapters(two, "average", out=tmp_path / "x")
     _one_line(err, "--method average", "ties")
     with pytest.raises(WorkflowError) as err:
-        merge_adapters({"sql": adapters["sql"]}, "ties", out=tmp_path / "x")
+        merge_adapters({"sql": tmp_path / "a"}, "ties", out=tmp_path / "x")
     _one_line(err, "at least 2")
-    with pytest.raises(WorkflowError) as err:
-        merge_adapters({"sql": adapters["sql"], "detox": tmp_path / "missing"}, "ties", out=tmp_path / "x")
-    _one_line(err, "detox=", "not found")
-    with pytest.raises(WorkflowError) as err:
-        merge_adapters({"sql": adapters["sql"], "samsum": adapters["low_rank"]}, "ties", out=tmp_path / "x")
-    _one_line(err, "rank 4", "cat or svd")
     with pytest.raises(WorkflowError) as err:
         merge_adapters(two, "linear", density=0.5, out=tmp_path / "x")
     _one_line(err, "--density", "does not prune")
     with pytest.raises(WorkflowError) as err:
         merge_adapters(two, "ties", weights=[1.0], out=tmp_path / "x")
     _one_line(err, "1 weights for 2 models")
+    with pytest.raises(WorkflowError) as err:
+        merge_adapters(two, "ties", density=1.5, out=tmp_path / "x")
+    _one_line(err, "--density 1.5", "(0, 1]")
+    with pytest.raises(WorkflowError) as err:
+        merge_adapters(two, "ties", out=tmp_path / "x")
+    _one_line(err, f"--model sql={tmp_path / 'a'}", "folder not found")
+    assert not (tmp_path / "x").exists()
+
+
+def test_grid_is_every_combination_and_refuses_unknown_settings() -> None:
+    assert parse_grid(["weights=1,1:0.5,1", "density=0.3,0.7"]) == [
+        Candidate((1.0, 1.0), 0.3), Candidate((1.0, 1.0), 0.7), Candidate((0.5, 1.0), 0.3), Candidate((0.5, 1.0), 0.7)]
+    assert parse_grid(["density=0.5"]) == [Candidate(None, 0.5)]
+    with pytest.raises(WorkflowError) as err:
+        parse_grid(["rank=4"])
+    _one_line(err, "--grid rank=4", "weights=")
+    with pytest.raises(WorkflowError) as err:
+        parse_grid(["weights=1,x"])
+    _one_line(err, "not a comma-separated list of numbers")
+
+
+def test_grid_and_fixed_settings_together_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", "sql=a", "--model", "detox=b", "--method", "ties", "--grid", "density=0.5",
+                 "--density", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--weights/--density with --grid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_refusals_of_missing_folders_and_unequal_ranks(adapters: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(WorkflowError) as err:
+        merge_adapters({"sql": adapters["sql"], "detox": tmp_path / "missing"}, "ties", out=tmp_path / "x")
+    _one_line(err, "detox=", "not found")
+    with pytest.raises(WorkflowError) as err:
+        merge_adapters({"sql": adapters["sql"], "samsum": adapters["low_rank"]}, "ties", out=tmp_path / "x")
+    _one_line(err, "rank 4", "cat or svd")
     assert not (tmp_path / "x").exists()
 
 
@@ -230,6 +265,7 @@ def _variant(adapters: dict[str, Path], tmp_path: Path, name: str, edit_config=N
     return folder
 
 
+@pytest.mark.slow
 def test_refusals_of_incompatible_adapters(adapters: dict[str, Path], tmp_path: Path) -> None:
     other_base = _variant(adapters, tmp_path, "base", edit_config=lambda c: c.update(base_model="other/model"))
     with pytest.raises(WorkflowError) as err:
@@ -257,3 +293,46 @@ def test_refusals_of_incompatible_adapters(adapters: dict[str, Path], tmp_path: 
         merge_adapters({"sql": adapters["sql"], "detox": adapters["detox"]}, "cat", out=adapters["sql"])
     _one_line(err, "not a merged model folder")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_grid_search_writes_the_best_candidate_with_every_score(adapters: dict[str, Path], tmp_path: Path) -> None:
+    seen = []
+
+    def evaluate(folder: Path) -> dict[str, float]:
+        """Prefers density 0.7 and a larger second weight, read back from the candidate's own record."""
+        record = json.loads((folder / MERGE_RECORD).read_text())
+        seen.append((tuple(record["weights"]), record["density"]))
+        return {"sql": 1 - abs(record["density"] - 0.7), "detox": record["weights"][1]}
+
+    candidates = parse_grid(["weights=1,0.5:1,1", "density=0.3,0.7"])
+    out = grid_search({"sql": adapters["sql"], "detox": adapters["detox"]}, "ties", candidates, evaluate=evaluate,
+                      out=tmp_path / "best")
+    record = json.loads((out / MERGE_RECORD).read_text())
+    assert seen == [((1.0, 0.5), 0.3), ((1.0, 0.5), 0.7), ((1.0, 1.0), 0.3), ((1.0, 1.0), 0.7)]
+    assert record["weights"] == [1.0, 1.0] and record["density"] == 0.7
+    assert [c["best"] for c in record["grid"]] == [False, False, False, True]
+    assert record["grid"][3]["scores"] == {"sql": 1.0, "detox": 1.0} and record["grid"][3]["mean"] == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]  # the candidates' hidden folder is gone
+
+
+@pytest.mark.slow
+def test_grid_on_the_command_line_scores_the_validation_rows(adapters: dict[str, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import eval.runner
+
+    splits, load_test = [], eval.runner.load_test
+    monkeypatch.setattr(eval.runner, "load_test", lambda *a: splits.append(a[-1]) or load_test(*a))
+    reports = tmp_path / "reports"
+    argv = ["--model", f"sql={adapters['sql']}", "--model", f"detox={adapters['detox']}", "--method", "dare_ties",
+            "--grid", "weights=1,1:1,0.5", "--prepared", str(adapters["prepared"]), "--tasks", "sql", "--reports",
+            str(reports), "--max-rows", "2", "--max-new-tokens", "4", "--device", "cpu", "--out",
+            str(tmp_path / "best")]
+    assert main(argv) == 0
+    assert splits == ["validation", "validation"]  # one eval per candidate, never the test split
+    record = json.loads((tmp_path / "best" / MERGE_RECORD).read_text())
+    assert len(record["grid"]) == 2 and sum(c["best"] for c in record["grid"]) == 1
+    assert all(set(c["scores"]) == {"sql"} for c in record["grid"]) and record["seed"] == 0
+    assert (reports / "merge-grid-best.log").is_file()
+    cached = [json.loads(p.read_text()) for p in (reports / ".cache" / "pairs").glob("*.json")]
+    assert len(cached) == 5  # base, sql, detox once; each candidate once
