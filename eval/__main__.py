@@ -39,6 +39,7 @@ from eval.report import (
     LOG_FILE,
     logging_to,
     matrix_table,
+    merges_table,
     notes,
     perplexity_table,
     seeds_table,
@@ -163,6 +164,9 @@ def print_summary(result: EvalResult, paths: dict[str, Path], console: Console) 
     console.print(rich_table(matrix_table(result, bold_own=False),
                              "retention matrix: score [95 % CI] (change from base [paired 95 % CI]) n"))
     console.print(rich_table(summary_table(result), "summary per adapter"))
+    merges = merges_table(result)
+    if merges[1]:
+        console.print(rich_table(merges, "merges against the single-task adapters and the mix"))
     if ret.seeds:
         console.print(rich_table(seeds_table(result), "seeds"))
     if result.probes:

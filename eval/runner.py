@@ -271,14 +271,19 @@ def trained_tasks(model_dir: Path) -> tuple[str, ...] | None:
     return tuple(sorted(set(tasks) - {""})) or None
 
 
-def merged_tasks(model_dir: Path) -> tuple[str, ...] | None:
-    """The tasks a merged adapter owns, as ``./run.sh merge`` recorded them in its ``merge.json`` (the union of
-    the merged adapters' tasks); None when the folder is no merge."""
+def merge_record(model_dir: Path | None) -> dict[str, Any] | None:
+    """The ``merge.json`` that ``./run.sh merge`` wrote into a merged model folder; None for any other folder."""
     try:
-        record = json.loads((model_dir / MERGE_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((Path(model_dir) / MERGE_RECORD).read_text(encoding="utf-8")) if model_dir else None
     except (OSError, ValueError):
         return None
-    tasks = record.get("tasks") if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def merged_tasks(model_dir: Path) -> tuple[str, ...] | None:
+    """The tasks a merged adapter owns, as its ``merge.json`` records them (the union of the merged adapters'
+    tasks); None when the folder is no merge."""
+    tasks = (merge_record(model_dir) or {}).get("tasks")
     return tuple(str(t) for t in tasks) if isinstance(tasks, list) and tasks else None
 
 

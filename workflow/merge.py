@@ -281,7 +281,7 @@ def merge_weights(inputs: Sequence[AdapterInput], method: str, weights: Sequence
     peft_model.save_pretrained(str(weights_dir), selected_adapters=[MERGED_ADAPTER])
 
 
-def merge_record(inputs: Sequence[AdapterInput], method: str, weights: Sequence[float], density: float | None,
+def build_record(inputs: Sequence[AdapterInput], method: str, weights: Sequence[float], density: float | None,
                  seed: int, rank: int, grid: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """What ``merge.json`` holds: eval reads ``tasks`` (the union, in the inputs' order), people read the rest."""
     tasks = list(dict.fromkeys(t for item in inputs for t in item.tasks))
@@ -326,7 +326,7 @@ def merge_adapters(models: Mapping[str, Path], method: str, *, weights: Sequence
         merge_weights(inputs, method, weights, density, seed, tmp / WEIGHTS_DIR)
         atomic_write_json(tmp / HYPERPARAMETERS, merged_config(inputs, rank))
         atomic_write_json(tmp / METADATA, merged_metadata(inputs))
-        atomic_write_json(tmp / MERGE_RECORD, merge_record(inputs, method, weights, density, seed, rank, grid))
+        atomic_write_json(tmp / MERGE_RECORD, build_record(inputs, method, weights, density, seed, rank, grid))
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
