@@ -20,8 +20,12 @@ the labels of its training split, <prepared>/<task>/train.csv; default rougeL) a
 spec names (ludwig_config, beside the spec or in ludwig_configs/) or its single-task adapter's saved config.
 
 Which tasks an adapter owns (its "own" tasks in the summary): --owns NAME=t1,t2 when given; else its name when
-that is a task (--model sql=DIR owns sql); else the tasks in its training data's `task` column (the multitask
-mixture has one, found through Ludwig's description.json next to the model folder).
+that is a task (--model sql=DIR owns sql); else a merged adapter's tasks (its merge.json, ./run.sh merge); else the
+tasks in its training data's `task` column (the multitask mixture has one, found through Ludwig's description.json
+next to the model folder).
+
+Choosing settings (merge weights, ...): --split validation scores the validation rows of <prepared>/<task>/train.csv
+(split 1) instead of test.csv.
 """
 
 from __future__ import annotations
