@@ -283,13 +283,14 @@ def merge_weights(inputs: Sequence[AdapterInput], method: str, weights: Sequence
 
 def build_record(inputs: Sequence[AdapterInput], method: str, weights: Sequence[float], density: float | None,
                  seed: int, rank: int, grid: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """What ``merge.json`` holds: eval reads ``tasks`` (the union, in the inputs' order), people read the rest."""
+    """What ``merge.json`` holds: eval reads ``tasks`` (the union, in the inputs' order), people read the rest
+    (``models`` is a list in the inputs' order, each with its weight: the JSON's keys are sorted)."""
     tasks = list(dict.fromkeys(t for item in inputs for t in item.tasks))
     return {"format": RECORD_FORMAT, "method": method, "weights": list(weights), "density": density,
             "seed": seed if method in RANDOM_METHODS else None, "rank": rank, "tasks": tasks,
             "base_model": inputs[0].config.get("base_model"),
-            "models": {item.name: {"path": str(item.path.resolve()), "tasks": list(item.tasks), "rank": item.rank}
-                       for item in inputs},
+            "models": [{"name": item.name, "path": str(item.path.resolve()), "tasks": list(item.tasks),
+                        "rank": item.rank, "weight": weight} for item, weight in zip(inputs, weights, strict=True)],
             "grid": list(grid)}
 
 
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = f"weights {record['weights']}" + (f", density {record['density']}" if record["density"] else "")
     best = next((c for c in record["grid"] if c.get("best")), None)
     score = f" (best of {len(record['grid'])} on validation: mean {best['mean']:.4f})" if best else ""
-    print(f"merged {', '.join(record['models'])} ({args.method}, rank {record['rank']}, {chosen}){score} into "
+    print(f"merged {', '.join(m['name'] for m in record['models'])} ({args.method}, rank {record['rank']}, {chosen}){score} into "
           f"{out}; owns {', '.join(record['tasks'])}")
     return 0
 

@@ -177,6 +177,7 @@ def test_merged_folder_loads_through_ludwig_and_peft_and_owns_both_tasks(adapter
 
     record = json.loads((out / MERGE_RECORD).read_text())
     assert record["tasks"] == ["sql", "detox"] and record["method"] == "ties" and record["density"] == 0.5
+    assert [(m["name"], m["weight"], m["rank"]) for m in record["models"]] == [("sql", 1.0, 16), ("detox", 1.0, 16)]
     assert resolve_own_tasks("merged", out, ["sql", "detox", "samsum"], {}) == ("sql", "detox")
 
 
