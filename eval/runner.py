@@ -53,6 +53,7 @@ from ludwig_mt.io import atomic_write_json
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # bump when the cached JSON changes shape: old entries are then ignored, never misread
+MERGE_RECORD = "merge.json"  # what ./run.sh merge writes into a merged model folder (workflow.merge)
 LM_EVAL_VERSION = "0.4.13"  # the release the lm-eval integration was written against (optional, not a dependency)
 
 
@@ -119,6 +120,7 @@ class EvalRequest:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None
     rescore: bool = False  # re-score cached predictions (after a metric changed) without generating again
+    split: str = "test"  # "validation": the validation rows of train.csv (for choosing settings, never test)
     generate_only: bool = False  # generate and save every pair, score nothing (eval.saved writes the folder)
     saved: Mapping[str, Any] | None = None  # identities.json of a generate-only run: score its generations only
     chat_template: bool = False  # prompts wrapped in the base tokenizer's chat template (eval.generate)
@@ -279,14 +281,30 @@ def trained_tasks(model_dir: Path) -> tuple[str, ...] | None:
     return tuple(sorted(set(tasks) - {""})) or None
 
 
-def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
-                      owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
-    """Which tasks an adapter was trained on; the rule (documented in the README):
+def merge_record(model_dir: Path | None) -> dict[str, Any] | None:
+    """The ``merge.json`` that ``./run.sh merge`` wrote into a merged model folder; None for any other folder."""
+    try:
+        record = json.loads((Path(model_dir) / MERGE_RECORD).read_text(encoding="utf-8")) if model_dir else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def merged_tasks(model_dir: Path) -> tuple[str, ...] | None:
+    """The tasks a merged adapter owns, as its ``merge.json`` records them (the union of the merged adapters'
+    tasks); None when the folder is no merge."""
+    tasks = (merge_record(model_dir) or {}).get("tasks")
+    return tuple(str(t) for t in tasks) if isinstance(tasks, list) and tasks else None
+
+
+def known_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
+                    owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """Which tasks an adapter was trained on, or () when nothing says; the rule (documented in the README):
 
     1. ``--owns NAME=task1,task2`` when given;
     2. else the model's name when it is a task (``--model sql=DIR`` owns sql);
-    3. else the tasks of the training data's ``task`` column (the multitask mixture has one);
-    4. else a one-line error asking for ``--owns``.
+    3. else a merged adapter's recorded tasks (its ``merge.json``);
+    4. else the tasks of the training data's ``task`` column (the multitask mixture has one).
     """
     from prep.registry import owned_by_name
 
@@ -294,7 +312,13 @@ def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
         return tuple(owns[name])
     if named := owned_by_name(name, known_tasks):
         return named
-    found = trained_tasks(path)
+    return merged_tasks(path) or trained_tasks(path) or ()
+
+
+def resolve_own_tasks(name: str, path: Path, known_tasks: Sequence[str],
+                      owns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """:func:`known_own_tasks`, or a one-line error asking for ``--owns`` when nothing says."""
+    found = known_own_tasks(name, path, known_tasks, owns)
     if found:
         return found
     raise WorkflowError(f"--model {name}={path}: cannot tell which tasks it was trained on (not a task name, "
@@ -362,23 +386,38 @@ def adapter_identity(model_dir: Path, base: str) -> str:
     return _digest(parts)
 
 
-def load_test(prepared: Path, task: str, max_rows: int | None) -> tuple[pd.DataFrame, str, int]:
-    """``<prepared>/<task>/test.csv`` (first ``max_rows`` rows: prep sorts them by a hash, so a fair sample),
-    its content hash and its full row count."""
-    path = prepared / task / "test.csv"
+SPLITS = ("test", "validation")
+
+
+def split_file(prepared: Path, task: str, split: str) -> Path:
+    """Where a split's rows live: test.csv, or train.csv for the validation rows (Ludwig's ``split`` = 1)."""
+    return prepared / task / ("test.csv" if split == "test" else "train.csv")
+
+
+def load_test(prepared: Path, task: str, max_rows: int | None,
+              split: str = "test") -> tuple[pd.DataFrame, str, int]:
+    """The held-out rows of ``split`` (first ``max_rows`` rows: prep sorts them by a hash, so a fair sample),
+    a hash of their file and split, and their full row count. ``validation``: the rows of train.csv with
+    ``split`` 1, which training only used for early stopping, so settings can be chosen without the test set."""
+    from prep.common import LUDWIG_SPLIT_CODE, VALIDATION
+
+    path = split_file(prepared, task, split)
     if not path.is_file():
-        raise WorkflowError(f"{path}: test.csv not found. Fix: run ./run.sh prep {task} --out {prepared}")
+        raise WorkflowError(f"{path}: {path.name} not found. Fix: run ./run.sh prep {task} --out {prepared}")
     raw = path.read_bytes()
     test = pd.read_csv(path, keep_default_na=False, dtype=str)  # as eval.scoring expects: text stays text
-    missing = [c for c in ("prompt", "response") if c not in test.columns]
+    missing = [c for c in ("prompt", "response", *(["split"] if split != "test" else [])) if c not in test.columns]
     if missing:
         raise WorkflowError(f"{path}: no column {', '.join(missing)}. Fix: re-run ./run.sh prep {task}")
+    if split != "test":
+        test = test[test["split"] == str(LUDWIG_SPLIT_CODE[VALIDATION])].reset_index(drop=True)
     if test.empty:
-        raise WorkflowError(f"{path}: no rows. Fix: prepare more data for {task}")
+        raise WorkflowError(f"{path}: no {split} rows. Fix: prepare more data for {task}")
     total = len(test)
     if max_rows is not None:
         test = test.head(max_rows).reset_index(drop=True)
-    return test, hashlib.sha256(raw).hexdigest(), total
+    digest = hashlib.sha256(raw).hexdigest()
+    return test, digest if split == "test" else f"{split}:{digest}", total
 
 
 def task_config(task: str, models: Sequence[ModelSpec]) -> tuple[dict[str, Any], str]:
@@ -486,10 +525,13 @@ def validate_request(request: EvalRequest, known_tasks: Sequence[str]) -> None:
             require_model_dir(spec.name, path)
     if not request.prepared.is_dir():
         raise WorkflowError(f"--prepared {request.prepared}: folder not found. Fix: run ./run.sh prep first")
+    if request.split not in SPLITS:
+        raise WorkflowError(f"--split {request.split}: unknown. Fix: use one of: {', '.join(SPLITS)}")
     for task in request.tasks:
-        test = request.prepared / task / "test.csv"
+        test = split_file(request.prepared, task, request.split)
         if not test.is_file():
-            raise WorkflowError(f"{test}: test.csv not found. Fix: run ./run.sh prep {task} --out {request.prepared}")
+            raise WorkflowError(f"{test}: {test.name} not found. Fix: run ./run.sh prep {task} --out "
+                                f"{request.prepared}")
     if request.lm_eval_tasks:
         require_lm_eval()
 
@@ -581,7 +623,7 @@ def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str],
     from prep.registry import TASKS
 
     validate_request(request, list(TASKS))
-    tests = {task: load_test(request.prepared, task, request.max_rows) for task in request.tasks}
+    tests = {task: load_test(request.prepared, task, request.max_rows, request.split) for task in request.tasks}
     for task in request.tasks:
         if task not in backend.primary_metric:
             raise WorkflowError(f"--tasks {task}: no metric defined for it in eval.scoring. "
@@ -644,8 +686,11 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         baseline={t: np.asarray(b.row_scores[primary[t]]) for t, b in baselines.items()
                   if primary[t] in b.row_scores},
         probes=probe_inputs(probe_results))
-    notify("contamination: comparing training data with the test sets and probes")
-    overlaps = check_contamination(request, {t: test for t, (test, _, _) in tests.items()}, TASKS)
+    if request.split == "test":
+        notify("contamination: comparing training data with the test sets and probes")
+        overlaps = check_contamination(request, {t: test for t, (test, _, _) in tests.items()}, TASKS)
+    else:  # validation rows live in train.csv by construction: every one would be reported
+        overlaps = contamination.Contamination([], {}, [f"the {request.split} split (its rows are in train.csv)"])
     timings["total"] = time.perf_counter() - started
     return EvalResult(
         request=request, own_tasks={spec.name: list(spec.own_tasks) for spec in (ModelSpec(BASE, None, ()),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval.report import fmt, fmt_delta, markdown, matrix_table, notes, render_markdown, write_report
+from eval.report import fmt, fmt_delta, markdown, matrix_table, merges_table, notes, render_markdown, write_report
 from eval.retention import BASE, CellInput, build_retention
 from eval.runner import EvalResult, ModelSpec, run_eval
 from tests.eval.test_runner import request, world, write_model, write_train  # noqa: F401  (fixture)
@@ -162,3 +162,24 @@ def test_logging_to_sends_logs_to_the_file_and_silences_transformers_bars(tmp_pa
         logging.getLogger("eval.test").info("into the file")
     assert hf_logging.is_progress_bar_enabled(), "restored afterwards"
     assert "into the file" in log.read_text(encoding="utf-8")
+
+
+def test_merges_are_compared_per_task_with_the_single_task_adapter_and_the_mix(world: dict[str, Any],  # noqa: F811
+                                                                                 result: EvalResult) -> None:
+    assert merges_table(result)[1] == [] and "### Merges" not in render_markdown(result, "now")
+    merged = write_model(world["tmp"] / "results", "ties", ())  # the fake: answers nothing, perplexity 10
+    (merged / "merge.json").write_text(json.dumps({"tasks": ["sql", "detox"], "method": "ties"}))
+    with_merge = run_eval(request(world, "sql", "detox", "multitask", models=(
+        world["sql"], world["detox"], world["multitask"], ModelSpec("ties", merged, ("sql", "detox")))),
+        world["fake"].backend())
+    header, rows = merges_table(with_merge)
+    assert header[-2:] == ["perplexity change (story)", "keeps most general skill"]
+    assert [r[:3] for r in rows] == [
+        ["sql", "sql", "single-task adapter"], ["sql", "multitask", "mix"], ["sql", "ties", "merge (ties)"],
+        ["detox", "detox", "single-task adapter"], ["detox", "multitask", "mix"], ["detox", "ties", "merge (ties)"]]
+    assert [r[-1] for r in rows] == ["", "", "**yes**"] * 2  # perplexity 10 against 11 and 12
+    assert rows[0][3].startswith("1.000") and rows[2][3].startswith("0.000")
+    text = render_markdown(with_merge, "now")
+    assert "### Merges against the single-task adapters and the mix" in text
+    data = json.loads(write_report(with_merge)["report.json"].read_text())
+    assert data["merge_comparison"][2] == dict(zip(header, rows[2], strict=True))

@@ -208,6 +208,48 @@ def test_max_rows_takes_the_first_rows_and_is_part_of_the_key(world: dict[str, A
     assert result.rows["sql"] == {"test_rows": 4, "evaluated": 2}
 
 
+def write_train_with_validation(prepared: Path) -> None:
+    """train.csv beside each test.csv: 3 training rows (split 0), then 2 validation rows (split 1)."""
+    for task in TASKS:
+        pd.DataFrame({"prompt": [f"{task}: question {i}" for i in range(5)],
+                      "response": [f"{task} answer {i}" for i in range(5)], "task": task,
+                      "split": [0, 0, 0, 1, 1]}).to_csv(prepared / task / "train.csv", index=False)
+
+
+def test_validation_split_scores_only_the_validation_rows_of_train_csv(world: dict[str, Any]) -> None:
+    from eval.report import notes
+
+    fake = world["fake"]
+    fake.references |= {f"{t}: question {i}": f"{t} answer {i}" for t in TASKS for i in range(5)}
+    write_train_with_validation(world["prepared"])
+    test = run_eval(request(world, "sql"), fake.backend())
+    fake.generated.clear()
+    result = run_eval(request(world, "sql", split="validation"), fake.backend())
+    assert {g[1] for g in fake.generated} == {2} and len(fake.generated) == 4  # not served from test's cache
+    assert result.rows["sql"] == {"test_rows": 2, "evaluated": 2}
+    assert list(result.tests["sql"]["prompt"]) == ["sql: question 3", "sql: question 4"]
+    assert {p.key for p in result.pairs}.isdisjoint({p.key for p in test.pairs})
+    assert result.retention.cells["sql"]["sql"].score.value == 1.0
+    assert result.contamination.overlaps == [] and "validation" in result.contamination.unchecked[0]
+    assert any("Scored on the validation split" in line for line in notes(result))
+
+
+def test_validation_split_needs_train_csv_with_validation_rows(world: dict[str, Any]) -> None:
+    with pytest.raises(WorkflowError, match=r"train.csv not found. Fix: run ./run.sh prep sql"):
+        run_eval(request(world, "sql", split="validation"), world["fake"].backend())
+    write_train_with_validation(world["prepared"])
+    path = world["prepared"] / "sql" / "train.csv"
+    pd.read_csv(path).head(3).to_csv(path, index=False)
+    with pytest.raises(WorkflowError, match=r"no validation rows. Fix: prepare more data for sql"):
+        run_eval(request(world, "sql", split="validation"), world["fake"].backend())
+
+
+def test_a_merged_model_owns_the_tasks_its_merge_json_records(tmp_path: Path) -> None:
+    model = write_model(tmp_path, "merged", ())
+    (model / "merge.json").write_text(json.dumps({"tasks": ["sql", "detox"]}))
+    assert resolve_own_tasks("ties", model, ["sql", "detox"], {}) == ("sql", "detox")
+
+
 def test_each_task_uses_its_specialists_settings_for_every_model(world: dict[str, Any]) -> None:
     fake = world["fake"]
     result = run_eval(request(world, "sql", "detox", "multitask"), fake.backend())

@@ -11,23 +11,15 @@ import pytest
 
 from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from prep.registry import get_task
-from prep.task import prepare
 from workflow.demo import predict
-from workflow.samples import write_sql_sample
-from workflow.train import ludwig_executable, train
+from workflow.train import ludwig_executable
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    work = tmp_path_factory.mktemp("slice")
-    report = prepare(get_task("sql"), str(write_sql_sample(work / "v4.json", 120)), work / "prepared")
-    config = render_overrides(load_yaml(get_task("sql").config_path()), base_model=str(tiny_model), cpu=True,
-                              epochs=1, batch_size=8, max_new_tokens=12)
-    config_path = write_yaml(config, work / "sql.cpu.yaml")
-    model = train(config_path, Path(report.files["train"]), work / "results")
-    return {"work": work, "model": model, "test": Path(report.files["test"])}
+def trained(tiny_sql_run: dict[str, Path]) -> dict[str, Path]:
+    return tiny_sql_run
 
 
 def test_ludwig_train_writes_a_model_with_adapter_weights(trained: dict[str, Path]) -> None:
