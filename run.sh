@@ -71,5 +71,6 @@ case "$cmd" in
   predict) setup; exec "$VENV/bin/ludwig" predict "$@" ;;
   eval)  setup; exec "$PY" -m eval "$@" ;;
   model) setup; exec "$PY" -m workflow.model "$@" ;;
-  *) sed -n '2,15p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
+  # usage: the comment block at the top of this file, up to its first line of code
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
 esac
