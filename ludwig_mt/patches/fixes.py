@@ -35,9 +35,15 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
    aligns the targets with the unpacked batch. Training steps that do not take the lean path of the speed-ups
    (:mod:`ludwig_mt.patches.speedups`, which packs correctly) run Ludwig's forward unpacked.
 8. A resumed run does not end where an uninterrupted one ends: Ludwig rebuilds the learning-rate scheduler at step 0
-   after restoring it, and restarts a killed epoch at its first batch. On a resumed run (and only then) we move the
-   schedule on to the checkpoint's step and skip the batches the checkpoint already holds.
+   after restoring it, restarts a killed epoch at its first batch, and reseeds every random generator at the start
+   of ``Trainer.train`` while its checkpoints hold none of their states (so dropout, e.g. the YAMLs' LoRA dropout
+   0.05, draws other masks after a resume: max |dw| 1.1e-3 after 2 epochs on CPU). Every checkpoint now also
+   writes each rank's random states (torch, CUDA, numpy, python) next to it; on a resumed run (and only then) we
+   move the schedule on to the checkpoint's step, skip the batches the checkpoint already holds and restore the
+   random states it was written with, right before the first step.
 9. Errors raised by these checks would reach the ``ludwig`` command as tracebacks: it prints them as one line.
+   Before that, ``ludwig train`` / ``experiment`` check the ``--config`` YAML's keys (Ludwig's schema ignores unknown
+   keys such as ``trainer.epochz`` silently): the project's one key check, :mod:`ludwig_mt.config_keys`.
 10. A prompt longer than the input feature's ``max_sequence_length`` loses its END: ``build_sequence_matrix``
     keeps the FIRST tokens, so the input and the answer cue (``### Intent:``) the response must follow are cut
     off and only the instruction is left (banking77 through stories260k's tokenizer: every row). For an LLM's
@@ -291,9 +297,51 @@ def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
     return missing
 
 
+#: each rank's random states at its latest checkpoint, next to Ludwig's ``latest.ckpt``
+RANDOM_STATE_FILE = "ludwig_mt_random_state_rank{rank}.pt"
+
+
+def random_states() -> dict[str, Any]:
+    """Every random generator training draws from (dropout, shuffles, augmentations): torch's CPU and CUDA ones,
+    numpy's global and python's."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_states(states: Mapping[str, Any]) -> None:
+    """Put back what :func:`random_states` returned."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def random_state_file(save_path: str, rank: int) -> Any:
+    """Where rank ``rank`` keeps its random states for the checkpoints under ``save_path`` (the model folder)."""
+    from pathlib import Path
+
+    from ludwig.globals import TRAINING_CHECKPOINTS_DIR_PATH
+
+    return Path(save_path) / TRAINING_CHECKPOINTS_DIR_PATH / RANDOM_STATE_FILE.format(rank=rank)
+
+
 def resume_mid_epoch_where_it_stopped() -> None:
     """On resume, and only then: the learning rate of step N, not of step 0, and skip the batches the checkpoint
     already holds.
+
+    Every checkpoint also saves the rank's random states (:func:`random_states`, with the step), atomically; a
+    resumed run puts them back when they belong to the step it resumes at.
 
     A run counts as resumed when Ludwig's progress tracker comes back from a checkpoint (a fresh tracker starts at
     step 0). The skip happens once, in the first epoch loop after resuming; later epochs, and every epoch of a
@@ -311,7 +359,7 @@ def resume_mid_epoch_where_it_stopped() -> None:
 
     def resuming(original_loop):
         @functools.wraps(original_loop)
-        def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+        def _train_loop(self, batcher, progress_tracker, save_path, *args, **kwargs):
             resumed_at, self._ludwig_mt_resumed_at = getattr(self, "_ludwig_mt_resumed_at", None), None
             if resumed_at is not None:
                 if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
@@ -323,12 +371,70 @@ def resume_mid_epoch_where_it_stopped() -> None:
                     logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
                     for _ in range(done):
                         batcher.next_batch()
-            return original_loop(self, batcher, progress_tracker, *args, **kwargs)
+                restore_random_states(random_state_file(save_path, self.distributed.rank()), progress_tracker.steps)
+            return original_loop(self, batcher, progress_tracker, save_path, *args, **kwargs)
 
         return _train_loop
 
+    def saving_random_states(original_save):
+        @functools.wraps(original_save)
+        def save_checkpoint(self, progress_tracker, save_path, checkpoint_manager):
+            original_save(self, progress_tracker, save_path, checkpoint_manager)
+            import torch
+
+            path = random_state_file(save_path, self.distributed.rank())
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"steps": int(progress_tracker.steps), **random_states()}, tmp)
+            tmp.replace(path)
+
+        return save_checkpoint
+
     rebind("ludwig.trainers.trainer:Trainer._create_or_resume_progress_tracker", noting_resume)
     rebind("ludwig.trainers.trainer:Trainer._train_loop", resuming)
+    rebind("ludwig.trainers.trainer:Trainer.save_checkpoint", saving_random_states)
+
+
+def restore_random_states(path: Any, steps: int) -> bool:
+    """Put back the random states saved with the checkpoint of step ``steps``; False (and a log line) when the file
+    is missing or belongs to another step (a checkpoint written before this fix, or by another run)."""
+    import torch
+
+    if not path.is_file():
+        logger.warning("ludwig_mt: no random states saved with this checkpoint (%s): dropout and shuffles will "
+                       "differ from an uninterrupted run", path.name)
+        return False
+    states = torch.load(path, weights_only=False)
+    if states.get("steps") != steps:
+        logger.warning("ludwig_mt: random states in %s are of step %s, not %d: not restored", path.name,
+                       states.get("steps"), steps)
+        return False
+    set_random_states(states)
+    logger.info("ludwig_mt: random states of step %d restored", steps)
+    return True
+
+
+def check_config_keys_in_cli() -> None:
+    """Make ``ludwig train`` / ``ludwig experiment`` refuse an LLM YAML with a key Ludwig would ignore (item 9)."""
+    import sys
+    from pathlib import Path
+
+    from ludwig_mt.config import load_yaml
+    from ludwig_mt.config_keys import check_keys
+    from ludwig_mt.launch import config_path_in
+
+    def checking(original):
+        @functools.wraps(original)
+        def main() -> None:
+            path = config_path_in(sys.argv[1:]) if sys.argv[1:2] in (["train"], ["experiment"]) else None
+            if path is not None and Path(path).is_file():
+                config = load_yaml(path)
+                if config.get("model_type") == "llm":
+                    check_keys(config, path)
+            original()
+
+        return main
+
+    rebind("ludwig.cli:main", checking)
 
 
 def one_line_errors_in_cli() -> None:
