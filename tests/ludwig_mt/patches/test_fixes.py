@@ -427,3 +427,32 @@ def test_without_the_fix_ludwig_cuts_the_end_of_over_long_prompts(bos_model, tmp
     for i in long:  # raw Ludwig keeps the FIRST tokens: the instruction; the input and the answer cue are gone
         assert ids["train"][i] == ids["encoded"][i][:24]
         assert not _ends_with_the_answer_cue(tokenizer, ids["train"][i])
+
+
+UNKNOWN_KEY_ACCEPTED = textwrap.dedent(
+    """
+    import sys
+    from ludwig.config_validation.validation import check_schema
+    from ludwig_mt.config import load_yaml
+    check_schema(load_yaml(sys.argv[1] + "/bad.yaml"))
+    print("ACCEPTED")
+    """
+)
+
+
+@pytest.mark.slow  # two fresh interpreters importing Ludwig
+def test_ludwig_train_refuses_a_key_ludwig_would_ignore_only_with_the_fix(tmp_path) -> None:
+    from ludwig_mt.config import config_file, load_yaml, write_yaml
+    from workflow.train import ludwig_executable
+
+    config = load_yaml(config_file("sql"))
+    config["trainer"]["epochz"] = 3
+    bad = write_yaml(config, tmp_path / "bad.yaml")
+    raw = run_python_script(UNKNOWN_KEY_ACCEPTED, tmp_path, fixes=False)
+    assert raw.returncode == 0 and "ACCEPTED" in raw.stdout, raw.stderr[-2000:]  # Ludwig's own schema: silent
+    fixed = subprocess.run([ludwig_executable(), "train", "--config", str(bad), "--dataset", str(tmp_path / "x.csv")],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, LUDWIG_MT_NO_FIXES="0"))
+    assert fixed.returncode == 2
+    assert fixed.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}: unknown key 'trainer.epochz', which Ludwig 0.17.10 would ignore silently. Fix: rename it to "
+        "'epochs'")
