@@ -250,6 +250,7 @@ def checked_config(args: argparse.Namespace, path: Path, dataset: Path) -> tuple
         raise WorkflowError(f"{path}: no base_model. Fix: set base_model in the YAML or pass --base-model")
     context = check_base_model(base_model, "--base-model" if args.base_model else f"base_model in {path}",
                                offline=env_flag("HF_HUB_OFFLINE"))
+    check_devices(config, gpus=args.gpus, cpu=args.cpu, cuda_devices=cuda_device_count(), source=str(path))
     batch = args.batch_size or (config.get("trainer") or {}).get("batch_size", 1)
     data = check_dataset(dataset, config, batch if isinstance(batch, int) else None)
     rendered = config
@@ -259,7 +260,6 @@ def checked_config(args: argparse.Namespace, path: Path, dataset: Path) -> tuple
     if data.train_rows > 0:
         rendered = with_checkpoint_default(rendered, data.train_rows, (args.gpus or 1) * args.num_machines)
     check_context(rendered, context, base_model, str(path))
-    check_devices(rendered, gpus=args.gpus, cpu=args.cpu, cuda_devices=cuda_device_count(), source=str(path))
     return rendered, rendered != config
 
 
