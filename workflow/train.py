@@ -78,9 +78,11 @@ _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interr
 
 def failure_line(log_text: str) -> str:
     """The line of a failed run's log that says what went wrong: the last exception line (``ValueError: ...``,
-    the project's ``error: ...``), else the last line that is neither a tqdm bar nor a rule of ``=`` / ``-``."""
+    the project's ``error: ...``; under the launcher a worker's, not torchrun's ``ChildFailedError`` summary), else
+    the last line that is neither a tqdm bar nor a rule of ``=`` / ``-``."""
     lines = [line.strip() for chunk in log_text.splitlines() for line in chunk.split("\r")]
     exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    exceptions = [line for line in exceptions if "ChildFailedError" not in line] or exceptions
     if exceptions:
         return exceptions[-1]
     plain = [line for line in lines if line and not re.fullmatch(r"[=\-_*~#\s]+", line)

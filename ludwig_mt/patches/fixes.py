@@ -413,38 +413,32 @@ def restore_random_states(path: Any, steps: int) -> bool:
     return True
 
 
-def check_config_keys_in_cli() -> None:
-    """Make ``ludwig train`` / ``ludwig experiment`` refuse an LLM YAML with a key Ludwig would ignore (item 9)."""
-    import sys
+def check_cli_config_keys(argv: list[str]) -> None:
+    """``ludwig train`` / ``experiment``: refuse an LLM ``--config`` YAML with a key Ludwig would ignore (item 9)."""
     from pathlib import Path
 
     from ludwig_mt.config import load_yaml
     from ludwig_mt.config_keys import check_keys
     from ludwig_mt.launch import config_path_in
 
-    def checking(original):
-        @functools.wraps(original)
-        def main() -> None:
-            path = config_path_in(sys.argv[1:]) if sys.argv[1:2] in (["train"], ["experiment"]) else None
-            if path is not None and Path(path).is_file():
-                config = load_yaml(path)
-                if config.get("model_type") == "llm":
-                    check_keys(config, path)
-            original()
-
-        return main
-
-    rebind("ludwig.cli:main", checking)
+    path = config_path_in(argv) if argv[:1] in (["train"], ["experiment"]) else None
+    if path is not None and Path(path).is_file():
+        config = load_yaml(path)
+        if config.get("model_type") == "llm":
+            check_keys(config, path)
 
 
 def one_line_errors_in_cli() -> None:
-    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
+    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback, after the key
+    check of ``ludwig train`` / ``experiment`` (one patch: a second one of ``ludwig.cli:main`` could be applied
+    first, inside-out, when ``ludwig.api`` is imported before ``ludwig.cli``)."""
     import sys
 
     def one_line(original):
         @functools.wraps(original)
         def main() -> None:
             try:
+                check_cli_config_keys(sys.argv[1:])
                 original()
             except WorkflowError as err:
                 print(f"error: {err}", file=sys.stderr)

@@ -84,13 +84,10 @@ PATCHES: tuple[Patch, ...] = (
          "an over-long prompt loses its end (input and answer cue): its start is cut instead, a leading BOS kept, "
          "in training and `ludwig predict` alike",
          fixes.cut_prompts_from_the_instruction_side),
-    _fix("check_config_keys_in_cli",
-         ("ludwig.cli:main",),
-         "Ludwig ignores unknown YAML keys (`trainer.epochz`): `ludwig train`/`experiment` refuse them in one line",
-         fixes.check_config_keys_in_cli),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
-         "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback",
+         "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"
+         "`experiment` refuse YAML keys Ludwig would ignore (`trainer.epochz`)",
          fixes.one_line_errors_in_cli),
     # ------------------------------------------------------------------------------------- speed-ups (speedups.py)
     _speedup("bf16_weights", (MODEL_LOADER,),

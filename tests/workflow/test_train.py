@@ -196,6 +196,8 @@ def test_failure_line_is_the_last_exception_not_a_bar_or_a_rule() -> None:
     assert train.failure_line(log) == "KeyError: 'response'"
     assert train.failure_line("error: sql.yaml: unknown key\n-----\n") == "error: sql.yaml: unknown key"
     assert train.failure_line("loading\nkilled\n=====\n") == "killed"
+    launcher = "[rank0]: ValueError: x\nValueError: bad rows\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+    assert train.failure_line(launcher) == "ValueError: bad rows"
 
 
 def test_the_resume_command_is_the_same_command_with_resume() -> None:

@@ -82,7 +82,6 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
         f"{trainer}._train_loop": ["resume_mid_epoch_where_it_stopped", "write_training_progress", "write_rank_report"],
         f"{trainer}.save_checkpoint": ["resume_mid_epoch_where_it_stopped", "write_training_progress",
                                        "crash_drill_after_checkpoint"],
-        "ludwig.cli:main": ["check_config_keys_in_cli", "one_line_errors_in_cli"],
         model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "place_quantized_model_on_local_rank"],
         f"{trainer}._forward_pass": ["target_only_logits", "bf16_autocast"],
         f"{trainer}._update_training_metrics": ["target_only_logits", "sampled_train_metrics"],
