@@ -383,6 +383,7 @@ def resume_mid_epoch_where_it_stopped() -> None:
             import torch
 
             path = random_state_file(save_path, self.distributed.rank())
+            path.parent.mkdir(parents=True, exist_ok=True)  # another rank (or machine) may not have made it yet
             tmp = path.with_name(path.name + ".tmp")
             torch.save({"steps": int(progress_tracker.steps), **random_states()}, tmp)
             tmp.replace(path)
