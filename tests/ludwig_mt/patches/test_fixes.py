@@ -456,3 +456,21 @@ def test_ludwig_train_refuses_a_key_ludwig_would_ignore_only_with_the_fix(tmp_pa
     assert fixed.stderr.strip().splitlines()[-1] == (
         f"error: {bad}: unknown key 'trainer.epochz', which Ludwig 0.17.10 would ignore silently. Fix: rename it to "
         "'epochs'")
+
+
+def test_random_states_saved_with_a_checkpoint_come_back_only_for_its_step(tmp_path) -> None:
+    """What a resumed run restores (``resume_mid_epoch_where_it_stopped``): every generator dropout and shuffles
+    draw from, as it was at the checkpoint's step; a file of another step is left alone."""
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "state.pt"
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    torch.save({"steps": 5, **fixes.random_states()}, path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(2), np.random.seed(2), random.seed(2)
+    assert not fixes.restore_random_states(path, 6) and not fixes.restore_random_states(tmp_path / "none.pt", 5)
+    assert fixes.restore_random_states(path, 5)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(again[0], expected[0]) and (again[1] == expected[1]).all() and again[2] == expected[2]
