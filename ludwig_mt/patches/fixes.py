@@ -38,7 +38,7 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
    after restoring it, restarts a killed epoch at its first batch, and reseeds every random generator at the start
    of ``Trainer.train`` while its checkpoints hold none of their states (so dropout, e.g. the YAMLs' LoRA dropout
    0.05, draws other masks after a resume: max |dw| 1.1e-3 after 2 epochs on CPU). Every checkpoint now also
-   writes each rank's random states (torch, CUDA, numpy, python) next to it; on a resumed run (and only then) we
+   writes every rank's random states (torch, CUDA, numpy, python) next to it (rank 0 writes them all); on a resumed run (and only then) we
    move the schedule on to the checkpoint's step, skip the batches the checkpoint already holds and restore the
    random states it was written with, right before the first step.
 9. Errors raised by these checks would reach the ``ludwig`` command as tracebacks: it prints them as one line.
@@ -297,8 +297,9 @@ def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
     return missing
 
 
-#: each rank's random states at its latest checkpoint, next to Ludwig's ``latest.ckpt``
-RANDOM_STATE_FILE = "ludwig_mt_random_state_rank{rank}.pt"
+#: every rank's random states at the latest checkpoint, next to Ludwig's ``latest.ckpt`` (written by rank 0 only,
+#: so a launched run's folder stays the one a single process writes)
+RANDOM_STATE_FILE = "ludwig_mt_random_states.pt"
 
 
 def random_states() -> dict[str, Any]:
@@ -327,13 +328,45 @@ def set_random_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def random_state_file(save_path: str, rank: int) -> Any:
-    """Where rank ``rank`` keeps its random states for the checkpoints under ``save_path`` (the model folder)."""
+def random_state_file(save_path: str) -> Any:
+    """Where rank 0 keeps every rank's random states for the checkpoints under ``save_path`` (the model folder)."""
     from pathlib import Path
 
     from ludwig.globals import TRAINING_CHECKPOINTS_DIR_PATH
 
-    return Path(save_path) / TRAINING_CHECKPOINTS_DIR_PATH / RANDOM_STATE_FILE.format(rank=rank)
+    return Path(save_path) / TRAINING_CHECKPOINTS_DIR_PATH / RANDOM_STATE_FILE
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch process group; (0, 1) in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gathered_random_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`random_states`, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return [random_states()]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, random_states())
+    return out
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (a collective; the identity in a single process)."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def resume_mid_epoch_where_it_stopped() -> None:
@@ -371,7 +404,7 @@ def resume_mid_epoch_where_it_stopped() -> None:
                     logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
                     for _ in range(done):
                         batcher.next_batch()
-                restore_random_states(random_state_file(save_path, self.distributed.rank()), progress_tracker.steps)
+                restore_random_states(random_state_file(save_path), progress_tracker.steps)
             return original_loop(self, batcher, progress_tracker, save_path, *args, **kwargs)
 
         return _train_loop
@@ -382,11 +415,13 @@ def resume_mid_epoch_where_it_stopped() -> None:
             original_save(self, progress_tracker, save_path, checkpoint_manager)
             import torch
 
-            path = random_state_file(save_path, self.distributed.rank())
-            path.parent.mkdir(parents=True, exist_ok=True)  # another rank (or machine) may not have made it yet
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"steps": int(progress_tracker.steps), **random_states()}, tmp)
-            tmp.replace(path)
+            states = gathered_random_states()
+            if world()[0] == 0:
+                path = random_state_file(save_path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save({"steps": int(progress_tracker.steps), "ranks": states}, tmp)
+                tmp.replace(path)
 
         return save_checkpoint
 
@@ -396,111 +431,22 @@ def resume_mid_epoch_where_it_stopped() -> None:
 
 
 def restore_random_states(path: Any, steps: int) -> bool:
-    """Put back the random states saved with the checkpoint of step ``steps``; False (and a log line) when the file
-    is missing or belongs to another step (a checkpoint written before this fix, or by another run)."""
+    """Put back this rank's random states saved with the checkpoint of step ``steps`` (rank 0 reads the file and
+    hands it to every rank: other machines have no copy); False (and a log line) when the file is missing, belongs
+    to another step (a checkpoint written before this fix, or by another run) or to another number of processes."""
     import torch
 
-    if not path.is_file():
+    rank, size = world()
+    saved = torch.load(path, weights_only=False) if rank == 0 and path.is_file() else None
+    saved = broadcast_from_rank0(saved)
+    if saved is None:
         logger.warning("ludwig_mt: no random states saved with this checkpoint (%s): dropout and shuffles will "
                        "differ from an uninterrupted run", path.name)
         return False
-    states = torch.load(path, weights_only=False)
-    if states.get("steps") != steps:
-        logger.warning("ludwig_mt: random states in %s are of step %s, not %d: not restored", path.name,
-                       states.get("steps"), steps)
+    if saved.get("steps") != steps or len(saved.get("ranks", [])) != size:
+        logger.warning("ludwig_mt: random states in %s are of step %s and %d process(es), not %d and %d: not "
+                       "restored", path.name, saved.get("steps"), len(saved.get("ranks", [])), steps, size)
         return False
-    set_random_states(states)
+    set_random_states(saved["ranks"][rank])
     logger.info("ludwig_mt: random states of step %d restored", steps)
     return True
-
-
-def check_cli_config_keys(argv: list[str]) -> None:
-    """``ludwig train`` / ``experiment``: refuse an LLM ``--config`` YAML with a key Ludwig would ignore (item 9)."""
-    from pathlib import Path
-
-    from ludwig_mt.config import load_yaml
-    from ludwig_mt.config_keys import check_keys
-    from ludwig_mt.launch import config_path_in
-
-    path = config_path_in(argv) if argv[:1] in (["train"], ["experiment"]) else None
-    if path is not None and Path(path).is_file():
-        config = load_yaml(path)
-        if config.get("model_type") == "llm":
-            check_keys(config, path)
-
-
-def one_line_errors_in_cli() -> None:
-    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback, after the key
-    check of ``ludwig train`` / ``experiment`` (one patch: a second one of ``ludwig.cli:main`` could be applied
-    first, inside-out, when ``ludwig.api`` is imported before ``ludwig.cli``)."""
-    import sys
-
-    def one_line(original):
-        @functools.wraps(original)
-        def main() -> None:
-            try:
-                check_cli_config_keys(sys.argv[1:])
-                original()
-            except WorkflowError as err:
-                print(f"error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
-
-        return main
-
-    rebind("ludwig.cli:main", one_line)
-
-
-#: While Ludwig builds an LLM prompt's ids: [the feature's max_sequence_length, prompts cut so far]
-_PROMPT_CUT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ludwig_mt_prompt_cut", default=None)
-
-
-def is_llm_prompt(feature_config: Mapping[str, Any], preprocessing: Mapping[str, Any]) -> bool:
-    """A text input feature of an LLM: Ludwig gives those the passthrough encoder and the base model's HF
-    tokenizer (``schema/model_types/utils.py`` ``_set_llm_tokenizers``); output features have a decoder instead."""
-    encoder = feature_config.get("encoder") or {}
-    return (feature_config.get("type") == "text" and encoder.get("type") == "passthrough"
-            and preprocessing.get("tokenizer") == "hf_tokenizer")
-
-
-def cut_prompts_from_the_instruction_side() -> None:
-    """Make Ludwig keep the LAST ``max_sequence_length`` tokens of an LLM's prompt (a leading BOS kept), see item
-    10: around ``TextFeatureMixin.add_feature_data`` of such a feature, every sequence vector Ludwig tokenizes
-    (``strings_utils._get_sequence_vector``, looked up at call time by ``build_sequence_matrix``) is cut from the
-    start, so ``build_sequence_matrix``'s own cut to the first tokens finds nothing left to cut."""
-    import numpy as np
-
-    def cutting_vectors(original):
-        @functools.wraps(original)
-        def _get_sequence_vector(sequence, tokenizer, *args, **kwargs):
-            vector = original(sequence, tokenizer, *args, **kwargs)
-            cut = _PROMPT_CUT.get()
-            if cut is None or len(vector) <= cut[0]:
-                return vector
-            cut[1] += 1
-            bos = getattr(getattr(tokenizer, "tokenizer", None), "bos_token_id", None)
-            return np.asarray(keep_prompt_tail(vector.tolist(), cut[0], bos), dtype=vector.dtype)
-
-        return _get_sequence_vector
-
-    def marking_prompts(original):
-        @functools.wraps(original)
-        def add_feature_data(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args, **kwargs):
-            limit = (metadata.get(feature_config.get("name")) or {}).get("max_sequence_length")
-            if limit is None or not is_llm_prompt(feature_config, preprocessing_parameters):
-                return original(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args, **kwargs)
-            cut = [int(limit), 0]
-            token = _PROMPT_CUT.set(cut)
-            try:
-                result = original(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args,
-                                  **kwargs)
-            finally:
-                _PROMPT_CUT.reset(token)
-            if cut[1]:
-                logger.info("ludwig_mt: %d prompt(s) longer than %d tokens: their first tokens (the instruction "
-                            "side) cut, their end (input and answer cue) kept", cut[1], cut[0])
-            return result
-
-        return add_feature_data
-
-    rebind("ludwig.utils.strings_utils:_get_sequence_vector", cutting_vectors)
-    rebind("ludwig.features.text_feature:TextFeatureMixin.add_feature_data", marking_prompts)

@@ -467,7 +467,7 @@ def test_random_states_saved_with_a_checkpoint_come_back_only_for_its_step(tmp_p
 
     path = tmp_path / "state.pt"
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    torch.save({"steps": 5, **fixes.random_states()}, path)
+    torch.save({"steps": 5, "ranks": fixes.gathered_random_states()}, path)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(2), np.random.seed(2), random.seed(2)
     assert not fixes.restore_random_states(path, 6) and not fixes.restore_random_states(tmp_path / "none.pt", 5)
