@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -100,7 +100,6 @@ class Progress:
     loss: float | None = None
     checkpoint: int | None = None
     first_step: int | None = None
-    records: int = field(default=0, repr=False)
 
     def update(self, record: Mapping[str, Any]) -> None:
         if "checkpoint" in record:
@@ -109,7 +108,6 @@ class Progress:
             self.step, self.total = int(record["step"]), int(record.get("total") or self.total)
             self.loss = record.get("loss")
             self.first_step = self.step if self.first_step is None else self.first_step
-        self.records += 1
 
 
 def new_records(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
