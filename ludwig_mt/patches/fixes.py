@@ -450,3 +450,95 @@ def restore_random_states(path: Any, steps: int) -> bool:
     set_random_states(saved["ranks"][rank])
     logger.info("ludwig_mt: random states of step %d restored", steps)
     return True
+
+
+def check_cli_config_keys(argv: list[str]) -> None:
+    """``ludwig train`` / ``experiment``: refuse an LLM ``--config`` YAML with a key Ludwig would ignore (item 9)."""
+    from pathlib import Path
+
+    from ludwig_mt.config import load_yaml
+    from ludwig_mt.config_keys import check_keys
+    from ludwig_mt.launch import config_path_in
+
+    path = config_path_in(argv) if argv[:1] in (["train"], ["experiment"]) else None
+    if path is not None and Path(path).is_file():
+        config = load_yaml(path)
+        if config.get("model_type") == "llm":
+            check_keys(config, path)
+
+
+def one_line_errors_in_cli() -> None:
+    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback, after the key
+    check of ``ludwig train`` / ``experiment`` (one patch: a second one of ``ludwig.cli:main`` could be applied
+    first, inside-out, when ``ludwig.api`` is imported before ``ludwig.cli``)."""
+    import sys
+
+    def one_line(original):
+        @functools.wraps(original)
+        def main() -> None:
+            try:
+                check_cli_config_keys(sys.argv[1:])
+                original()
+            except WorkflowError as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return main
+
+    rebind("ludwig.cli:main", one_line)
+
+
+#: While Ludwig builds an LLM prompt's ids: [the feature's max_sequence_length, prompts cut so far]
+_PROMPT_CUT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ludwig_mt_prompt_cut", default=None)
+
+
+def is_llm_prompt(feature_config: Mapping[str, Any], preprocessing: Mapping[str, Any]) -> bool:
+    """A text input feature of an LLM: Ludwig gives those the passthrough encoder and the base model's HF
+    tokenizer (``schema/model_types/utils.py`` ``_set_llm_tokenizers``); output features have a decoder instead."""
+    encoder = feature_config.get("encoder") or {}
+    return (feature_config.get("type") == "text" and encoder.get("type") == "passthrough"
+            and preprocessing.get("tokenizer") == "hf_tokenizer")
+
+
+def cut_prompts_from_the_instruction_side() -> None:
+    """Make Ludwig keep the LAST ``max_sequence_length`` tokens of an LLM's prompt (a leading BOS kept), see item
+    10: around ``TextFeatureMixin.add_feature_data`` of such a feature, every sequence vector Ludwig tokenizes
+    (``strings_utils._get_sequence_vector``, looked up at call time by ``build_sequence_matrix``) is cut from the
+    start, so ``build_sequence_matrix``'s own cut to the first tokens finds nothing left to cut."""
+    import numpy as np
+
+    def cutting_vectors(original):
+        @functools.wraps(original)
+        def _get_sequence_vector(sequence, tokenizer, *args, **kwargs):
+            vector = original(sequence, tokenizer, *args, **kwargs)
+            cut = _PROMPT_CUT.get()
+            if cut is None or len(vector) <= cut[0]:
+                return vector
+            cut[1] += 1
+            bos = getattr(getattr(tokenizer, "tokenizer", None), "bos_token_id", None)
+            return np.asarray(keep_prompt_tail(vector.tolist(), cut[0], bos), dtype=vector.dtype)
+
+        return _get_sequence_vector
+
+    def marking_prompts(original):
+        @functools.wraps(original)
+        def add_feature_data(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args, **kwargs):
+            limit = (metadata.get(feature_config.get("name")) or {}).get("max_sequence_length")
+            if limit is None or not is_llm_prompt(feature_config, preprocessing_parameters):
+                return original(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args, **kwargs)
+            cut = [int(limit), 0]
+            token = _PROMPT_CUT.set(cut)
+            try:
+                result = original(feature_config, input_df, proc_df, metadata, preprocessing_parameters, *args,
+                                  **kwargs)
+            finally:
+                _PROMPT_CUT.reset(token)
+            if cut[1]:
+                logger.info("ludwig_mt: %d prompt(s) longer than %d tokens: their first tokens (the instruction "
+                            "side) cut, their end (input and answer cue) kept", cut[1], cut[0])
+            return result
+
+        return add_feature_data
+
+    rebind("ludwig.utils.strings_utils:_get_sequence_vector", cutting_vectors)
+    rebind("ludwig.features.text_feature:TextFeatureMixin.add_feature_data", marking_prompts)
