@@ -44,6 +44,9 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
 9. Errors raised by these checks would reach the ``ludwig`` command as tracebacks: it prints them as one line.
    Before that, ``ludwig train`` / ``experiment`` check the ``--config`` YAML's keys (Ludwig's schema ignores unknown
    keys such as ``trainer.epochz`` silently): the project's one key check, :mod:`ludwig_mt.config_keys`.
+11. Ludwig ignores Ctrl-C while it saves a checkpoint (a no-op SIGINT handler around the save), so the one press
+    that should stop training after the current step is lost when it lands in a save (with frequent checkpoints,
+    often). The save now holds it and hands it to Ludwig's own handler when the save is done.
 10. A prompt longer than the input feature's ``max_sequence_length`` loses its END: ``build_sequence_matrix``
     keeps the FIRST tokens, so the input and the answer cue (``### Intent:``) the response must follow are cut
     off and only the instruction is left (banking77 through stories260k's tokenizer: every row). For an LLM's
@@ -450,6 +453,39 @@ def restore_random_states(path: Any, steps: int) -> bool:
     set_random_states(saved["ranks"][rank])
     logger.info("ludwig_mt: random states of step %d restored", steps)
     return True
+
+
+class DeferringSignal:
+    """The ``signal`` module as ``ludwig.utils.checkpoint_utils`` sees it: every name is the real one, except that a
+    SIGINT handler installed while another one is active (Ludwig's ``lambda _sig, _frame: None`` during a checkpoint
+    save, which drops a Ctrl-C) records the signal instead, and putting the earlier handler back hands it a recorded
+    Ctrl-C at once: a Ctrl-C during a save is delivered right after it, not lost."""
+
+    def __init__(self, real: Any) -> None:
+        self._real, self._outer, self._pending = real, None, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def signal(self, signum: int, handler: Any) -> Any:
+        if signum != self._real.SIGINT:
+            return self._real.signal(signum, handler)
+        if self._outer is None:  # the save begins: hold Ctrl-C until the earlier handler is back
+            self._outer, self._pending = self._real.getsignal(signum), False
+            return self._real.signal(signum, self._hold)
+        outer, pending, self._outer = self._outer, self._pending, None
+        previous = self._real.signal(signum, handler)
+        if pending and handler is outer and callable(handler):
+            handler(signum, None)
+        return previous
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self._pending = True
+
+
+def defer_ctrl_c_during_checkpoint_saves() -> None:
+    """Make Ludwig's checkpoint saves hold a Ctrl-C until the save is done instead of dropping it (item 11)."""
+    rebind("ludwig.utils.checkpoint_utils:signal", DeferringSignal)
 
 
 def check_cli_config_keys(argv: list[str]) -> None:

@@ -78,6 +78,10 @@ PATCHES: tuple[Patch, ...] = (
          "a resumed run restarts the LR schedule, the killed epoch and the random generators (dropout): all continue "
          "from the checkpoint, on a resumed run only",
          fixes.resume_mid_epoch_where_it_stopped, ("ludwig", "torch")),
+    _fix("defer_ctrl_c_during_checkpoint_saves",
+         ("ludwig.utils.checkpoint_utils:signal",),
+         "a Ctrl-C during a checkpoint save is dropped (Ludwig ignores SIGINT there): it is held and delivered after it",
+         fixes.defer_ctrl_c_during_checkpoint_saves),
     _fix("cut_prompts_from_the_instruction_side",
          ("ludwig.utils.strings_utils:_get_sequence_vector",
           "ludwig.features.text_feature:TextFeatureMixin.add_feature_data"),

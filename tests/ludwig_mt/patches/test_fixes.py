@@ -474,3 +474,27 @@ def test_random_states_saved_with_a_checkpoint_come_back_only_for_its_step(tmp_p
     assert fixes.restore_random_states(path, 5)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(again[0], expected[0]) and (again[1] == expected[1]).all() and again[2] == expected[2]
+
+
+def test_a_ctrl_c_during_a_checkpoint_save_is_held_and_delivered_after_it_not_dropped() -> None:
+    """What Ludwig's ``Checkpoint.save`` does with SIGINT (a no-op handler around the save, then the earlier one
+    back), through the real ``signal`` module (raw: the Ctrl-C is lost) and through the fix's stand-in (held)."""
+    import signal
+
+    def save(sig) -> None:
+        original = sig.getsignal(signal.SIGINT)
+        sig.signal(signal.SIGINT, lambda _sig, _frame: None)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the save
+        finally:
+            sig.signal(signal.SIGINT, original)
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        save(signal)
+        assert seen == []  # raw Ludwig: dropped
+        save(fixes.DeferringSignal(signal))
+        assert seen == [signal.SIGINT]  # fixed: delivered once, after the save
+    finally:
+        signal.signal(signal.SIGINT, before)
