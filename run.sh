@@ -77,5 +77,6 @@ case "$cmd" in
   merge) setup; exec "$PY" -m workflow.merge "$@" ;;
   model) setup; exec "$PY" -m workflow.model "$@" ;;
   study) setup; exec "$PY" -m workflow.study "$@" ;;
-  *) sed -n '2,17p' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
+  # usage: the comment block at the top of this file, up to its first line of code
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; echo "error: unknown command '$cmd'" >&2; exit 2 ;;
 esac

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ludwig_mt.config_keys import check_keys, write_key_schema
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_text
 from ludwig_mt.strategies import check_strategy_compatible, declared_backend
@@ -211,6 +212,31 @@ def render_overrides(
     return out
 
 
+#: checkpoints per epoch ``./run.sh train`` asks for when the YAML sets neither ``steps_per_checkpoint`` nor
+#: ``checkpoints_per_epoch`` (Ludwig's default is one, at the epoch's end: a 1-epoch run could not resume at all);
+#: each checkpoint also evaluates the validation set, so not more
+CHECKPOINTS_PER_EPOCH = 4
+
+
+def with_checkpoint_default(config: dict[str, Any], train_rows: int, processes: int = 1) -> dict[str, Any]:
+    """A copy of ``config`` with ``trainer.steps_per_checkpoint`` = a quarter of an epoch's steps (each of
+    ``processes`` ranks trains ``train_rows / processes`` rows), unless the YAML chooses its checkpoints itself or
+    an epoch has fewer than 2 x :data:`CHECKPOINTS_PER_EPOCH` steps (then Ludwig's one per epoch is often enough).
+    Pure."""
+    trainer = config.get("trainer") or {}
+    batch = trainer.get("batch_size", 1)
+    if trainer.get("steps_per_checkpoint") or trainer.get("checkpoints_per_epoch") or not isinstance(batch, int):
+        return config
+    steps_per_epoch = -(-(-(-train_rows // max(processes, 1))) // batch)
+    if steps_per_epoch < 2 * CHECKPOINTS_PER_EPOCH:
+        return config
+    out = copy.deepcopy(config)
+    out.setdefault("trainer", {})["steps_per_checkpoint"] = steps_per_epoch // CHECKPOINTS_PER_EPOCH
+    logger.info("trainer.steps_per_checkpoint: %d (%d per epoch of %d steps)", steps_per_epoch // CHECKPOINTS_PER_EPOCH,
+                CHECKPOINTS_PER_EPOCH, steps_per_epoch)
+    return out
+
+
 def write_yaml(config: dict[str, Any], path: str | Path, header: str = "") -> Path:
     p = Path(path)
     atomic_write_text(p, header + yaml.safe_dump(config, sort_keys=False))
@@ -219,7 +245,9 @@ def write_yaml(config: dict[str, Any], path: str | Path, header: str = "") -> Pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Validate a task YAML, or render a copy with overrides.")
-    parser.add_argument("config", help="a YAML file, or the name of one in ludwig_configs/")
+    parser.add_argument("config", nargs="?", help="a YAML file, or the name of one in ludwig_configs/")
+    parser.add_argument("--write-key-schema", action="store_true", help="regenerate ludwig_mt/ludwig_llm_keys.json "
+                        "(the keys the project's key check allows) from the installed Ludwig's schema")
     parser.add_argument("--out", type=Path, help="write the rendered YAML here")
     parser.add_argument("--cpu", action="store_true", help="drop quantization and CUDA-only settings")
     parser.add_argument("--base-model", help="a local model folder or hub name to use instead")
@@ -230,12 +258,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-sequence-length", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     args = parser.parse_args(argv)
+    if args.write_key_schema:
+        print(write_key_schema())
+        return
+    if args.config is None:
+        parser.error("give a YAML file or a task name (or --write-key-schema)")
     path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else config_file(args.config)
     if args.base_model and args.dataset is None and args.max_sequence_length is None:
         _stderr(f"note: sequence lengths kept from {path}, which counts another tokenizer's tokens; pass --dataset "
                 "<train.csv> to measure them with the base model's tokenizer")
+    loaded = load_yaml(path)
+    check_keys(loaded, str(path))
     config = render_overrides(
-        load_yaml(path), base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
+        loaded, base_model=args.base_model, cpu=args.cpu, epochs=args.epochs,
         batch_size=args.batch_size, max_sequence_length=args.max_sequence_length,
         max_new_tokens=args.max_new_tokens, dataset=args.dataset,
     )

@@ -8,6 +8,7 @@ new dataset in an existing format needs no Python at all.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
@@ -82,8 +83,10 @@ def config_path(name: str) -> Path:
         return TASKS[name].config_path()
     if name == MIX_TASK:
         return config_file(MIX_CONFIG)
-    raise WorkflowError(f"{name}: no such task. Fix: use one of: {', '.join(sorted([*TASKS, MIX_TASK]))}, "
-                        "or a YAML path")
+    known = sorted([*TASKS, MIX_TASK])
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise WorkflowError(f"{name}: no such task. Fix: {hint}use one of: {', '.join(known)}, or a YAML path")
 
 
 def owned_by_name(model_name: str, tasks: Collection[str]) -> tuple[str, ...]:

@@ -35,9 +35,18 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
    aligns the targets with the unpacked batch. Training steps that do not take the lean path of the speed-ups
    (:mod:`ludwig_mt.patches.speedups`, which packs correctly) run Ludwig's forward unpacked.
 8. A resumed run does not end where an uninterrupted one ends: Ludwig rebuilds the learning-rate scheduler at step 0
-   after restoring it, and restarts a killed epoch at its first batch. On a resumed run (and only then) we move the
-   schedule on to the checkpoint's step and skip the batches the checkpoint already holds.
+   after restoring it, restarts a killed epoch at its first batch, and reseeds every random generator at the start
+   of ``Trainer.train`` while its checkpoints hold none of their states (so dropout, e.g. the YAMLs' LoRA dropout
+   0.05, draws other masks after a resume: max |dw| 1.1e-3 after 2 epochs on CPU). Every checkpoint now also
+   writes every rank's random states (torch, CUDA, numpy, python) next to it (rank 0 writes them all); on a resumed run (and only then) we
+   move the schedule on to the checkpoint's step, skip the batches the checkpoint already holds and restore the
+   random states it was written with, right before the first step.
 9. Errors raised by these checks would reach the ``ludwig`` command as tracebacks: it prints them as one line.
+   Before that, ``ludwig train`` / ``experiment`` check the ``--config`` YAML's keys (Ludwig's schema ignores unknown
+   keys such as ``trainer.epochz`` silently): the project's one key check, :mod:`ludwig_mt.config_keys`.
+11. Ludwig ignores Ctrl-C while it saves a checkpoint (a no-op SIGINT handler around the save), so the one press
+    that should stop training after the current step is lost when it lands in a save (with frequent checkpoints,
+    often). The save now holds it and hands it to Ludwig's own handler when the save is done.
 10. A prompt longer than the input feature's ``max_sequence_length`` loses its END: ``build_sequence_matrix``
     keeps the FIRST tokens, so the input and the answer cue (``### Intent:``) the response must follow are cut
     off and only the instruction is left (banking77 through stories260k's tokenizer: every row). For an LLM's
@@ -291,9 +300,84 @@ def fast_forward_scheduler(scheduler: Any, steps: int) -> int:
     return missing
 
 
+#: every rank's random states at the latest checkpoint, next to Ludwig's ``latest.ckpt`` (written by rank 0 only,
+#: so a launched run's folder stays the one a single process writes)
+RANDOM_STATE_FILE = "ludwig_mt_random_states.pt"
+
+
+def random_states() -> dict[str, Any]:
+    """Every random generator training draws from (dropout, shuffles, augmentations): torch's CPU and CUDA ones,
+    numpy's global and python's."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_states(states: Mapping[str, Any]) -> None:
+    """Put back what :func:`random_states` returned."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def random_state_file(save_path: str) -> Any:
+    """Where rank 0 keeps every rank's random states for the checkpoints under ``save_path`` (the model folder)."""
+    from pathlib import Path
+
+    from ludwig.globals import TRAINING_CHECKPOINTS_DIR_PATH
+
+    return Path(save_path) / TRAINING_CHECKPOINTS_DIR_PATH / RANDOM_STATE_FILE
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch process group; (0, 1) in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gathered_random_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`random_states`, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return [random_states()]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, random_states())
+    return out
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (a collective; the identity in a single process)."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def resume_mid_epoch_where_it_stopped() -> None:
     """On resume, and only then: the learning rate of step N, not of step 0, and skip the batches the checkpoint
     already holds.
+
+    Every checkpoint also saves the rank's random states (:func:`random_states`, with the step), atomically; a
+    resumed run puts them back when they belong to the step it resumes at.
 
     A run counts as resumed when Ludwig's progress tracker comes back from a checkpoint (a fresh tracker starts at
     step 0). The skip happens once, in the first epoch loop after resuming; later epochs, and every epoch of a
@@ -311,7 +395,7 @@ def resume_mid_epoch_where_it_stopped() -> None:
 
     def resuming(original_loop):
         @functools.wraps(original_loop)
-        def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+        def _train_loop(self, batcher, progress_tracker, save_path, *args, **kwargs):
             resumed_at, self._ludwig_mt_resumed_at = getattr(self, "_ludwig_mt_resumed_at", None), None
             if resumed_at is not None:
                 if fast_forward_scheduler(self.scheduler, progress_tracker.steps):
@@ -323,22 +407,113 @@ def resume_mid_epoch_where_it_stopped() -> None:
                     logger.info("ludwig_mt: resuming mid-epoch, skipping %d batch(es) already trained on", done)
                     for _ in range(done):
                         batcher.next_batch()
-            return original_loop(self, batcher, progress_tracker, *args, **kwargs)
+                restore_random_states(random_state_file(save_path), progress_tracker.steps)
+            return original_loop(self, batcher, progress_tracker, save_path, *args, **kwargs)
 
         return _train_loop
 
+    def saving_random_states(original_save):
+        @functools.wraps(original_save)
+        def save_checkpoint(self, progress_tracker, save_path, checkpoint_manager):
+            original_save(self, progress_tracker, save_path, checkpoint_manager)
+            import torch
+
+            states = gathered_random_states()
+            if world()[0] == 0:
+                path = random_state_file(save_path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save({"steps": int(progress_tracker.steps), "ranks": states}, tmp)
+                tmp.replace(path)
+
+        return save_checkpoint
+
     rebind("ludwig.trainers.trainer:Trainer._create_or_resume_progress_tracker", noting_resume)
     rebind("ludwig.trainers.trainer:Trainer._train_loop", resuming)
+    rebind("ludwig.trainers.trainer:Trainer.save_checkpoint", saving_random_states)
+
+
+def restore_random_states(path: Any, steps: int) -> bool:
+    """Put back this rank's random states saved with the checkpoint of step ``steps`` (rank 0 reads the file and
+    hands it to every rank: other machines have no copy); False (and a log line) when the file is missing, belongs
+    to another step (a checkpoint written before this fix, or by another run) or to another number of processes."""
+    import torch
+
+    rank, size = world()
+    saved = torch.load(path, weights_only=False) if rank == 0 and path.is_file() else None
+    saved = broadcast_from_rank0(saved)
+    if saved is None:
+        logger.warning("ludwig_mt: no random states saved with this checkpoint (%s): dropout and shuffles will "
+                       "differ from an uninterrupted run", path.name)
+        return False
+    if saved.get("steps") != steps or len(saved.get("ranks", [])) != size:
+        logger.warning("ludwig_mt: random states in %s are of step %s and %d process(es), not %d and %d: not "
+                       "restored", path.name, saved.get("steps"), len(saved.get("ranks", [])), steps, size)
+        return False
+    set_random_states(saved["ranks"][rank])
+    logger.info("ludwig_mt: random states of step %d restored", steps)
+    return True
+
+
+class DeferringSignal:
+    """The ``signal`` module as ``ludwig.utils.checkpoint_utils`` sees it: every name is the real one, except that a
+    SIGINT handler installed while another one is active (Ludwig's ``lambda _sig, _frame: None`` during a checkpoint
+    save, which drops a Ctrl-C) records the signal instead, and putting the earlier handler back hands it a recorded
+    Ctrl-C at once: a Ctrl-C during a save is delivered right after it, not lost."""
+
+    def __init__(self, real: Any) -> None:
+        self._real, self._outer, self._pending = real, None, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def signal(self, signum: int, handler: Any) -> Any:
+        if signum != self._real.SIGINT:
+            return self._real.signal(signum, handler)
+        if self._outer is None:  # the save begins: hold Ctrl-C until the earlier handler is back
+            self._outer, self._pending = self._real.getsignal(signum), False
+            return self._real.signal(signum, self._hold)
+        outer, pending, self._outer = self._outer, self._pending, None
+        previous = self._real.signal(signum, handler)
+        if pending and handler is outer and callable(handler):
+            handler(signum, None)
+        return previous
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self._pending = True
+
+
+def defer_ctrl_c_during_checkpoint_saves() -> None:
+    """Make Ludwig's checkpoint saves hold a Ctrl-C until the save is done instead of dropping it (item 11)."""
+    rebind("ludwig.utils.checkpoint_utils:signal", DeferringSignal)
+
+
+def check_cli_config_keys(argv: list[str]) -> None:
+    """``ludwig train`` / ``experiment``: refuse an LLM ``--config`` YAML with a key Ludwig would ignore (item 9)."""
+    from pathlib import Path
+
+    from ludwig_mt.config import load_yaml
+    from ludwig_mt.config_keys import check_keys
+    from ludwig_mt.launch import config_path_in
+
+    path = config_path_in(argv) if argv[:1] in (["train"], ["experiment"]) else None
+    if path is not None and Path(path).is_file():
+        config = load_yaml(path)
+        if config.get("model_type") == "llm":
+            check_keys(config, path)
 
 
 def one_line_errors_in_cli() -> None:
-    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback."""
+    """Make ``ludwig ...`` print a :class:`WorkflowError` as one line (exit 2) instead of a traceback, after the key
+    check of ``ludwig train`` / ``experiment`` (one patch: a second one of ``ludwig.cli:main`` could be applied
+    first, inside-out, when ``ludwig.api`` is imported before ``ludwig.cli``)."""
     import sys
 
     def one_line(original):
         @functools.wraps(original)
         def main() -> None:
             try:
+                check_cli_config_keys(sys.argv[1:])
                 original()
             except WorkflowError as err:
                 print(f"error: {err}", file=sys.stderr)

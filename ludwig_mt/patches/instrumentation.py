@@ -3,6 +3,10 @@
 * ``LUDWIG_MT_RANK_REPORT=DIR`` makes every rank write ``DIR/rank<r>.json`` (rows it trained on per epoch, its
   loss, tokens and end time per step, peak GPU memory) and ``DIR/rank<r>.safetensors`` (its trainable weights
   after the last step): the evidence that rows are sharded and weights stay in sync;
+* ``LUDWIG_MT_PROGRESS_FILE=FILE`` makes rank 0 append one JSON line per training step (``step``, ``total``,
+  ``loss``, ``epoch``) and per checkpoint (``checkpoint``: its step) to FILE: ``./run.sh train`` tails it for the
+  progress bar on the terminal while Ludwig's own output goes to the log file (parsing tqdm bars out of a log
+  breaks with every change of format; a record written where the numbers are does not);
 * ``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N`` kills the process right after its N-th checkpoint: a crash drill for the
   resume tests;
 * ``record_step_losses`` (applied by name, by ``bench/train_speed.py``'s Ludwig worker) keeps every training step's
@@ -27,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 ENV_CRASH_AFTER_CHECKPOINT = "LUDWIG_MT_CRASH_AFTER_CHECKPOINT"
 ENV_RANK_REPORT = "LUDWIG_MT_RANK_REPORT"
+ENV_PROGRESS_FILE = "LUDWIG_MT_PROGRESS_FILE"
 #: the training losses of this process, one per ``Trainer.train_step`` (``record_step_losses``)
 STEP_LOSSES: list[float] = []
 
@@ -47,6 +52,54 @@ def crash_drill_after_checkpoint() -> None:
         return save_checkpoint
 
     rebind("ludwig.trainers.trainer:Trainer.save_checkpoint", crashing)
+
+
+def append_record(path: str, record: dict[str, Any]) -> None:
+    """One JSON line, flushed: a reader tailing the file sees whole records as they happen."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def write_training_progress() -> None:
+    """``LUDWIG_MT_PROGRESS_FILE=FILE``: rank 0 appends a record per training step and per checkpoint (module doc).
+
+    ``_train_loop`` keeps the progress tracker on the trainer, so ``train_step`` can tell the step it completes
+    (Ludwig increments ``steps`` after the call) and the run's total (the tracker's: Ludwig's Ctrl-C handler sets
+    the trainer's own ``total_steps`` to 1).
+    """
+    def keeping_tracker(original_loop):
+        @functools.wraps(original_loop)
+        def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+            self._ludwig_mt_progress_tracker = progress_tracker
+            return original_loop(self, batcher, progress_tracker, *args, **kwargs)
+
+        return _train_loop
+
+    def recording_step(original_step):
+        @functools.wraps(original_step)
+        def train_step(self, *args, **kwargs):
+            result = original_step(self, *args, **kwargs)
+            tracker = getattr(self, "_ludwig_mt_progress_tracker", None)
+            if tracker is not None and self.is_coordinator():
+                append_record(os.environ[ENV_PROGRESS_FILE], {
+                    "step": int(tracker.steps) + 1, "total": int(tracker.total_steps or self.total_steps),
+                    "loss": float(result[0].detach().float().item()), "epoch": int(tracker.epoch)})
+            return result
+
+        return train_step
+
+    def recording_checkpoint(original_save):
+        @functools.wraps(original_save)
+        def save_checkpoint(self, progress_tracker, save_path, checkpoint_manager):
+            original_save(self, progress_tracker, save_path, checkpoint_manager)
+            if self.is_coordinator():
+                append_record(os.environ[ENV_PROGRESS_FILE], {"checkpoint": int(progress_tracker.steps)})
+
+        return save_checkpoint
+
+    rebind("ludwig.trainers.trainer:Trainer._train_loop", keeping_tracker)
+    rebind("ludwig.trainers.trainer:Trainer.train_step", recording_step)
+    rebind("ludwig.trainers.trainer:Trainer.save_checkpoint", recording_checkpoint)
 
 
 def _rank() -> int:

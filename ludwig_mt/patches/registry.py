@@ -20,7 +20,7 @@ from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches import distributed, fixes, instrumentation, speedups
 from ludwig_mt.patches.core import ALWAYS, EXPLICIT, KNOWN_VERSIONS, Patch, Switch, apply_patch, env_set
 from ludwig_mt.patches.env import ENV_ALLOW_UNTESTED, ENV_NO_FIXES, ENV_PATCHES_OFF, env_flag, env_names
-from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_RANK_REPORT
+from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_PROGRESS_FILE, ENV_RANK_REPORT
 from ludwig_mt.patches.model_loading import TARGET as MODEL_LOADER
 from ludwig_mt.strategies import ENV_STRATEGY, SHARDED_WEIGHT_STRATEGIES, is_distributed_launch, strategy_name
 
@@ -74,9 +74,14 @@ PATCHES: tuple[Patch, ...] = (
          "`trainer.packing: true` crashes (3-D mask) and misaligns targets: steps off the lean path train unpacked",
          fixes.unpacked_forward_instead_of_broken_packing, ("ludwig", "transformers")),
     _fix("resume_mid_epoch_where_it_stopped",
-         (f"{TRAINER}._create_or_resume_progress_tracker", f"{TRAINER}._train_loop"),
-         "a resumed run restarts the LR schedule and the killed epoch: both continue, on a resumed run only",
+         (f"{TRAINER}._create_or_resume_progress_tracker", f"{TRAINER}._train_loop", f"{TRAINER}.save_checkpoint"),
+         "a resumed run restarts the LR schedule, the killed epoch and the random generators (dropout): all continue "
+         "from the checkpoint, on a resumed run only",
          fixes.resume_mid_epoch_where_it_stopped, ("ludwig", "torch")),
+    _fix("defer_ctrl_c_during_checkpoint_saves",
+         ("ludwig.utils.checkpoint_utils:signal",),
+         "a Ctrl-C during a checkpoint save is dropped (Ludwig ignores SIGINT there): it is held and delivered after it",
+         fixes.defer_ctrl_c_during_checkpoint_saves),
     _fix("cut_prompts_from_the_instruction_side",
          ("ludwig.utils.strings_utils:_get_sequence_vector",
           "ludwig.features.text_feature:TextFeatureMixin.add_feature_data"),
@@ -85,7 +90,8 @@ PATCHES: tuple[Patch, ...] = (
          fixes.cut_prompts_from_the_instruction_side),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
-         "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback",
+         "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"
+         "`experiment` refuse YAML keys Ludwig would ignore (`trainer.epochz`)",
          fixes.one_line_errors_in_cli),
     # ------------------------------------------------------------------------------------- speed-ups (speedups.py)
     _speedup("bf16_weights", (MODEL_LOADER,),
@@ -111,6 +117,10 @@ PATCHES: tuple[Patch, ...] = (
              "peft runs the LoRA math in fp32 next to bf16 matmuls: bf16 autocast on CUDA, fp32 weights kept",
              speedups.patch_bf16_autocast, ("ludwig", "peft", "torch")),
     # -------------------------------------------------------- instrumentation and drills (instrumentation.py)
+    Patch("write_training_progress",
+          (f"{TRAINER}._train_loop", f"{TRAINER}.train_step", f"{TRAINER}.save_checkpoint"),
+          "rank 0 appends a JSON line per step (step, total, loss) and per checkpoint: `./run.sh train`'s progress bar",
+          "instrumentation", env_set(ENV_PROGRESS_FILE, "FILE"), instrumentation.write_training_progress),
     Patch("crash_drill_after_checkpoint", (f"{TRAINER}.save_checkpoint",),
           "kills the process right after its N-th checkpoint: the resume tests' crash drill", "instrumentation",
           env_set(ENV_CRASH_AFTER_CHECKPOINT, "N"), instrumentation.crash_drill_after_checkpoint),

@@ -229,13 +229,18 @@ def training_metrics_due(trainer) -> bool:
 def metric_sample_outputs(trainer) -> tuple[dict, dict]:
     """Ludwig's full outputs for the first :data:`TRAIN_METRICS_ROWS` rows of the trainer's last lean batch, from a
     no-grad forward: the training metrics' input without full-batch ``tokens x vocabulary`` fp32 tensors (they
-    would set the run's peak memory)."""
+    would set the run's peak memory).
+
+    The forward runs in training mode (dropout, as Ludwig's metrics see it) on a fork of the random generators:
+    drawing from the training ones would move every later dropout mask, and since the steps it runs on are counted
+    per process, a resumed run would draw at other steps than an uninterrupted one and end elsewhere."""
     import torch
 
     inputs, targets = trainer._ludwig_mt_last_batch
     rows = {k: v[:TRAIN_METRICS_ROWS] for k, v in inputs.items()}
     wanted = {k: v[:TRAIN_METRICS_ROWS] for k, v in targets.items()}
-    with torch.no_grad(), training_autocast(trainer):
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.no_grad(), training_autocast(trainer), torch.random.fork_rng(devices=devices):
         outputs = trainer.dist_model((rows, dict(wanted)))
     return outputs, wanted
 

@@ -123,3 +123,17 @@ def test_cli_prints_the_measured_lengths_on_the_terminal(tiny_model: Path, tmp_p
     err = capsys.readouterr().err
     assert f"{tiny_model.name}: lengths measured on 3 rows (context 1024): prompts median" in err
     assert load_yaml(tmp_path / "o.yaml")["generation"]["max_new_tokens"] > 0
+
+
+def test_checkpoint_default_is_four_per_epoch_unless_the_yaml_chooses() -> None:
+    from ludwig_mt.config import with_checkpoint_default
+
+    config = load_yaml(config_file("sql"))  # batch 64, no checkpoint keys
+    assert with_checkpoint_default(config, 64 * 100)["trainer"]["steps_per_checkpoint"] == 25
+    assert with_checkpoint_default(config, 64 * 100, processes=4)["trainer"]["steps_per_checkpoint"] == 6
+    assert "steps_per_checkpoint" not in config["trainer"]  # the input is left alone
+    assert with_checkpoint_default(config, 64 * 7) is config  # 7 steps an epoch: Ludwig's one per epoch
+    for key in ("steps_per_checkpoint", "checkpoints_per_epoch"):
+        chosen = copy.deepcopy(config)
+        chosen["trainer"][key] = 3
+        assert with_checkpoint_default(chosen, 64 * 100) is chosen

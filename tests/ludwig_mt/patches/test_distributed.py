@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -368,7 +370,8 @@ REMAINDER_BATCH = 3  # rows = 2 * batch + r for every r: r = 1 is the one-row la
 @pytest.fixture(scope="module")
 def remainder_work(work: dict[str, Path]) -> dict[str, Path]:
     """Per remainder r, a train CSV of 2 * REMAINDER_BATCH + r rows (+ 2 validation rows) and one YAML: 2 epochs,
-    a checkpoint after every step (so the first is mid-epoch), no shuffling (runs are comparable)."""
+    a checkpoint after every step (so the first is mid-epoch), no shuffling (runs are comparable), and the task
+    YAMLs' LoRA dropout (a resumed run must continue the random generators, not reseed them)."""
     root = work["root"] / "remainders"
     root.mkdir()
     rows = pd.read_csv(work["root"] / "train.csv", keep_default_na=False)
@@ -378,8 +381,19 @@ def remainder_work(work: dict[str, Path]) -> dict[str, Path]:
     config = load_yaml(work["root"] / "sql.yaml")
     config["trainer"].update(batch_size=REMAINDER_BATCH, eval_batch_size=REMAINDER_BATCH, epochs=2,
                              steps_per_checkpoint=1, should_shuffle=False)
+    config["adapter"]["dropout"] = 0.05
     write_yaml(config, root / "sql.yaml")
-    return {"root": root}
+    return {"root": root, "fresh": set()}
+
+
+def fresh_remainder_run(work: dict[str, Path], r: int) -> str:
+    """The uninterrupted run of remainder ``r`` (once per module: the Ctrl-C test compares with it too)."""
+    name = f"fresh_r{r}"
+    if name not in work["fresh"]:
+        fresh = remainder_train(work, r, name)  # timeout=300: a hang fails the test
+        assert fresh.returncode == 0, log_tail(work, name)
+        work["fresh"].add(name)
+    return name
 
 
 def remainder_train(work: dict[str, Path], r: int, name: str, *, resume: bool = False,
@@ -399,8 +413,7 @@ def remainder_train(work: dict[str, Path], r: int, name: str, *, resume: bool = 
 def test_every_remainder_of_rows_trains_to_the_end_fresh_and_resumed(remainder_work: dict[str, Path], r: int) -> None:
     """A fresh run of k * batch + 1 rows looped forever while the resume fix acted on every epoch (Ludwig plans one
     step more per epoch than its batcher yields); fresh and killed-then-resumed runs must end, and agree."""
-    fresh = remainder_train(remainder_work, r, f"fresh_r{r}")  # timeout=300: a hang fails the test
-    assert fresh.returncode == 0, log_tail(remainder_work, f"fresh_r{r}")
+    fresh_remainder_run(remainder_work, r)
     assert "skipping" not in (remainder_work["root"] / f"fresh_r{r}.log").read_text(errors="replace")
     report, expected = rank_report(remainder_work, f"fresh_r{r}", 0)
     crashed = remainder_train(remainder_work, r, f"resumed_r{r}", env={ENV_CRASH_AFTER_CHECKPOINT: "1"})
@@ -409,6 +422,43 @@ def test_every_remainder_of_rows_trains_to_the_end_fresh_and_resumed(remainder_w
     assert resumed.returncode == 0, log_tail(remainder_work, f"resumed_r{r}")
     log = (remainder_work["root"] / f"resumed_r{r}.log").read_text(errors="replace")
     assert log.count("skipping 1 batch(es) already trained on") == 1  # once, in the first epoch after resuming
+    assert log.count("random states of step 1 restored") == 1
     resumed_report, weights = rank_report(remainder_work, f"resumed_r{r}", 0)
     assert resumed_report["steps"] == report["steps"] - 1  # the one step the checkpoint held
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_run_sh_train_stops_cleanly_and_its_resume_command_ends_where_an_uninterrupted_run_ends(
+        remainder_work: dict[str, Path]) -> None:
+    """``./run.sh train`` (workflow.train) on remainder 2's YAML and rows, as the fresh run: one SIGINT after the
+    first step stops Ludwig after its current step with a checkpoint, no traceback, and the printed command; that
+    command (--resume) ends with the uninterrupted run's weights, bit for bit (dropout on)."""
+    root, r = remainder_work["root"], 2
+    reference = fresh_remainder_run(remainder_work, r)
+    out = root / "ctrl_c"
+    argv = [str(root / "sql.yaml"), "--dataset", str(root / f"train_r{r}.csv"), "--output-directory", str(out)]
+    env = train_env(remainder_work, "ctrl_c")
+    proc = subprocess.Popen([sys.executable, "-m", "workflow.train", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    progress = out / "train.progress.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and '"step": 1,' not in (
+            progress.read_text() if progress.exists() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: stopped at step ") and "last checkpoint at step" in last, last
+    command = last.split("Resume: ", 1)[1]
+    assert command == "./run.sh train " + " ".join(argv) + " --resume"
+    log = (out / "train.log").read_text(errors="replace")
+    assert log.count("Received SIGINT") == 1  # one press reached Ludwig once
+    resumed = subprocess.run([sys.executable, "-m", "workflow.train", *argv, "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, expected = rank_report(remainder_work, reference, 0)
+    _, weights = rank_report(remainder_work, "ctrl_c", 0)
     assert all(torch.equal(weights[k], expected[k]) for k in expected)

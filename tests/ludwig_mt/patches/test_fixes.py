@@ -427,3 +427,74 @@ def test_without_the_fix_ludwig_cuts_the_end_of_over_long_prompts(bos_model, tmp
     for i in long:  # raw Ludwig keeps the FIRST tokens: the instruction; the input and the answer cue are gone
         assert ids["train"][i] == ids["encoded"][i][:24]
         assert not _ends_with_the_answer_cue(tokenizer, ids["train"][i])
+
+
+UNKNOWN_KEY_ACCEPTED = textwrap.dedent(
+    """
+    import sys
+    from ludwig.config_validation.validation import check_schema
+    from ludwig_mt.config import load_yaml
+    check_schema(load_yaml(sys.argv[1] + "/bad.yaml"))
+    print("ACCEPTED")
+    """
+)
+
+
+@pytest.mark.slow  # two fresh interpreters importing Ludwig
+def test_ludwig_train_refuses_a_key_ludwig_would_ignore_only_with_the_fix(tmp_path) -> None:
+    from ludwig_mt.config import config_file, load_yaml, write_yaml
+    from workflow.train import ludwig_executable
+
+    config = load_yaml(config_file("sql"))
+    config["trainer"]["epochz"] = 3
+    bad = write_yaml(config, tmp_path / "bad.yaml")
+    raw = run_python_script(UNKNOWN_KEY_ACCEPTED, tmp_path, fixes=False)
+    assert raw.returncode == 0 and "ACCEPTED" in raw.stdout, raw.stderr[-2000:]  # Ludwig's own schema: silent
+    fixed = subprocess.run([ludwig_executable(), "train", "--config", str(bad), "--dataset", str(tmp_path / "x.csv")],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, LUDWIG_MT_NO_FIXES="0"))
+    assert fixed.returncode == 2
+    assert fixed.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}: unknown key 'trainer.epochz', which Ludwig 0.17.10 would ignore silently. Fix: rename it to "
+        "'epochs'")
+
+
+def test_random_states_saved_with_a_checkpoint_come_back_only_for_its_step(tmp_path) -> None:
+    """What a resumed run restores (``resume_mid_epoch_where_it_stopped``): every generator dropout and shuffles
+    draw from, as it was at the checkpoint's step; a file of another step is left alone."""
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "state.pt"
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    torch.save({"steps": 5, "ranks": fixes.gathered_random_states()}, path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(2), np.random.seed(2), random.seed(2)
+    assert not fixes.restore_random_states(path, 6) and not fixes.restore_random_states(tmp_path / "none.pt", 5)
+    assert fixes.restore_random_states(path, 5)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(again[0], expected[0]) and (again[1] == expected[1]).all() and again[2] == expected[2]
+
+
+def test_a_ctrl_c_during_a_checkpoint_save_is_held_and_delivered_after_it_not_dropped() -> None:
+    """What Ludwig's ``Checkpoint.save`` does with SIGINT (a no-op handler around the save, then the earlier one
+    back), through the real ``signal`` module (raw: the Ctrl-C is lost) and through the fix's stand-in (held)."""
+    import signal
+
+    def save(sig) -> None:
+        original = sig.getsignal(signal.SIGINT)
+        sig.signal(signal.SIGINT, lambda _sig, _frame: None)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the save
+        finally:
+            sig.signal(signal.SIGINT, original)
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        save(signal)
+        assert seen == []  # raw Ludwig: dropped
+        save(fixes.DeferringSignal(signal))
+        assert seen == [signal.SIGINT]  # fixed: delivered once, after the save
+    finally:
+        signal.signal(signal.SIGINT, before)

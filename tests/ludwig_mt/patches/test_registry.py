@@ -80,11 +80,13 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
         "ludwig.api:LudwigModel.train": ["refuse_quantized_training_without_cuda", "accept_declared_backend_section",
                                          "refuse_incompatible_strategy"],
         f"{llm}.forward": ["unpacked_forward_instead_of_broken_packing", "target_only_logits"],
-        f"{trainer}._train_loop": ["resume_mid_epoch_where_it_stopped", "write_rank_report"],
+        f"{trainer}._train_loop": ["resume_mid_epoch_where_it_stopped", "write_training_progress", "write_rank_report"],
+        f"{trainer}.save_checkpoint": ["resume_mid_epoch_where_it_stopped", "write_training_progress",
+                                       "crash_drill_after_checkpoint"],
         model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "place_quantized_model_on_local_rank"],
         f"{trainer}._forward_pass": ["target_only_logits", "bf16_autocast"],
         f"{trainer}._update_training_metrics": ["target_only_logits", "sampled_train_metrics"],
-        f"{trainer}.train_step": ["bf16_autocast", "write_rank_report", "record_step_losses"],
+        f"{trainer}.train_step": ["bf16_autocast", "write_training_progress", "write_rank_report", "record_step_losses"],
         f"{trainer}.train": ["write_rank_report", "gather_weights_after_sharded_training"],
     }
 
@@ -102,7 +104,8 @@ print(json.dumps({"layers": core.layers(), "applied": core.applied(), "rules": r
 @pytest.mark.slow  # a fresh interpreter importing Ludwig
 def test_the_patches_stack_at_run_time_in_the_table_order(tmp_path: Path) -> None:
     env = {**os.environ, "LUDWIG_MT_STRATEGY": "zero3", "LUDWIG_MT_RANK_REPORT": str(tmp_path),
-           "LUDWIG_MT_CRASH_AFTER_CHECKPOINT": "99", "LUDWIG_MT_NO_FIXES": "0", "CUDA_VISIBLE_DEVICES": ""}
+           "LUDWIG_MT_CRASH_AFTER_CHECKPOINT": "99", "LUDWIG_MT_NO_FIXES": "0",
+           "LUDWIG_MT_PROGRESS_FILE": str(tmp_path / "progress.jsonl"), "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", LAYERS_WITH_EVERY_SWITCH_ON], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
