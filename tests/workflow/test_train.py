@@ -60,11 +60,19 @@ def test_run_sh_train_with_gpus_goes_through_the_launcher(tmp_path: Path, ludwig
     assert cmd[cmd.index("--config") + 1].endswith("ludwig_configs/sql.yaml")
 
 
-def test_run_sh_train_without_gpus_is_plain_ludwig_train(tmp_path: Path, ludwig_calls: tuple[list, Path]) -> None:
+def test_run_sh_train_launches_what_the_yaml_declares_and_one_gpu_is_plain_ludwig_train(
+        tmp_path: Path, ludwig_calls: tuple[list, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     calls, dataset = ludwig_calls
-    assert train.main(["sql", "--dataset", str(dataset), "--output-directory", str(tmp_path)]) == 0
-    (cmd, env), = calls
-    assert Path(cmd[0]).name == "ludwig" and cmd[1] == "train" and ENV_STRATEGY not in env
+    args = ["sql", "--dataset", str(dataset), "--output-directory", str(tmp_path)]
+    assert train.main(args) == 0  # 4 GPUs: sql.yaml declares ZeRO-2 on every visible GPU (issue #18)
+    assert train.main([*args, "--cpu"]) == 0  # --cpu: one plain process
+    monkeypatch.setattr(train, "cuda_device_count", lambda: 1)
+    assert train.main(args) == 0  # one GPU: one plain process, no DeepSpeed engine
+    (four, four_env), (cpu, cpu_env), (one, one_env) = calls
+    assert four[1:3] == ["-m", "torch.distributed.run"] and four[four.index("--nproc_per_node") + 1] == "4"
+    assert four_env[ENV_STRATEGY] == "zero2"
+    for cmd, env in ((cpu, cpu_env), (one, one_env)):
+        assert Path(cmd[0]).name == "ludwig" and cmd[1] == "train" and ENV_STRATEGY not in env
 
 
 def test_resume_continues_the_newest_run_with_a_checkpoint(tmp_path: Path) -> None:
