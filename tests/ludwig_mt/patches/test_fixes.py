@@ -449,6 +449,16 @@ def tied_llama(dead_rows: int) -> torch.nn.Module:
 def test_eos_ceiling_tells_a_dead_eos_row_from_a_learned_one() -> None:
     assert fixes.eos_ceiling(tied_llama(dead_rows=100), 2) < 0.02  # at most 1/101
     assert fixes.eos_ceiling(tied_llama(dead_rows=0), 2) >= fixes.EOS_LEARNABLE
+    assert fixes.eos_row_dead(tied_llama(dead_rows=100), 2)[0]
+    assert not fixes.eos_row_dead(tied_llama(dead_rows=0), 2)[0]
+
+
+def test_a_flat_random_head_is_not_a_dead_eos_row(tiny_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)  # random init: every token's logit is near 0
+    dead, ceiling = fixes.eos_row_dead(model, model.config.eos_token_id)
+    assert ceiling < fixes.EOS_LEARNABLE and not dead
 
 
 # stories260k (the committed demo asset; its </s> was never a pretraining target) fine-tuned with LoRA through
