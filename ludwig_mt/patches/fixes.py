@@ -444,7 +444,7 @@ def eos_ceiling(causal_lm, eos_token_id: int, steps: int = 200) -> float:
     if head.device.type == "meta":  # weights not materialised here (sharded loading): nothing to measure
         return 1.0
     scale = final_norm_weight(causal_lm)
-    scale = torch.ones(head.shape[1], device=head.device) if scale is None else scale.float()
+    scale = torch.ones(head.shape[1], device=head.device) if scale is None else scale.float().to(head.device)
     generator = torch.Generator(device="cpu").manual_seed(0)
     direction = torch.randn(head.shape[1], generator=generator).to(head.device).requires_grad_(True)
     optimizer = torch.optim.Adam([direction], lr=0.05)
