@@ -9,10 +9,11 @@ learns words it already knows, not snake_case. Measured on stories260k, whose 51
 piece for ``_`` (byte fallback): with underscores it scored 0 % after fine-tuning, with spaces it learns. The
 scorer (``eval.classification.label_key``) reads either spelling as the same intent.
 
-A response ends with a newline: the answer is one line, and eval scores the first line. A fine-tuned model
-learns to end its answer there even where the end-of-sequence token after the response is not learned (measured on
-stories260k after ``ludwig train``: the EOS position stays untrained, so answers ran on into noise after a correct
-intent, and the line end is what lets the scorer read them).
+A response ends with a newline: the answer is one line, and eval scores the first line, so an answer that runs on
+past its end still scores. stories260k's answers did run on until the patch ``train_eos_row_when_frozen_dead``: Ludwig
+trains the EOS after every response, but stories260k's ``</s>`` output row was never a pretraining target and LoRA
+leaves it frozen, so no hidden state could make EOS likelier than 0.005 (ludwig_mt/patches/fixes.py, item 11). With
+the patch, 40 of 40 test answers stop by themselves right after the line end (0 of 40 without; 750 training rows).
 """
 
 from __future__ import annotations

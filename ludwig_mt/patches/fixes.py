@@ -54,6 +54,13 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
     first (:func:`ludwig_mt.tokens.keep_prompt_tail`). It acts where Ludwig builds the feature's ids, which
     training preprocessing and ``ludwig predict`` share, so both cut alike; ``eval.generate.prompt_ids`` cuts the
     same way. Responses keep Ludwig's cut (their start is the answer).
+11. A LoRA fine-tune never learns to stop when the base model's end-of-sequence token was never a target in its
+    pretraining: Ludwig trains the EOS after every response (it is in the labels, in Ludwig's loss and the lean
+    one alike), but LoRA leaves the output embeddings frozen, and an output row no pretraining target ever pulled
+    up sits with the other never-seen rows (stories260k: ``</s>`` is one of 253 of its 512 rows that are the same
+    vector). No hidden state can then make EOS likely (stories260k: at most P = 0.005), so generations run to
+    ``max_new_tokens``. When :func:`eos_row_dead` says so (EOS below :data:`EOS_LEARNABLE`, an ordinary token
+    above), that one embedding row is trained with the adapter (peft's ``trainable_token_indices``; saved in and loaded from the adapter).
 """
 
 from __future__ import annotations
@@ -578,3 +585,108 @@ def cut_prompts_from_the_instruction_side() -> None:
 
     rebind("ludwig.utils.strings_utils:_get_sequence_vector", cutting_vectors)
     rebind("ludwig.features.text_feature:TextFeatureMixin.add_feature_data", marking_prompts)
+
+
+# ------------------------------------------------------------------------------------- train_eos_row_when_frozen_dead
+
+#: below this best achievable P(EOS) the EOS row is trained with the adapter: a learned row reaches ~1.0
+#: (SmolLM2-135M-Instruct 0.999), a never-trained one stays near 1 / (rows sharing its vector) (stories260k 0.005)
+EOS_LEARNABLE = 0.5
+_TRAIN_TOKENS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ludwig_mt_train_tokens",
+                                                                                  default=None)
+
+
+def final_norm_weight(causal_lm) -> torch.Tensor | None:
+    """The scale of the norm just before the LM head (``model.norm`` in Llama/Qwen/Mistral, ``transformer.ln_f`` in
+    GPT-2/Bloom), which bounds what a hidden state can look like; None if the model has none we know."""
+    inner = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    inner = getattr(inner, "base_model", inner)
+    for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
+        weight = getattr(getattr(inner, name, None), "weight", None)
+        if weight is not None:
+            return weight.detach()
+    return None
+
+
+def eos_ceiling(causal_lm, eos_token_id: int, steps: int = 200) -> float:
+    """The highest probability of ``eos_token_id`` that ANY final hidden state can give with the output embeddings
+    as they are (frozen, as LoRA leaves them): a direction of unit RMS, times the final norm's scale, fitted by
+    gradient ascent on log P(EOS). Why: if even the best hidden state cannot make EOS likely, no adapter on the
+    layers below can teach the model to stop. Stops early once EOS is clearly reachable."""
+    import torch
+
+    head = causal_lm.get_output_embeddings().weight.detach()
+    if head.device.type == "meta":  # weights not materialised here (sharded loading): nothing to measure
+        return 1.0
+    scale = final_norm_weight(causal_lm)
+    scale = torch.ones(head.shape[1], device=head.device) if scale is None else scale.float().to(head.device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    direction = torch.randn(head.shape[1], generator=generator).to(head.device).requires_grad_(True)
+    optimizer = torch.optim.Adam([direction], lr=0.05)
+    best = 0.0
+    with torch.enable_grad():
+        for _ in range(steps):
+            hidden = scale * direction / direction.pow(2).mean().sqrt()
+            log_p = (head @ hidden.to(head.dtype)).float().log_softmax(-1)[eos_token_id]
+            best = max(best, float(log_p.exp()))
+            if best >= EOS_LEARNABLE:
+                break
+            optimizer.zero_grad()
+            (-log_p).backward()
+            optimizer.step()
+    return best
+
+
+def eos_row_dead(causal_lm, eos_token_id: int) -> tuple[bool, float]:
+    """Whether the frozen output embeddings cannot make EOS likely while they can make an ordinary token likely
+    (the row of largest norm, a trained one in a pretrained model), and EOS's ceiling. Why both: a randomly
+    initialised head (the tests' tiny models) is flat for every token, which is not this problem, and training
+    one row there would only change the adapters those tests build."""
+    ceiling = eos_ceiling(causal_lm, eos_token_id)
+    if ceiling >= EOS_LEARNABLE:
+        return False, ceiling
+    ordinary = int(causal_lm.get_output_embeddings().weight.detach().float().norm(dim=1).argmax())
+    return eos_ceiling(causal_lm, ordinary) >= EOS_LEARNABLE, ceiling
+
+
+def train_eos_row_when_frozen_dead() -> None:
+    """Make ``LLM.initialize_adapter`` add the EOS embedding row to a new LoRA adapter's trainable parameters when
+    :func:`eos_row_dead` says so (see item 11); ``LoraConfig.to_config`` passes it to peft."""
+
+    def checking(original):
+        @functools.wraps(original)
+        def initialize_adapter(self):
+            adapter = self.config_obj.adapter
+            fresh_lora = (adapter is not None and getattr(adapter, "type", None) == "lora"
+                          and not adapter.pretrained_adapter_weights and not self._adapter_initialized
+                          and getattr(self.config_obj, "adapters", None) is None)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if not fresh_lora or eos is None:
+                return original(self)
+            dead, ceiling = eos_row_dead(self.model, int(eos))
+            if not dead:
+                return original(self)
+            logger.warning("ludwig_mt: %s cannot learn to stop with frozen output embeddings (best possible "
+                           "P(EOS) %.3f): the EOS embedding row (id %d) is trained with the LoRA adapter",
+                           self.config_obj.base_model, ceiling, eos)
+            token = _TRAIN_TOKENS.set([int(eos)])
+            try:
+                return original(self)
+            finally:
+                _TRAIN_TOKENS.reset(token)
+
+        return initialize_adapter
+
+    def with_tokens(original):
+        @functools.wraps(original)
+        def to_config(self, *args, **kwargs):
+            config = original(self, *args, **kwargs)
+            tokens = _TRAIN_TOKENS.get()
+            if tokens:
+                config.trainable_token_indices = list(tokens)
+            return config
+
+        return to_config
+
+    rebind("ludwig.models.llm:LLM.initialize_adapter", checking)
+    rebind("ludwig.schema.llms.peft:LoraConfig.to_config", with_tokens)

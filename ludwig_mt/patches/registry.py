@@ -88,6 +88,11 @@ PATCHES: tuple[Patch, ...] = (
          "an over-long prompt loses its end (input and answer cue): its start is cut instead, a leading BOS kept, "
          "in training and `ludwig predict` alike",
          fixes.cut_prompts_from_the_instruction_side),
+    _fix("train_eos_row_when_frozen_dead",
+         (f"{LLM}.initialize_adapter", "ludwig.schema.llms.peft:LoraConfig.to_config"),
+         "LoRA cannot teach a model to stop when its EOS output row was never trained (stories260k: best P(EOS) "
+         "0.005, every answer runs to max_new_tokens): that one embedding row is trained with the adapter",
+         fixes.train_eos_row_when_frozen_dead, ("ludwig", "peft", "torch")),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"

@@ -498,3 +498,96 @@ def test_a_ctrl_c_during_a_checkpoint_save_is_held_and_delivered_after_it_not_dr
         assert seen == [signal.SIGINT]  # fixed: delivered once, after the save
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+# ------------------------------------------------------------------------------------- train_eos_row_when_frozen_dead
+
+def tied_llama(dead_rows: int) -> torch.nn.Module:
+    """A tiny tied-embedding Llama whose EOS row (id 2) shares one vector with ``dead_rows`` other rows, as rows
+    no pretraining target ever pulled up end up (stories260k: 253 of 512)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True))
+    with torch.no_grad():
+        rows = model.get_input_embeddings().weight
+        rows *= 100  # row norms of a trained model (~2), not of the 0.02-std init
+        rows[3:3 + dead_rows] = rows[2]
+    return model
+
+
+def test_eos_ceiling_tells_a_dead_eos_row_from_a_learned_one() -> None:
+    assert fixes.eos_ceiling(tied_llama(dead_rows=100), 2) < 0.02  # at most 1/101
+    assert fixes.eos_ceiling(tied_llama(dead_rows=0), 2) >= fixes.EOS_LEARNABLE
+    assert fixes.eos_row_dead(tied_llama(dead_rows=100), 2)[0]
+    assert not fixes.eos_row_dead(tied_llama(dead_rows=0), 2)[0]
+
+
+def test_a_flat_random_head_is_not_a_dead_eos_row(tiny_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)  # random init: every token's logit is near 0
+    dead, ceiling = fixes.eos_row_dead(model, model.config.eos_token_id)
+    assert ceiling < fixes.EOS_LEARNABLE and not dead
+
+
+# stories260k (the committed demo asset; its </s> was never a pretraining target) fine-tuned with LoRA through
+# LudwigModel on a trivially learnable set: say the word the prompt names. Prints P(EOS) right after the answer,
+# measured on the reloaded model, and what `predict` returns.
+STOPPING_TOY = textwrap.dedent(
+    """
+    import json, logging, statistics, sys, torch, pandas as pd
+    from pathlib import Path
+    from ludwig.api import LudwigModel
+    torch.set_num_threads(1)
+    work, base, reload = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "reload"
+    words = ["red", "blue", "green", "happy", "sad", "big", "small", "cat", "dog", "sun", "tree", "ball"]
+    prompt = lambda w: f"Tom saw a {w} thing. Say the word: {w}.\\nWord:"
+    frame = pd.DataFrame({"prompt": [prompt(w) for w in words] * 4, "response": words * 4, "split": [0] * 48})
+    config = {"model_type": "llm", "base_model": base,
+              "input_features": [{"name": "prompt", "type": "text", "preprocessing": {"max_sequence_length": 32}}],
+              "output_features": [{"name": "response", "type": "text",
+                                   "preprocessing": {"max_sequence_length": 8}}],
+              "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+              "generation": {"max_new_tokens": 8, "do_sample": False},
+              "trainer": {"type": "finetune", "epochs": 8, "batch_size": 8, "learning_rate": 0.003,
+                          "optimizer": {"type": "adamw"}},
+              "preprocessing": {"global_max_sequence_length": 48, "split": {"type": "fixed", "column": "split"}}}
+    model = LudwigModel(config, logging_level=logging.WARNING)
+    model.train(dataset=frame, output_directory=str(work / "results"), skip_save_processed_input=True,
+                skip_save_progress=True, skip_save_log=True, skip_save_model=not reload)
+    if reload:
+        model = LudwigModel.load(str(work / "results" / "api_experiment_run" / "model"), backend="local")
+    tok, net = model.model.tokenizer, model.model.model.eval()
+    p_eos = []
+    for w in words:
+        ids = tok(prompt(w))["input_ids"] + tok(w)["input_ids"]
+        with torch.no_grad():
+            p_eos.append(net(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)[tok.eos_token_id].item())
+    print("P_EOS", statistics.median(p_eos))
+    predictions, _ = model.predict(pd.DataFrame({"prompt": [prompt(w) for w in words]}), skip_save_predictions=True,
+                                   skip_save_unprocessed_output=True)
+    print("ANSWERS", json.dumps([str(a).strip() for a in predictions["response_response"]]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_lora_learns_to_stop_on_a_dead_eos_row_only_with_the_fix(tmp_path) -> None:
+    from workflow.demo import BASE_MODEL  # stories260k, committed under workflow/assets
+
+    runs = {fixed: run_python_script(STOPPING_TOY, tmp_path / str(fixed), fixes=fixed,
+                                     args=[str(BASE_MODEL), "reload" if fixed else "no"])
+            for fixed in (False, True)}
+    for run in runs.values():
+        assert run.returncode == 0, run.stderr[-2000:]
+    read = {fixed: {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines()
+                    if line.startswith(("P_EOS ", "ANSWERS "))} for fixed, run in runs.items()}
+    words = ["red", "blue", "green", "happy", "sad", "big", "small", "cat", "dog", "sun", "tree", "ball"]
+    # raw: the word is learned, but no hidden state can make EOS likely, so every answer runs on
+    assert read[False]["P_EOS"] < 0.01
+    assert all(answer != word for answer, word in zip(read[False]["ANSWERS"], words, strict=True))
+    # fixed (and saved, reloaded by LudwigModel.load): the answer is the word, and generation stops there
+    assert read[True]["P_EOS"] > 0.9
+    assert read[True]["ANSWERS"] == words
