@@ -83,6 +83,11 @@ PATCHES: tuple[Patch, ...] = (
          "an over-long prompt loses its end (input and answer cue): its start is cut instead, a leading BOS kept, "
          "in training and `ludwig predict` alike",
          fixes.cut_prompts_from_the_instruction_side),
+    _fix("pad_merged_rows_with_the_pad_token",
+         ("ludwig.utils.llm_utils:generate_merged_ids", "ludwig.models.llm:generate_merged_ids"),
+         "training rows attend to their id-0 left padding when the pad token is not id 0 (SmolLM2, Qwen): padded "
+         "with the pad token, masked by position",
+         fixes.pad_merged_rows_with_the_pad_token, ("ludwig", "torch")),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback",
