@@ -54,13 +54,18 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
     first (:func:`ludwig_mt.tokens.keep_prompt_tail`). It acts where Ludwig builds the feature's ids, which
     training preprocessing and ``ludwig predict`` share, so both cut alike; ``eval.generate.prompt_ids`` cuts the
     same way. Responses keep Ludwig's cut (their start is the answer).
-11. A LoRA fine-tune never learns to stop when the base model's end-of-sequence token was never a target in its
+13. A LoRA fine-tune never learns to stop when the base model's end-of-sequence token was never a target in its
     pretraining: Ludwig trains the EOS after every response (it is in the labels, in Ludwig's loss and the lean
     one alike), but LoRA leaves the output embeddings frozen, and an output row no pretraining target ever pulled
     up sits with the other never-seen rows (stories260k: ``</s>`` is one of 253 of its 512 rows that are the same
     vector). No hidden state can then make EOS likely (stories260k: at most P = 0.005), so generations run to
     ``max_new_tokens``. When :func:`eos_row_dead` says so (EOS below :data:`EOS_LEARNABLE`, an ordinary token
     above), that one embedding row is trained with the adapter (peft's ``trainable_token_indices``; saved in and loaded from the adapter).
+12. In training every row shorter than its batch's longest attends to its left padding, which inference never
+    shows it: ``generate_merged_ids`` pads the merged prompt+response rows with id 0 but masks ``ids !=
+    pad_token_id``, so wherever the pad token is not id 0 (SmolLM2: pad = EOS = 2, Qwen2.5: 151643, the tiny test
+    Llama) the padding is attended, and a real token equal to the pad token (an EOS inside a row) is masked. We pad
+    with the pad token and mask by position: every real token attended, the padding never.
 """
 
 from __future__ import annotations
@@ -651,7 +656,7 @@ def eos_row_dead(causal_lm, eos_token_id: int) -> tuple[bool, float]:
 
 def train_eos_row_when_frozen_dead() -> None:
     """Make ``LLM.initialize_adapter`` add the EOS embedding row to a new LoRA adapter's trainable parameters when
-    :func:`eos_row_dead` says so (see item 11); ``LoraConfig.to_config`` passes it to peft."""
+    :func:`eos_row_dead` says so (see item 13); ``LoraConfig.to_config`` passes it to peft."""
 
     def checking(original):
         @functools.wraps(original)
@@ -690,3 +695,55 @@ def train_eos_row_when_frozen_dead() -> None:
 
     rebind("ludwig.models.llm:LLM.initialize_adapter", checking)
     rebind("ludwig.schema.llms.peft:LoraConfig.to_config", with_tokens)
+def pad_token_id(tokenizer) -> int:
+    """The id Ludwig pads with: the tokenizer's pad token, else its EOS (Ludwig sets pad = EOS when none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def merged_rows(input_ids, target_ids, tokenizer, max_length: int | None) -> list[tuple[Any, int]]:
+    """Each row as Ludwig merges it (prompt without padding + response without padding + EOS, cut to
+    ``max_length``) and the number of prompt tokens in it; the same rule as ``llm_utils.generate_merged_ids``."""
+    import torch
+    from ludwig.utils.llm_utils import remove_left_padding
+
+    eos = torch.tensor([tokenizer.eos_token_id], device=target_ids[0].device)
+    rows = []
+    for prompt, target in zip(input_ids, target_ids):
+        prompt = remove_left_padding(prompt, tokenizer)[0]
+        merged = torch.cat((prompt, remove_left_padding(target, tokenizer)[0], eos))
+        if max_length and merged.shape[0] > max_length:
+            merged = merged[:max_length]
+        rows.append((merged, min(prompt.shape[0], merged.shape[0])))
+    return rows
+
+
+def left_pad_rows(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` left-padded with ``pad_id`` to the longest, and the int64 mask that attends their tokens only.
+
+    The mask is by position, not ``ids != pad_id``: where pad = EOS a row's own EOS must stay attended.
+    """
+    import torch
+
+    width = max(row.shape[0] for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64, device=rows[0].device)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64, device=rows[0].device)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return ids, mask
+
+
+def pad_merged_rows_with_the_pad_token() -> None:
+    """Make ``generate_merged_ids`` (training's prompt+response rows) pad with the pad token and mask the padding."""
+
+    def padding(original):
+        @functools.wraps(original)
+        def generate_merged_ids(input_ids, target_ids, tokenizer, max_sequence_length=None):
+            rows = merged_rows(input_ids, target_ids, tokenizer, max_sequence_length)
+            return left_pad_rows([ids for ids, _ in rows], pad_token_id(tokenizer))
+
+        return generate_merged_ids
+
+    # ``LLM.forward`` calls the name that ``ludwig.models.llm`` imported; other callers look it up in llm_utils
+    rebind("ludwig.utils.llm_utils:generate_merged_ids", padding)
+    rebind("ludwig.models.llm:generate_merged_ids", padding)

@@ -93,6 +93,11 @@ PATCHES: tuple[Patch, ...] = (
          "LoRA cannot teach a model to stop when its EOS output row was never trained (stories260k: best P(EOS) "
          "0.005, every answer runs to max_new_tokens): that one embedding row is trained with the adapter",
          fixes.train_eos_row_when_frozen_dead, ("ludwig", "peft", "torch")),
+    _fix("pad_merged_rows_with_the_pad_token",
+         ("ludwig.utils.llm_utils:generate_merged_ids", "ludwig.models.llm:generate_merged_ids"),
+         "training rows attend to their id-0 left padding when the pad token is not id 0 (SmolLM2, Qwen): padded "
+         "with the pad token, masked by position",
+         fixes.pad_merged_rows_with_the_pad_token, ("ludwig", "torch")),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"

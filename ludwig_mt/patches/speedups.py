@@ -88,6 +88,7 @@ from typing import Any
 
 from ludwig_mt.patches.model_loading import add_load_rule
 from ludwig_mt.patches.core import rebind
+from ludwig_mt.patches.fixes import left_pad_rows, merged_rows, pad_token_id
 from ludwig_mt.patches.env import env_names
 
 logger = logging.getLogger(__name__)
@@ -268,23 +269,6 @@ LEAN_LOSS = "ludwig_mt_target_only_loss"
 IGNORE = -100  # ludwig.constants.IGNORE_INDEX_TOKEN_ID, torch's cross-entropy default
 
 
-def merged_rows(input_ids, target_ids, tokenizer, max_length: int | None) -> list[tuple[Any, int]]:
-    """Each row as Ludwig merges it (prompt without padding + response without padding + EOS, cut to
-    ``max_length``) and the number of prompt tokens in it; the same rule as ``llm_utils.generate_merged_ids``."""
-    import torch
-    from ludwig.utils.llm_utils import remove_left_padding
-
-    eos = torch.tensor([tokenizer.eos_token_id], device=target_ids[0].device)
-    rows = []
-    for prompt, target in zip(input_ids, target_ids):
-        prompt = remove_left_padding(prompt, tokenizer)[0]
-        merged = torch.cat((prompt, remove_left_padding(target, tokenizer)[0], eos))
-        if max_length and merged.shape[0] > max_length:
-            merged = merged[:max_length]
-        rows.append((merged, min(prompt.shape[0], merged.shape[0])))
-    return rows
-
-
 def padded_labels(rows: list[tuple[Any, int]], width: int):
     """Labels for the rows left-padded to ``width`` (Ludwig's layout): the response tokens, -100 elsewhere."""
     import torch
@@ -399,13 +383,12 @@ def _warn_once(message: str) -> None:
 
 def lean_training_batch(llm, input_ids, target_ids) -> dict[str, Any]:
     """The model inputs and labels of a lean step: packed if ``trainer.packing`` is on and the model allows it,
-    else exactly Ludwig's left-padded merge (``generate_merged_ids``) with labels on the response tokens."""
-    from ludwig.utils.llm_utils import generate_merged_ids
-
+    else Ludwig's left-padded merge as ``pad_merged_rows_with_the_pad_token`` fixes it (padding masked) with labels
+    on the response tokens."""
     # The per-row slicing below is cheap on the CPU and costs a device sync per row on the GPU: build the batch
     # on the CPU and move it once.
     device = input_ids.device
-    batch = _lean_training_batch_on_cpu(llm, input_ids.cpu(), target_ids.cpu(), generate_merged_ids)
+    batch = _lean_training_batch_on_cpu(llm, input_ids.cpu(), target_ids.cpu())
     batch.update(target_positions(batch["labels"]))
     if device.type != "cuda":
         return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
@@ -413,17 +396,17 @@ def lean_training_batch(llm, input_ids, target_ids) -> dict[str, Any]:
     return {k: v.pin_memory().to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def _lean_training_batch_on_cpu(llm, input_ids, target_ids, generate_merged_ids) -> dict[str, Any]:
+def _lean_training_batch_on_cpu(llm, input_ids, target_ids) -> dict[str, Any]:
     max_length = llm.global_max_sequence_length
     rows = merged_rows(input_ids, target_ids, llm.tokenizer, max_length)
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
     if getattr(llm.config_obj.trainer, "packing", False):
         if packing_supported(llm.model):
-            pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
+            pad = pad_token_id(llm.tokenizer)
             longest = max(ids.shape[0] for ids, _ in rows)
             return {**pack_rows(rows, max(max_length or 0, longest), pad), "n_tokens": n_tokens}
         _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")
-    merged, mask = generate_merged_ids(input_ids, target_ids, llm.tokenizer, max_length)
+    merged, mask = left_pad_rows([ids for ids, _ in rows], pad_token_id(llm.tokenizer))
     return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),
             "n_tokens": n_tokens}
 

@@ -591,3 +591,25 @@ def test_lora_learns_to_stop_on_a_dead_eos_row_only_with_the_fix(tmp_path) -> No
     # fixed (and saved, reloaded by LudwigModel.load): the answer is the word, and generation stops there
     assert read[True]["P_EOS"] > 0.9
     assert read[True]["ANSWERS"] == words
+def test_merged_training_rows_attend_to_their_tokens_not_their_padding_only_with_the_fix() -> None:
+    """pad = EOS = 2 as in SmolLM2: raw Ludwig pads the short row with id 0 and attends to it; fixed, the padding
+    is the pad token and masked, and every real token (the appended EOS target included) is attended."""
+    from types import SimpleNamespace
+
+    import ludwig.api  # noqa: F401  (the import hook applies the registry's patches)
+    import ludwig.models.llm
+    from ludwig.utils import llm_utils
+
+    from ludwig_mt.patches import core, registry
+
+    registry.apply_all()
+    tokenizer = SimpleNamespace(pad_token_id=2, eos_token_id=2, bos_token_id=1)
+    prompts = torch.tensor([[2, 2, 1, 20, 21], [2, 2, 2, 1, 30]])  # Ludwig's left-padded prompt and response ids
+    responses = torch.tensor([[40, 41], [2, 50]])
+    for generate_merged_ids in (llm_utils.generate_merged_ids, ludwig.models.llm.generate_merged_ids):
+        ids, mask = generate_merged_ids(prompts, responses, tokenizer, 64)
+        assert ids.tolist() == [[1, 20, 21, 40, 41, 2], [2, 2, 1, 30, 50, 2]]
+        assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]] and mask.dtype == torch.int64
+    raw_ids, raw_mask = core.original("ludwig.utils.llm_utils:generate_merged_ids")(prompts, responses, tokenizer, 64)
+    assert raw_ids[1].tolist() == [0, 0, 1, 30, 50, 2] and raw_mask[1].tolist() == [1] * 6  # the bug
+    assert fixes.left_pad_rows([torch.tensor([5, 2]), torch.tensor([2])], pad_id=2)[1].tolist() == [[1, 1], [0, 1]]

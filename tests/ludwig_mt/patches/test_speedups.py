@@ -201,18 +201,26 @@ def test_packed_loss_equals_ludwigs_when_rows_need_no_padding(llm) -> None:
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_ludwig_unpacked_rows_attend_to_their_left_padding(llm) -> None:
-    """Why packed and Ludwig's padded losses differ when rows have unequal lengths (a Ludwig 0.17.10 quirk, left
-    as is): ``generate_merged_ids`` left-pads with token id 0 but masks only ``pad_token_id``, so a short row
-    attends to its padding. Packing has no padding inside a sequence and gives each row's own loss."""
+def test_unpacked_rows_of_unequal_lengths_give_each_rows_own_loss(llm) -> None:
+    """Left padding is masked (fix ``pad_merged_rows_with_the_pad_token``): Ludwig's padded forward and the lean
+    one give every row's own loss. Raw Ludwig pads with id 0, which is not the tiny model's pad token, and attends
+    to it."""
     from ludwig.utils.llm_utils import generate_merged_ids
 
+    from ludwig_mt.patches import core
+
     inputs, targets = ludwig_batch(llm.tokenizer, [12, 4], [5, 3])
+    pad = llm.tokenizer.pad_token_id
+    assert pad != 0
     merged, mask = generate_merged_ids(inputs["prompt"], targets["response"], llm.tokenizer, 64)
-    assert llm.tokenizer.pad_token_id != 0
-    assert merged[1, :10].tolist() == [0] * 10 and mask[1, :10].tolist() == [1] * 10
-    full, _, _ = loss_and_grads(llm, (inputs, targets), lean=False, packing=False)
-    assert abs(full - per_row_loss(llm, (inputs, targets))) > 1e-3
+    assert merged[1, :10].tolist() == [pad] * 10 and mask[1, :10].tolist() == [0] * 10 and mask[1, 10:].all()
+    raw_merged, raw_mask = core.original("ludwig.utils.llm_utils:generate_merged_ids")(
+        inputs["prompt"], targets["response"], llm.tokenizer, 64)
+    assert raw_merged[1, :10].tolist() == [0] * 10 and raw_mask[1, :10].tolist() == [1] * 10
+    own = per_row_loss(llm, (inputs, targets))
+    for lean in (False, True):
+        loss, _, _ = loss_and_grads(llm, (inputs, targets), lean=lean, packing=False)
+        assert abs(loss - own) < TOLERANCE, (lean, loss, own)
 
 
 def test_packing_puts_several_rows_in_one_row_of_the_model(llm) -> None:
