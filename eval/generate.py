@@ -347,7 +347,10 @@ def prompt_ids(tokenizer, prompt: str, settings: GenerationSettings, *, context_
     ids = list(tokenizer.encode(text, truncation=True))
     pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
     ids = keep_prompt_tail(ids, settings.max_input_tokens, bos)
-    if pad is not None and pad in ids:
+    # Ludwig's predict drops everything up to the last pad token (its left padding), and eval copies that for
+    # parity; a chat template is eval's own mode, where the pad token can be real text (SmolLM2: pad = <|im_end|>
+    # ends the user's turn): cutting there would score the model on its assistant cue without the message
+    if pad is not None and pad in ids and not settings.chat_template:
         ids = ids[len(ids) - ids[::-1].index(pad):]
     if bos is not None and bos in ids:
         ids = ids[ids.index(bos):]

@@ -242,5 +242,10 @@ def test_chat_template_wraps_the_prompt_or_is_refused_without_one(loaded: Loaded
         ids = prompt_ids(tok, "the cat", chat, context_len=1024, max_new_tokens=4)
         assert ids == tok.encode("<u>the cat</u><a>") != prompt_ids(tok, "the cat", plain, context_len=1024,
                                                                      max_new_tokens=4)
+        # the pad token as real text of the template (SmolLM2: pad = <|im_end|> ends each turn): the message stays
+        pad = tok.convert_ids_to_tokens(tok.pad_token_id)
+        tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}" + pad + "{% endfor %}<a>"
+        ids = prompt_ids(tok, "the cat", chat, context_len=1024, max_new_tokens=4)
+        assert ids == tok.encode("<u>the cat" + pad + "<a>") and tok.encode("the cat")[-1] in ids
     finally:
         tok.chat_template = saved
