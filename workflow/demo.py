@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from ludwig_mt.io import atomic_write_text
 from prep.mix import MIX_TASK, build_mixture
 from prep.registry import config_path, get_task
 from prep.task import prepare
+from workflow.steps import timed_steps
 from workflow.train import ludwig_executable, train
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -135,13 +135,7 @@ def run_demo(workdir: Path, settings: DemoSettings = DemoSettings(), *,
     timings: dict[str, float] = {}
     paths: dict[str, str] = {}
 
-    def step(name: str, fn: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        with console.status(f"[bold]{name}[/bold] ..."):
-            result = fn()
-        timings[name] = time.perf_counter() - started
-        console.print(f"[green]done[/green] {name} ({timings[name]:.1f} s)")
-        return result
+    step = timed_steps(console, timings)
 
     def notify(line: str) -> None:
         console.print(f"  {line}", soft_wrap=True, highlight=False)

@@ -41,6 +41,7 @@ from ludwig_mt.config import load_yaml, render_overrides, write_yaml
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_csv, atomic_write_json
 from prep.common import PrepError
+from workflow.steps import timed_steps
 
 MIX = "multitask"
 MERGE_METHODS = ("linear", "ties", "dare_ties", "dare_linear", "cat", "svd", "magnitude_prune")
@@ -360,13 +361,7 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     plan.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    def step(name: str, fn: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        with console.status(f"[bold]{name}[/bold] ..."):
-            value = fn()
-        timings[name] = time.perf_counter() - started
-        console.print(f"[green]done[/green] {name} ({timings[name]:.1f} s)")
-        return value
+    step = timed_steps(console, timings)
 
     note = lambda line: console.print(f"[dim]{line}[/dim]", highlight=False)  # noqa: E731
     if plan.prepared is None:
