@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ludwig_mt.config_args import config_path_in
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.strategies import (
     ENV_DEEPSPEED,
@@ -113,34 +114,12 @@ def launcher_env(strategy: str, *, cpu: bool = False, base: dict[str, str] | Non
     return env
 
 
-def config_path_in(ludwig_args: Sequence[str]) -> str | None:
-    """The value of ``--config``/``-c`` in a ``ludwig train`` command line, if any."""
-    args = list(ludwig_args)
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def launcher_env_plain(cpu: bool) -> dict[str, str]:
     """One plain process: no strategy switch (Ludwig's own single-process path); on CPU no CUDA."""
     env = {k: v for k, v in os.environ.items() if k not in (ENV_STRATEGY, ENV_DEEPSPEED)}
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
-
-
-def launch_hint(config: Mapping[str, Any] | None, argv: Sequence[str], gpus_here: int) -> str | None:
-    """For a plain one-process ``ludwig train`` of a YAML that declares more processes: the one line that says
-    how to launch them (None when one process is what the YAML declares here)."""
-    declared = declared_backend(config)
-    wanted = gpus_here if declared.num_workers == "auto" else int(declared.num_workers)
-    if declared.strategy is None or wanted <= 1:
-        return None
-    return (f"ludwig_mt: this config's backend declares {declared.describe()} ({wanted} here) and this is one plain "
-            f"process. To launch them: python -m ludwig_mt.launch -- {' '.join(argv)}")
 
 
 def check_before_launch(strategy: str, config: Mapping[str, Any] | None, source: str) -> None:

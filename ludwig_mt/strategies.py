@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,3 +193,14 @@ def deepspeed_config(settings: Mapping[str, Any], trainer: Any, world_size: int)
 def default_strategy(config: Mapping[str, Any] | None) -> str:
     """ZeRO-2 for quantized (QLoRA) configs, plain DDP otherwise (nothing to shard in a small LoRA)."""
     return "zero2" if config and config.get("quantization") else "ddp"
+
+
+def launch_hint(config: Mapping[str, Any] | None, argv: Sequence[str], gpus_here: int) -> str | None:
+    """For a plain one-process ``ludwig train`` of a YAML that declares more processes: the one line that says
+    how to launch them (None when one process is what the YAML declares here)."""
+    declared = declared_backend(config)
+    wanted = gpus_here if declared.num_workers == "auto" else int(declared.num_workers)
+    if declared.strategy is None or wanted <= 1:
+        return None
+    return (f"ludwig_mt: this config's backend declares {declared.describe()} ({wanted} here) and this is one plain "
+            f"process. To launch them: python -m ludwig_mt.launch -- {' '.join(argv)}")

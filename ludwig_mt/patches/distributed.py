@@ -350,8 +350,7 @@ def accept_declared_backend_section() -> None:
     them."""
     import sys
 
-    from ludwig_mt.launch import launch_hint
-    from ludwig_mt.strategies import declared_backend
+    from ludwig_mt.strategies import declared_backend, launch_hint
 
     def without_declared_processes(original):
         @functools.wraps(original)

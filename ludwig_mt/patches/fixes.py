@@ -506,7 +506,7 @@ def check_cli_config_keys(argv: list[str]) -> None:
 
     from ludwig_mt.config import load_yaml
     from ludwig_mt.config_keys import check_keys
-    from ludwig_mt.launch import config_path_in
+    from ludwig_mt.config_args import config_path_in
 
     path = config_path_in(argv) if argv[:1] in (["train"], ["experiment"]) else None
     if path is not None and Path(path).is_file():

@@ -123,10 +123,10 @@ def test_4bit_yaml_declaring_zero3_or_fsdp_is_refused_before_any_work(strategy: 
 
 def test_plain_ludwig_train_of_a_multi_process_yaml_says_how_to_launch_it() -> None:
     sql = load_yaml(config_file("sql"))
-    hint = launch.launch_hint(sql, ["train", "--config", "sql.yaml"], gpus_here=4)
+    hint = strategies.launch_hint(sql, ["train", "--config", "sql.yaml"], gpus_here=4)
     assert hint.endswith("To launch them: python -m ludwig_mt.launch -- train --config sql.yaml")
-    assert launch.launch_hint(sql, ["train"], gpus_here=1) is None
-    assert launch.launch_hint(for_raw_ludwig(sql), ["train"], gpus_here=4) is None
+    assert strategies.launch_hint(sql, ["train"], gpus_here=1) is None
+    assert strategies.launch_hint(for_raw_ludwig(sql), ["train"], gpus_here=4) is None
 
 
 def test_raw_ludwig_copy_has_no_backend_trainer() -> None:
