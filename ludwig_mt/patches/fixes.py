@@ -621,8 +621,8 @@ def eos_ceiling(causal_lm, eos_token_id: int, steps: int = 200) -> float:
     import torch
 
     head = causal_lm.get_output_embeddings().weight.detach()
-    if head.device.type == "meta":  # weights not materialised here (sharded loading): nothing to measure
-        return 1.0
+    if head.device.type == "meta" or head.dim() != 2 or head.numel() == 0:
+        return 1.0  # weights not materialised or sharded here (meta loading, ZeRO-3's empty shards): nothing to measure
     scale = final_norm_weight(causal_lm)
     scale = torch.ones(head.shape[1], device=head.device) if scale is None else scale.float().to(head.device)
     generator = torch.Generator(device="cpu").manual_seed(0)
