@@ -89,6 +89,30 @@ def device_info(requested: str | None) -> dict[str, Any]:
     return info
 
 
+#: the per-token tables Ludwig saves in a text feature's encoder config: data, not settings (49k entries each for
+#: SmolLM2's tokenizer, which made one report 14 MB)
+VOCABULARY_KEYS = ("vocab", "str2freq", "str2idx", "idx2str")
+
+
+def without_vocabularies(config: Any) -> Any:
+    """``config`` with each feature's token tables replaced by their size, so the manifest keeps the settings."""
+    if not isinstance(config, dict):
+        return config
+    out = dict(config)
+    for section in ("input_features", "output_features"):
+        features = []
+        for feature in out.get(section) or []:
+            feature = dict(feature)
+            for part in ("encoder", "decoder", "preprocessing"):
+                if isinstance(feature.get(part), dict):
+                    feature[part] = {k: (f"<{len(v)} entries, left out>" if k in VOCABULARY_KEYS and
+                                         isinstance(v, (list, dict)) else v) for k, v in feature[part].items()}
+            features.append(feature)
+        if section in out:
+            out[section] = features
+    return out
+
+
 def model_record(path: Path) -> dict[str, Any]:
     """A trained model folder's saved config and the training seed Ludwig recorded (``description.json``)."""
     record: dict[str, Any] = {"path": str(path)}
@@ -97,6 +121,7 @@ def model_record(path: Path) -> dict[str, Any]:
             record[key] = json.loads((path / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             record[key] = None
+    record["config"] = without_vocabularies(record["config"])
     description = record.pop("description") or {}
     record["random_seed"] = description.get("random_seed")
     record["dataset"] = description.get("dataset")

@@ -46,3 +46,17 @@ def test_files_are_hashed_and_model_configs_recorded(tmp_path) -> None:
     assert manifest["generated_with"] == [stack, {"torch": "2.2", "ludwig": "0.17"}]
     assert manifest["data"]["t"]["sha256"] == sha256(data) and manifest["device"]["requested"] == "cpu"
     assert manifest["models"]["sql"][0]["random_seed"] == 7 and manifest["bootstrap"] == {"seed": 1}
+
+
+def test_saved_configs_keep_their_settings_but_not_their_token_tables() -> None:
+    from eval.manifest import without_vocabularies
+
+    config = {"base_model": "b", "input_features": [{"name": "prompt", "encoder": {
+        "type": "passthrough", "vocab": ["a", "b", "c"], "str2freq": {"a": 1, "b": 2}}}],
+        "output_features": [{"name": "response", "decoder": {"type": "text_extractor"}}]}
+    slim = without_vocabularies(config)
+    assert slim["input_features"][0]["encoder"] == {"type": "passthrough", "vocab": "<3 entries, left out>",
+                                                    "str2freq": "<2 entries, left out>"}
+    assert slim["output_features"] == config["output_features"] and slim["base_model"] == "b"
+    assert config["input_features"][0]["encoder"]["vocab"] == ["a", "b", "c"]  # the input is not changed
+    assert without_vocabularies(None) is None
