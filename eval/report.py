@@ -533,6 +533,8 @@ def samples_data(result: EvalResult) -> dict[str, dict[str, list[str]]]:
 def report_data(result: EvalResult, generated_at: str) -> dict[str, Any]:
     req = asdict(result.request)
     req["probes"] = [{"name": p.name, "texts": len(p.texts), "source": p.source} for p in result.request.probes]
+    if result.request.saved is not None:  # a --score-only run: its identities.json stays in its folder, named here
+        req["saved"] = {"folder": str(result.request.saved.get("folder"))}
     ret = result.retention
     return _jsonable({
         "name": result.request.name,

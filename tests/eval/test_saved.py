@@ -50,6 +50,9 @@ def test_score_only_gives_the_full_runs_scores_without_adapters_or_models(world:
     assert {(p.model, p.task): p.scores for p in result.pairs} == {(p.model, p.task): p.scores for p in full.pairs}
     assert result.own_tasks["multitask"] == ["sql", "detox"] and result.request.name == "gen"
     assert result.manifest["models"]["sql"][0]["path"].endswith("sql/experiment_run/model")
+    from eval.report import report_data
+
+    assert report_data(result, "now")["request"]["saved"] == {"folder": str(req.saved["folder"])}  # not its content
 
 
 def test_score_only_refuses_other_test_rows_and_missing_pairs(world: dict[str, Any]) -> None:  # noqa: F811
