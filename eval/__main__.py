@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--batch-size", type=int, help="generation batch size (default: eval.generate's)")
     parser.add_argument("--max-new-tokens", type=int, help="cap every task's max new tokens (quick runs)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="generate with N processes sharing the device, one model at a time each (small "
+                             "models leave a GPU idle; see eval/workers.py) (default: 1)")
     parser.add_argument("--rescore", action="store_true", help="re-score cached predictions (no generation)")
     parser.add_argument("--lm-eval-tasks", type=split_list, default=(),
                         help="lm-eval-harness tasks by name, e.g. hellaswag,arc_easy (needs lm-eval installed)")
@@ -145,6 +148,9 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
     for value, flag in ((args.base_model, "--base-model"), (args.name, "--name")):
         if not value:
             raise WorkflowError(f"{flag}: required. Fix: pass {flag} (or --score-only DIR)")
+    if args.workers > 1 and args.spec:
+        raise WorkflowError("--workers with --spec: worker processes know only the built-in tasks. "
+                            "Fix: leave out --workers")
     if args.lm_eval_tasks and args.generate_only:
         raise WorkflowError("--lm-eval-tasks with --generate-only: lm-eval scores as it runs. Fix: run it apart")
     owns = {}
@@ -159,7 +165,8 @@ def request_from_args(args: argparse.Namespace, spec_tasks: tuple[str, ...] = ()
         name, value = parse_assignment(item, "--model")
         models.append(model_spec(name, value, list(TASKS), owns))
     for number, flag in ((args.max_rows, "--max-rows"), (args.batch_size, "--batch-size"),
-                         (args.max_new_tokens, "--max-new-tokens"), (args.lm_eval_limit, "--lm-eval-limit")):
+                         (args.max_new_tokens, "--max-new-tokens"), (args.lm_eval_limit, "--lm-eval-limit"),
+                         (args.workers, "--workers")):
         if number is not None and number < 1:
             raise WorkflowError(f"{flag} {number}: must be at least 1. Fix: pass a positive number")
     if args.spider_dir is not None and not args.spider_dir.is_dir():
@@ -232,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             validate_request(request, list(TASKS))
             notify = lambda message: errors.print(f"[dim]eval[/dim] {message}")  # noqa: E731
             with logging_to(request.report_dir / LOG_FILE):
+                if args.workers > 1:
+                    from eval.workers import prefill
+
+                    prefill(request, args.workers, notify)
                 if request.generate_only:
                     from eval.saved import generate_only
 

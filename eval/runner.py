@@ -616,10 +616,12 @@ def _model_loader(request: EvalRequest, backend: Backend, run: Run, first_settin
 
 
 def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str], None] = lambda message: None,
-                 progress: bool = True, after_run: Callable[[Generated], None] | None = None) -> Generated:
+                 progress: bool = True, after_run: Callable[[Generated], None] | None = None,
+                 only: frozenset[str] | None = None) -> Generated:
     """Every (model seed, task) pair and every probe, from the cache or generated (and scored, unless
     ``generate_only``); lm-eval results too. ``after_run`` sees what is done after each model seed (a
-    generate-only run saves its progress, so a run cut short still leaves the models it finished)."""
+    generate-only run saves its progress, so a run cut short still leaves the models it finished). ``only``:
+    the run labels to do, the others skipped (a generation worker's share, :mod:`eval.workers`)."""
     from prep.registry import TASKS
 
     validate_request(request, list(TASKS))
@@ -643,6 +645,8 @@ def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str],
     probe_results: list[ProbeResult] = []
     lm_eval_results: dict[str, dict[str, dict[str, float]]] = {}
     for run in [run for spec in specs for run in model_runs(spec)]:
+        if only is not None and run.label not in only:
+            continue
         if request.saved is not None:
             identity = request.saved["identities"][run.label]
         else:

@@ -76,6 +76,7 @@ class StudyPlan:
     name: str = REPORT_NAME
     parallel: int = 1  # trainings run at once (a small model leaves most of a GPU idle)
     eval_batch_size: int | None = None
+    eval_workers: int = 1  # generation processes sharing the device (eval.workers)
     merge_lora: bool | None = None  # eval's adapter path (None: merged on CUDA only)
     agreement: Path | None = None  # workflow.agreement's JSON: eval vs ludwig predict, recorded in the report
     stop_after: str | None = None  # "train": stop once trained and merged (study.json written)
@@ -146,7 +147,8 @@ def check_plan(plan: StudyPlan) -> None:
         raise WorkflowError(f"--agreement {plan.agreement}: file not found. Fix: pass workflow.agreement's --out file")
     for number, flag in ((plan.max_rows, "--max-rows"), (plan.test_rows, "--test-rows"), (plan.epochs, "--epochs"),
                          (plan.batch_size, "--batch-size"), (plan.max_new_tokens, "--max-new-tokens"),
-                         (plan.parallel, "--parallel"), (plan.eval_batch_size, "--eval-batch-size")):
+                         (plan.parallel, "--parallel"), (plan.eval_batch_size, "--eval-batch-size"),
+                         (plan.eval_workers, "--eval-workers")):
         if number is not None and number < 1:
             raise WorkflowError(f"{flag} {number}: must be at least 1. Fix: pass a positive number")
     if plan.chat_template not in ("on", "off"):
@@ -387,6 +389,11 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     request = eval_request(plan, trained, merged)
     record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors)
     eval_log = request.report_dir / LOG_FILE
+    if plan.eval_workers > 1:
+        from eval.workers import prefill
+
+        with logging_to(eval_log):
+            step(f"generate in {plan.eval_workers} processes", lambda: prefill(request, plan.eval_workers, note))
     if plan.generate_only:
         from eval.saved import generate_only
 
@@ -484,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "a later run reuses them)")
     parser.add_argument("--parallel", type=int, default=1, help="trainings at once (default 1)")
     parser.add_argument("--eval-batch-size", type=int, help="generation batch size (default: eval's)")
+    parser.add_argument("--eval-workers", type=int, default=1,
+                        help="generation processes sharing the device, one model each at a time (default 1)")
     parser.add_argument("--merge-lora", choices=("on", "off", "auto"), default="auto",
                         help="eval's adapter path: merged bf16 (on), apart as ludwig predict (off), auto: merged on "
                              "CUDA only; pick the one workflow.agreement finds agreeing with ludwig predict")
@@ -507,7 +516,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         max_rows=args.max_rows, test_rows=args.test_rows, epochs=args.epochs, batch_size=args.batch_size,
         cpu=args.cpu, generate_only=args.generate_only, chat_template=args.chat_template,
         probe=None if args.no_perplexity else args.probe, max_new_tokens=args.max_new_tokens, name=args.name,
-        parallel=args.parallel, eval_batch_size=args.eval_batch_size, agreement=args.agreement,
+        parallel=args.parallel, eval_batch_size=args.eval_batch_size, eval_workers=args.eval_workers, agreement=args.agreement,
         merge_lora={"on": True, "off": False}.get(args.merge_lora), stop_after=args.stop_after)
 
 
