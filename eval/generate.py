@@ -57,6 +57,9 @@ LUDWIG_DEFAULT_INPUT_MAX_SEQUENCE_LENGTH = 256
 #: Ludwig's default ``quantization.bnb_4bit_compute_dtype`` (``schema/llms/quantization.py``).
 LUDWIG_DEFAULT_COMPUTE_DTYPE = "float16"
 #: Generation settings that would make decoding non-greedy; we force them to greedy (the issue asks for greedy).
+# Bumped when a change to decoding changes what the same model generates; part of every pair's cache key, so an
+# older cached generation is never scored as if made by the current rule. 2: also stops at the tokenizer's EOS.
+DECODING_RULE = 2
 _GREEDY = {"do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None}
 #: Settings with no effect on greedy decoding with ``max_new_tokens`` set (sampling warpers, ``max_length``);
 #: dropped only to keep transformers from warning about them on every batch.
@@ -400,14 +403,18 @@ def generation_config(loaded: LoadedModel, max_new_tokens: int):
 
 
 def eos_ids(loaded: LoadedModel, config) -> set[int]:
-    """The eos ids ``generate`` stops at: the generation config's, else the model's generation config's."""
+    """The eos ids ``generate`` stops at: the generation config's (else the model's generation config's), and the
+    tokenizer's EOS, which Ludwig appends to every training row and ``ludwig predict`` stops at. They differ when a
+    folder's tokenizer and config disagree (SmolLM2 converted by transformers 5.17: tokenizer EOS id 1, config
+    id 2); stopping at the config's only, eval ran on past every adapter's answer (0 of 32 rows equal to
+    ``ludwig predict`` on the H200; with both, 31 of 32 unmerged and 32 of 32 merged)."""
     eos = config.eos_token_id
     if eos is None:
         model_config = getattr(loaded.model, "generation_config", None)
         eos = getattr(model_config, "eos_token_id", None)
-    if eos is None:  # generate() would not stop either, so neither do we
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+    stop = set() if eos is None else {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+    trained = getattr(loaded.tokenizer, "eos_token_id", None)  # what Ludwig appends to every training row
+    return stop | ({int(trained)} if trained is not None else set())
 
 
 def _until_eos(tokens: Sequence[int], stop: set[int]) -> list[int]:

@@ -45,7 +45,7 @@ import pandas as pd
 
 from eval import baselines as baseline_recipes
 from eval import contamination, manifest, stats
-from eval.generate import HYPERPARAMETERS, WEIGHTS_DIR, saved_config
+from eval.generate import DECODING_RULE, HYPERPARAMETERS, WEIGHTS_DIR, saved_config
 from eval.retention import BASE, CellInput, ProbeInput, Retention, build_retention
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_write_json
@@ -468,7 +468,7 @@ def settings_key(settings: Any) -> dict[str, Any]:
 
 def pair_key(model_identity: str, task: str, test_hash: str, settings: Any, max_rows: int | None) -> str:
     payload = {"format": CACHE_FORMAT, "model": model_identity, "task": task, "test": test_hash,
-               "settings": settings_key(settings), "max_rows": max_rows}
+               "settings": settings_key(settings), "max_rows": max_rows, "decoding": DECODING_RULE}
     return _digest([json.dumps(payload, sort_keys=True)])
 
 

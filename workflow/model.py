@@ -179,6 +179,7 @@ class GGUFInfo:
     architecture: str
     name: str
     tensor_types: dict[str, int]  # quantisation type -> number of tensors
+    special_tokens: dict[str, str] = field(default_factory=dict)  # "bos"/"eos"/"pad"/"unk" -> token text
 
     @property
     def types_text(self) -> str:
@@ -201,10 +202,46 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         for tensor in reader.tensors:
             types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
         return GGUFInfo(architecture=text("general.architecture"), name=text("general.name"),
-                        tensor_types=dict(sorted(types.items())))
+                        tensor_types=dict(sorted(types.items())), special_tokens=special_tokens(fields))
     except Exception as err:  # the reader raises ValueError, struct.error, IndexError ... on damaged files
         raise WorkflowError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}). "
                             f"Fix: delete it and fetch it again") from err
+
+
+SPECIAL_ROLES = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id"}
+
+
+def special_tokens(fields: Mapping[str, Any]) -> dict[str, str]:
+    """The special tokens the GGUF header names (``tokenizer.ggml.<role>_token_id`` into its token list)."""
+    if "tokenizer.ggml.tokens" not in fields:
+        return {}
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    found = {}
+    for role, key in SPECIAL_ROLES.items():
+        field_ = fields.get(f"tokenizer.ggml.{key}")
+        if field_ is not None and 0 <= int(field_.contents()) < len(tokens):
+            found[role] = tokens[int(field_.contents())]
+    return found
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                         specials: Mapping[str, str]) -> None:
+    """Make the tokenizer, the model config and its generation config name the GGUF's own special tokens.
+
+    Why: transformers' GGUF tokenizer conversion is not stable across versions: 5.24 names SmolLM2's EOS
+    ``<|im_end|>`` (id 2, as the GGUF says), 5.17 names ``<|im_start|>`` (id 1) and no pad token. Ludwig appends
+    the tokenizer's EOS to every training row and ``ludwig predict`` stops there, so the mislabelled folder trained
+    adapters to end with ``<|im_start|>`` while the model's generation config stopped at id 2 (measured on the
+    H200: eval's generations ran on past every answer, 0 of 32 rows equal to ``ludwig predict``)."""
+    for role in ("bos", "eos", "pad", "unk"):
+        if role in specials:
+            setattr(tokenizer, f"{role}_token", specials[role])
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is None:
+            continue
+        for role in ("bos", "eos", "pad"):
+            if role in specials:
+                setattr(config, f"{role}_token_id", tokenizer.convert_tokens_to_ids(specials[role]))
 
 
 # ---------------------------------------------------------------- conversion and the check generation
@@ -422,6 +459,7 @@ def convert(record: ModelRecord, gguf_path: Path, staging: Path, steps: Steps, s
     try:
         with steps.step("convert", f"{gguf_path.name} to a {DTYPE} transformers folder"):
             model, tokenizer = load_gguf(gguf_path)
+            align_special_tokens(model, tokenizer, info.special_tokens)
             # A GGUF has no tokenizer_config: without this, transformers' "no limit" sentinel (1e30) is saved and
             # truncation=True never truncates; the model's context length is the real limit.
             tokenizer.model_max_length = model.config.max_position_embeddings

@@ -249,3 +249,25 @@ def test_chat_template_wraps_the_prompt_or_is_refused_without_one(loaded: Loaded
         assert ids == tok.encode("<u>the cat" + pad + "<a>") and tok.encode("the cat")[-1] in ids
     finally:
         tok.chat_template = saved
+
+
+def test_stops_at_the_tokenizer_eos_ludwig_trains_with_too() -> None:
+    """Tokenizer EOS (appended to every training row by Ludwig) and the generation config's EOS both stop."""
+    from types import SimpleNamespace
+
+    from eval.generate import eos_ids
+
+    loaded = SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=1), model=None)
+    assert eos_ids(loaded, SimpleNamespace(eos_token_id=2)) == {1, 2}
+    assert eos_ids(loaded, SimpleNamespace(eos_token_id=[2, 5])) == {1, 2, 5}
+    none = SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=None), model=None)
+    assert eos_ids(none, SimpleNamespace(eos_token_id=None)) == set()
+
+
+def test_the_decoding_rule_is_part_of_every_pair_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import eval.runner as runner
+
+    settings = GenerationSettings(max_input_tokens=16, max_new_tokens=8)
+    before = runner.pair_key("m", "sql", "h", settings, None)
+    monkeypatch.setattr(runner, "DECODING_RULE", runner.DECODING_RULE + 1)
+    assert runner.pair_key("m", "sql", "h", settings, None) != before

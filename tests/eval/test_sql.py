@@ -377,3 +377,12 @@ def test_score_spider_real_database_and_fallback(tmp_path: Path) -> None:
     scores = score_spider([wrong, wrong], [gold, gold], [CTX, CTX], [db, None])
     assert scores.per_row["execution_accuracy"] == [1.0, 0.0]
     assert scores.settings == {"n": 2, "n_real_db": 1, "n_gold_fails": 0}
+
+
+def test_a_prediction_nested_too_deep_for_the_parser_scores_zero() -> None:
+    """SmolLM2's instruct adapter generated ``SELECT COALESCE(CONCAT(CONCAT(...`` 41 deep, cut by its token limit:
+    sqlglot raised RecursionError and stopped the whole eval. It is an unparseable prediction: wrong, not a crash."""
+    context = "CREATE TABLE t (a VARCHAR, b VARCHAR)"
+    deep = "SELECT COALESCE(" + "CONCAT(" * 40 + "a"
+    scores = score_sql([deep], ["SELECT a FROM t WHERE b = 'x'"], [context])
+    assert scores.metrics["execution_match"] == 0.0 and scores.metrics["exact_match"] == 0.0

