@@ -165,9 +165,15 @@ def model_kind(result: EvalResult, model: str, task: str) -> str | None:
     own = tuple(result.own_tasks.get(model, ()))
     if spec is None or task not in own:
         return None
-    if (record := merge_record(spec.path)) is not None:
+    if (record := merge_record(spec.path) or saved_merge_record(result, model)) is not None:
         return f"merge ({record.get('method', '?')})"
     return "single-task adapter" if own == (task,) else "mix"
+
+
+def saved_merge_record(result: EvalResult, model: str) -> dict[str, Any] | None:
+    """A merged model's merge.json as a generate-only run recorded it (scored elsewhere, its folder is not here)."""
+    saved = result.request.saved or {}
+    return next((m.get("merge") for m in saved.get("models", ()) if m["name"] == model), None)
 
 
 def merges_table(result: EvalResult) -> Table:

@@ -27,6 +27,7 @@ from eval.runner import (
     Probe,
     default_backend,
     generate_all,
+    merge_record,
     model_runs,
     probe_key,
     run_manifest,
@@ -76,8 +77,8 @@ def _save(request: EvalRequest, generated: Any, extra: Mapping[str, Any] | None,
         "tasks": {task: {"test_sha256": test_hash, "test_rows": total, "evaluated": len(test),
                          "settings": generated.settings_info[task]}
                   for task, (test, test_hash, total) in generated.tests.items()},
-        "models": [{"name": m.name, "own_tasks": list(m.own_tasks), "paths": [str(p) for p in m.seed_paths]}
-                   for m in done],
+        "models": [{"name": m.name, "own_tasks": list(m.own_tasks), "paths": [str(p) for p in m.seed_paths],
+                    "merge": merge_record(m.path)} for m in done],  # the folders stay behind: say what they were
         "complete": complete, "models_not_generated": [m.name for m in request.models if m not in done],
         "identities": {label: i for label, i in generated.identities.items() if labels[label].model in names},
         "keys": {f"{labels_of(p, labels)}|{p.task}": p.key for p in pairs},

@@ -110,3 +110,19 @@ def test_a_run_cut_short_leaves_the_models_it_finished(world: dict[str, Any]) ->
                       FakeBackend().backend(), progress=False)
     assert {p.model for p in result.pairs} == {"base", "sql"}
     assert result.manifest["models_not_generated"] == ["multitask"]
+
+
+def test_score_only_knows_a_merge_whose_folder_stayed_on_the_gpu(world: dict[str, Any]) -> None:  # noqa: F811
+    """identities.json keeps each model's merge.json: scored elsewhere, the report still compares the merge with
+    the single-task adapters (before, with the folder gone, the merge counted as a mix and the table was empty)."""
+    from eval.report import merges_table
+
+    merged = world["multitask"].path
+    (merged / "merge.json").write_text(json.dumps({"method": "ties", "tasks": ["sql", "detox"]}))
+    saved = _generate(world)
+    assert json.loads(saved.read_text())["models"][1]["merge"]["method"] == "ties"
+    shutil.rmtree(world["tmp"] / "results")
+    result = run_eval(scoring_request(saved.parent, prepared=world["prepared"], out=world["tmp"] / "cpu"),
+                      FakeBackend().backend(), progress=False)
+    kinds = {(row[0], row[1]): row[2] for row in merges_table(result)[1]}
+    assert kinds[("sql", "multitask")] == "merge (ties)" and kinds[("sql", "sql")] == "single-task adapter"

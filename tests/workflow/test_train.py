@@ -214,3 +214,10 @@ def test_the_resume_command_is_the_same_command_with_resume() -> None:
     assert train.resume_command(["sql", "--cpu", "--base-model", "my model"]) == \
         "./run.sh train sql --cpu --base-model 'my model' --resume"
     assert train.resume_command(["sql", "--resume"]) == "./run.sh train sql --resume"
+
+
+def test_a_nan_failure_names_the_switch_that_fixed_it() -> None:
+    line = ("RuntimeError: Training ran into an error. No checkpoint was saved. This is because training was "
+            "terminated early due to the presence of NaN or Inf values in the model weights")
+    assert "LUDWIG_MT_SPEEDUPS_OFF=sdpa_attention" in train.known_fix(line)
+    assert train.known_fix("KeyError: 'response'") is None
