@@ -62,6 +62,9 @@ class DemoSettings:
     batch_size: int = 8
     predict_rows: int = 40  # rows `ludwig predict` runs on: the real command, compared with eval's generations
     threads: int = 1  # torch threads: on 2 cores shared with other work, 1 thread ran 6x faster than 2
+    # --merge linear,ties,...: also train a stories adapter (the replay rows alone) and merge it with the banking77
+    # adapter by each method: the merge as the remedy, next to the mix (issue #15's CPU evidence; ~2 min more)
+    merges: tuple[str, ...] = ()
 
 
 def head_csv(source: Path, target: Path, rows: int) -> Path:
@@ -101,7 +104,8 @@ def cpu_lengths(config: Mapping[str, Any], prompt_tokens: int) -> dict[str, Any]
 def demo_config(task: str, dataset: Path, settings: DemoSettings, notify: Callable[[str], None]) -> dict[str, Any]:
     """The task's YAML rendered for the CPU demo: base model and lengths (measured with its tokenizer on the
     rows), then the demo's overrides, each one said."""
-    config = render_overrides(load_yaml(config_path(task)), base_model=str(BASE_MODEL), cpu=True,
+    yaml_task = MIX_TASK if task == REPLAY else task  # replay rows have no YAML of their own: the mix's recipe
+    config = render_overrides(load_yaml(config_path(yaml_task)), base_model=str(BASE_MODEL), cpu=True,
                               epochs=settings.epochs, batch_size=settings.batch_size, dataset=dataset, notify=notify)
     config = cpu_lengths(config, settings.prompt_tokens)
     config["trainer"]["learning_rate"] = settings.learning_rate
@@ -110,6 +114,13 @@ def demo_config(task: str, dataset: Path, settings: DemoSettings, notify: Callab
            f"{settings.learning_rate}, LoRA r {settings.lora_r}, prompts cut to their last {settings.prompt_tokens} "
            f"tokens")
     return config
+
+
+def merge_two(adapters: Mapping[str, Path], method: str, out: Path) -> Path:
+    """The banking77 and stories adapters merged by ``method`` (weights 1 each, PEFT's default density)."""
+    from workflow.merge import merge_adapters
+
+    return merge_adapters({TASK: adapters[TASK], REPLAY: adapters[REPLAY]}, method, out=out)
 
 
 def predict(model: Path, dataset: Path, out_dir: Path, log: Path) -> Path:
@@ -152,21 +163,26 @@ def run_demo(workdir: Path, settings: DemoSettings = DemoSettings(), *,
 
     rows = step("prep banking77, stories replay, their mix", prep_all)
     adapters: dict[str, Path] = {}
-    for name in (TASK, MIX_TASK):
-        dataset = prepared / name / "train.csv"
+    datasets = {name: prepared / name / "train.csv" for name in (TASK, MIX_TASK)}
+    if settings.merges:  # the replay rows the mix holds, alone
+        datasets[REPLAY] = head_csv(prepared / REPLAY / "train.csv", workdir / "replay" / "train.csv",
+                                    settings.replay_rows)
+    for name, dataset in datasets.items():
         config = demo_config(name, dataset, settings, notify)
         rendered = write_yaml(config, workdir / f"{name}.cpu.yaml",
                               header=f"# ludwig_configs/{name}.yaml rendered for the CPU demo (workflow.demo).\n")
         adapters[name] = step(f"ludwig train {name}", lambda r=rendered, d=dataset, n=name: train(
             r, d, workdir / "results" / n))
         paths[f"trained {name}"] = str(adapters[name])
+    merged = {f"merge-{method}": step(f"merge {TASK} + {REPLAY} ({method})", lambda m=method: merge_two(
+        adapters, m, workdir / "merged" / m)) for method in settings.merges}
     predict_csv = head_csv(prepared / TASK / "test.csv", workdir / "predict" / "test.csv", settings.predict_rows)
     predictions = step(f"ludwig predict {TASK} ({settings.predict_rows} rows)", lambda: predict(
         adapters[TASK], predict_csv, workdir / "predictions" / TASK, logs / "predict.log"))
     paths["predictions"] = str(predictions)
     probe = probe_file(PROBE, workdir / "probe" / PROBE.name, settings.probe_texts)  # named as the shipped one
-    evaluation = step("eval: base, banking77, multitask on banking77 + stories probe",
-                      lambda: retention_report(adapters, probe, prepared, workdir))
+    evaluation = step(f"eval: base, {', '.join([*adapters, *merged])} on banking77 + stories probe",
+                      lambda: retention_report(adapters, probe, prepared, workdir, merged))
     report_dir = evaluation.request.report_dir
     paths["eval report"] = str(report_dir / "report.md")
     agreement = predict_agreement(predictions, evaluation.pair(TASK, TASK).predictions)
@@ -175,12 +191,16 @@ def run_demo(workdir: Path, settings: DemoSettings = DemoSettings(), *,
             "predict_agreement": agreement}
 
 
-def retention_report(adapters: Mapping[str, Path], probe: Path, prepared: Path, workdir: Path) -> Any:
-    """``python -m eval`` in-process: the base and both adapters on banking77, perplexity on the stories probe."""
+def retention_report(adapters: Mapping[str, Path], probe: Path, prepared: Path, workdir: Path,
+                     merged: Mapping[str, Path] | None = None) -> Any:
+    """``python -m eval`` in-process: the base, the adapters (and merges) on banking77, perplexity on the stories
+    probe."""
     from eval.report import LOG_FILE, logging_to, write_report
     from eval.runner import EvalRequest, ModelSpec, read_probe, run_eval
 
-    models = (ModelSpec(TASK, adapters[TASK], (TASK,)), ModelSpec(MIX_TASK, adapters[MIX_TASK], (TASK, REPLAY)))
+    models = (ModelSpec(TASK, adapters[TASK], (TASK,)), ModelSpec(MIX_TASK, adapters[MIX_TASK], (TASK, REPLAY)),
+              *([ModelSpec(REPLAY, adapters[REPLAY], (REPLAY,))] if REPLAY in adapters else []),
+              *(ModelSpec(name, path, (TASK, REPLAY)) for name, path in (merged or {}).items()))
     request = EvalRequest(name="demo", base_model=shown(BASE_MODEL), models=models, tasks=(TASK,), prepared=prepared,
                           out=workdir / "reports", probes=(read_probe(probe),), device="cpu")
     with logging_to(request.report_dir / LOG_FILE):
@@ -319,18 +339,28 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[Path, DemoSettings]:
+    """The work folder and the settings: one option per DemoSettings field, ``--merge`` a comma-separated list."""
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if name != "merges":
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--merge", default="", metavar="METHODS",
+                        help="also train a stories (replay) adapter and merge it with banking77's, e.g. ties,linear")
     args = parser.parse_args(argv)
-    settings = DemoSettings(**{name: getattr(args, name) for name in asdict(defaults)})
+    settings = DemoSettings(**{name: getattr(args, name) for name in asdict(defaults) if name != "merges"},
+                            merges=tuple(m.strip() for m in args.merge.split(",") if m.strip()))
+    return args.workdir, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    workdir, settings = parse_args(argv)
     quiet_library_chatter()
     use_threads(settings.threads)
     try:
-        result = run_demo(args.workdir, settings)
+        result = run_demo(workdir, settings)
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -150,3 +150,11 @@ def test_demo_end_to_end_on_a_few_rows(tmp_path: Path, monkeypatch: pytest.Monke
     assert report["probes"] == {"tinystories_valid": 6}
     assert readings(result["report"]) == readings(report)
     assert result["predict_agreement"][1] == 4
+
+
+def test_merge_option_lists_methods_and_other_settings_keep_their_defaults() -> None:
+    from workflow.demo import DemoSettings, parse_args
+
+    workdir, settings = parse_args(["--merge", "ties, linear", "--epochs", "3"])
+    assert settings.merges == ("ties", "linear") and settings.epochs == 3 and workdir == Path("runs/demo")
+    assert parse_args([])[1] == DemoSettings()
