@@ -56,10 +56,10 @@ LUDWIG_DEFAULT_MAX_NEW_TOKENS = 32
 LUDWIG_DEFAULT_INPUT_MAX_SEQUENCE_LENGTH = 256
 #: Ludwig's default ``quantization.bnb_4bit_compute_dtype`` (``schema/llms/quantization.py``).
 LUDWIG_DEFAULT_COMPUTE_DTYPE = "float16"
-#: Generation settings that would make decoding non-greedy; we force them to greedy (the issue asks for greedy).
 # Bumped when a change to decoding changes what the same model generates; part of every pair's cache key, so an
 # older cached generation is never scored as if made by the current rule. 2: also stops at the tokenizer's EOS.
 DECODING_RULE = 2
+#: Generation settings that would make decoding non-greedy; we force them to greedy (the issue asks for greedy).
 _GREEDY = {"do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None}
 #: Settings with no effect on greedy decoding with ``max_new_tokens`` set (sampling warpers, ``max_length``);
 #: dropped only to keep transformers from warning about them on every batch.
@@ -407,7 +407,7 @@ def eos_ids(loaded: LoadedModel, config) -> set[int]:
     tokenizer's EOS, which Ludwig appends to every training row and ``ludwig predict`` stops at. They differ when a
     folder's tokenizer and config disagree (SmolLM2 converted by transformers 5.17: tokenizer EOS id 1, config
     id 2); stopping at the config's only, eval ran on past every adapter's answer (0 of 32 rows equal to
-    ``ludwig predict`` on the H200; with both, 31 of 32 unmerged and 32 of 32 merged)."""
+    ``ludwig predict`` on the H200; with both, 15 of 16 unmerged and 16 of 16 merged)."""
     eos = config.eos_token_id
     if eos is None:
         model_config = getattr(loaded.model, "generation_config", None)

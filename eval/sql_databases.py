@@ -142,7 +142,7 @@ def parse_one(text: str) -> exp.Expression | None:
         return None
     try:
         expressions = sqlglot.parse(text, read=DIALECT)
-    except (SqlglotError, RecursionError):  # RecursionError: a generation nesting thousands deep (seen on SmolLM2)
+    except (SqlglotError, RecursionError):  # RecursionError: CONCAT( nested 41 deep (SmolLM2)
         return None
     if len(expressions) != 1 or expressions[0] is None:
         return None

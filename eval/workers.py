@@ -1,8 +1,8 @@
 """Generation in several processes sharing one device, for many small models.
 
 Greedy generation with a 135M-parameter model is bound by Python's per-token overhead, not by the GPU: on an
-H200 one process generated one SmolLM2 adapter's 5 tasks x 200 rows in 60-80 s with the GPU mostly idle, so a
-study of 14 models took 15 minutes in one process. ``prefill(request, workers)`` splits the model seeds over
+H200 one process generated one SmolLM2 adapter's 5 tasks x 200 rows in 60-80 s with the GPU mostly idle; 7
+processes generated the study's 11 model runs in 275 s (docs/study/README.md). ``prefill(request, workers)`` splits the model seeds over
 ``workers`` spawned processes; each generates its share into the pair cache (``generate_only``: predictions, no
 scores) exactly as the one-process run would, keyed the same way. The caller's own run then finds every pair and
 probe in the cache, loads no model, and scores or saves as usual, so the report cannot tell how it was made
