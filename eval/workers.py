@@ -2,12 +2,12 @@
 
 Greedy generation with a 135M-parameter model is bound by Python's per-token overhead, not by the GPU: on an
 H200 one process generated one SmolLM2 adapter's 5 tasks x 200 rows in 60-80 s with the GPU mostly idle; 7
-processes generated the study's 11 model runs in 275 s (docs/study/README.md). ``prefill(request, workers)`` splits the model seeds over
-``workers`` spawned processes; each generates its share into the pair cache (``generate_only``: predictions, no
-scores) exactly as the one-process run would, keyed the same way. The caller's own run then finds every pair and
-probe in the cache, loads no model, and scores or saves as usual, so the report cannot tell how it was made
-except by its timings. Each worker logs to ``<report>/generate-worker-<i>.log``; a failed worker stops the run
-with one line naming its log.
+processes generated the study's 11 model runs in 275 s (docs/study/README.md). ``prefill(request, workers)``
+splits the model seeds over ``workers`` spawned processes; each generates its share into the pair cache
+(``generate_only``: predictions, no scores) exactly as the one-process run would, keyed the same way. The
+caller's own run then finds every pair and probe in the cache, loads no model, and scores or saves as usual, so
+the report cannot tell how it was made except by its timings. Each worker logs to
+``<report>/generate-worker-<i>.log``; a failed worker stops the run with one line naming its log.
 """
 
 from __future__ import annotations

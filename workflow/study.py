@@ -516,7 +516,8 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         max_rows=args.max_rows, test_rows=args.test_rows, epochs=args.epochs, batch_size=args.batch_size,
         cpu=args.cpu, generate_only=args.generate_only, chat_template=args.chat_template,
         probe=None if args.no_perplexity else args.probe, max_new_tokens=args.max_new_tokens, name=args.name,
-        parallel=args.parallel, eval_batch_size=args.eval_batch_size, eval_workers=args.eval_workers, agreement=args.agreement,
+        parallel=args.parallel, eval_batch_size=args.eval_batch_size, eval_workers=args.eval_workers,
+        agreement=args.agreement,
         merge_lora={"on": True, "off": False}.get(args.merge_lora), stop_after=args.stop_after)
 
 
