@@ -374,16 +374,13 @@ def with_chat_template(tokenizer, text: str) -> str:
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str):
-    """Input ids and attention mask for a batch, padded on the left (generation continues at the right)."""
+    """Input ids and attention mask for a batch, padded on the left (generation continues at the right): the same
+    padding and mask as Ludwig's training rows get (``ludwig_mt.patches.fixes.left_pad_rows``)."""
     import torch
 
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
+    from ludwig_mt.patches.fixes import left_pad_rows
+
+    ids, mask = left_pad_rows([torch.tensor(list(row), dtype=torch.long) for row in rows], pad_id)
     return ids.to(device), mask.to(device)
 
 
