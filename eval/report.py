@@ -33,6 +33,7 @@ from eval.formatting import (
 )
 from eval.heatmap import write_heatmap
 from eval.inputs import input_text, row_fields
+from eval.manifest import base_model_line
 from eval.retention import BASE, BASELINE, REPEAT_TOLERANCE
 from eval.runner import EvalResult, score_metrics
 from eval.stats import ALPHA, LEVEL, RESAMPLES
@@ -440,6 +441,7 @@ def render_markdown(result: EvalResult, generated_at: str) -> str:
     parts = [
         f"# Eval report: {req.name}",
         f"Tasks: {', '.join(req.tasks)}. Generated {generated_at}.",
+        *([base_model_line(result.manifest["base_model"])] if result.manifest.get("base_model") else []),
         markdown(models),
         "## Retention matrix",
         f"Each task's primary metric (higher is better). {LEGEND}",

