@@ -402,6 +402,9 @@ def study_section(manifest: dict[str, Any]) -> list[str]:
             "Throughput: Ludwig's training_progress.json (total_tokens_used, steps) over the training loop's time "
             "(its progress bar in train.log); `ludwig train s` is the whole process (loading, evaluation, saving).",
             markdown(table),
+            *([f"**Not trained, so not in this report**: "
+               f"{'; '.join(f'{m}: {e}' for m, e in study['training_errors'].items())}."]
+              if study.get("training_errors") else []),
             *([f"Merges left out (failed): {'; '.join(f'{m}: {e}' for m, e in study['merge_errors'].items())}."]
               if study.get("merge_errors") else []),
             *agreement_lines(study.get("agreement"))]

@@ -299,8 +299,15 @@ def merge_all(plan: StudyPlan, trained: Mapping[str, Training],
     ``failed(method, error)``: a method that fails is left out and reported there, so one merge cannot cost a
     whole study (a GPU session); without it the first failure stops the study."""
     merge = merge_function()
-    singles = {task: Path(trained[task].model_dir) for task in plan.tasks}
-    merged = {}
+    singles = {task: Path(trained[task].model_dir) for task in plan.tasks if task in trained}
+    merged: dict[str, Path] = {}
+    if len(singles) < len(plan.tasks):  # a merge of fewer adapters would be another model than the one asked for
+        missing = ", ".join(t for t in plan.tasks if t not in singles)
+        for method in plan.merges:
+            if failed is None:
+                raise WorkflowError(f"--merge {method}: no trained adapter for {missing}. Fix: train it first")
+            failed(method, f"not merged: the {missing} adapter did not train")
+        return merged
     for method in plan.merges:
         out = plan.out / "merged" / method
         if (out / "model_hyperparameters.json").is_file():  # merged by an earlier run of this study
@@ -327,6 +334,8 @@ def eval_request(plan: StudyPlan, trained: Mapping[str, Training], merged: Mappi
         probes = (read_probe(PROBES.get(plan.probe, Path(plan.probe))),)
     models = []
     for task in plan.tasks:
+        if task not in trained:  # its training failed: reported in study.json, left out here
+            continue
         seeds = tuple(Path(t.model_dir) for t in trained.values() if t.task == task and t.name != task)
         models.append(ModelSpec(task, Path(trained[task].model_dir), (task,), seeds))
     if MIX in trained:
@@ -341,14 +350,15 @@ def eval_request(plan: StudyPlan, trained: Mapping[str, Training], merged: Mappi
 
 def study_record(plan: StudyPlan, rows: Mapping[str, Any], trainings: Sequence[Training],
                  merged: Mapping[str, Path], timings: Mapping[str, float],
-                 merge_errors: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 merge_errors: Mapping[str, str] | None = None,
+                 training_errors: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What the study did, for study.json and the report's manifest."""
     return {"base_model": plan.base_model, "tasks": list(plan.tasks), "rows": dict(rows),
             "epochs": plan.epochs, "cpu": plan.cpu, "chat_template": plan.chat_template, "parallel": plan.parallel,
             "merge_lora": plan.merge_lora,
             "agreement": json.loads(plan.agreement.read_text(encoding="utf-8")) if plan.agreement else None,
             "trainings": [t.as_dict() for t in trainings], "merges": {k: str(v) for k, v in merged.items()},
-            "merge_errors": dict(merge_errors or {}),
+            "merge_errors": dict(merge_errors or {}), "training_errors": dict(training_errors or {}),
             "seconds": dict(timings)}
 
 
@@ -373,7 +383,13 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
                 for t in (*plan.tasks, *([MIX] if plan.mix else []))}
     runs = plan.models()
     label = f"train {len(runs)} models ({plan.parallel} at a time; logs: {plan.out / 'results'}/<model>/train.log)"
-    trained = step(label, lambda: train_all(plan, runs, note))
+    training_errors: dict[str, str] = {}
+
+    def training_failed(name: str, error: str) -> None:
+        training_errors[name] = error
+        console.print(f"[red]{name} failed, left out:[/red] {error}", highlight=False)
+
+    trained = step(label, lambda: train_all(plan, runs, note, training_failed))
     merge_errors: dict[str, str] = {}
 
     def merge_failed(method: str, error: str) -> None:
@@ -383,11 +399,12 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     merged = step("merge " + ", ".join(plan.merges), lambda: merge_all(plan, trained, merge_failed)) \
         if plan.merges else {}
     if plan.stop_after == "train":
-        record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors) | {"eval_log": None}
+        record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors,
+                              training_errors) | {"eval_log": None}
         atomic_write_json(plan.out / "study.json", record)
         return record | {"stopped": "after training"}
     request = eval_request(plan, trained, merged)
-    record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors)
+    record = study_record(plan, rows, list(trained.values()), merged, timings, merge_errors, training_errors)
     eval_log = request.report_dir / LOG_FILE
     if plan.eval_workers > 1:
         from eval.workers import prefill
@@ -412,14 +429,23 @@ def run_study(plan: StudyPlan, console: Console | None = None) -> dict[str, Any]
     return record | ({} if plan.generate_only else {"result": result})
 
 
-def train_all(plan: StudyPlan, runs: Sequence[tuple[str, str, int]],
-              note: Callable[[str], None]) -> dict[str, Training]:
-    """Every training, ``plan.parallel`` at a time (each a ``ludwig train`` process), in the order given;
-    the first error stops the study after the running ones end."""
+def train_all(plan: StudyPlan, runs: Sequence[tuple[str, str, int]], note: Callable[[str], None],
+              failed: Callable[[str, str], None] | None = None) -> dict[str, Training]:
+    """Every training, ``plan.parallel`` at a time (each a ``ludwig train`` process), in the order given.
+
+    ``failed(name, error line)``: a training that fails (``ludwig train`` exits non-zero, e.g. NaN weights) is
+    left out and reported there while the others go on, so one diverged adapter cannot cost a whole study (a GPU
+    session: on the H200 samsum's NaN did); without it the first failure stops the study."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(run: tuple[str, str, int]) -> Training:
-        done = train_one(plan, *run)
+    def one(run: tuple[str, str, int]) -> Training | None:
+        try:
+            done = train_one(plan, *run)
+        except WorkflowError as err:
+            if failed is None:
+                raise
+            failed(run[0], str(err))
+            return None
         note(f"{done.name}: {done.train_rows} rows, {done.steps or '?'} steps, {_rate(done.tokens_per_second)} "
              f"tokens/s, {_rate(done.steps_per_second, 2)} steps/s in the loop; {done.wall_seconds:.1f} s in all; "
              f"log {done.log}")
@@ -427,8 +453,11 @@ def train_all(plan: StudyPlan, runs: Sequence[tuple[str, str, int]],
 
     first = sorted(runs, key=lambda run: run[1] != MIX)  # the mix, the longest, starts first
     with ThreadPoolExecutor(max_workers=max(1, plan.parallel)) as pool:
-        done = {t.name: t for t in pool.map(one, first)}
-    return {name: done[name] for name, _, _ in runs}
+        done = {t.name: t for t in pool.map(one, first) if t is not None}
+    if not done:
+        raise WorkflowError("every training failed (see each model's train.log under "
+                            f"{plan.out / 'results'}). Fix: the first error line above")
+    return {name: done[name] for name, _, _ in runs if name in done}
 
 
 def _rate(value: float | None, digits: int = 0) -> str:
@@ -539,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_summary(record, console)
-    return 0
+    for name, error in record.get("training_errors", {}).items():
+        console.print(f"[red]not trained, not in the report:[/red] {name}: {error}", highlight=False)
+    return 1 if record.get("training_errors") else 0
 
 
 if __name__ == "__main__":

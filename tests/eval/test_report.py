@@ -184,3 +184,14 @@ def test_merges_are_compared_per_task_with_the_single_task_adapter_and_the_mix(w
     assert "### Merges against the single-task adapters and the mix" in text
     data = json.loads(write_report(with_merge)["report.json"].read_text())
     assert data["merge_comparison"][2] == dict(zip(header, rows[2], strict=True))
+
+
+def test_a_studys_failed_trainings_and_merges_are_said_in_its_section() -> None:
+    from eval.report import study_section
+
+    lines = study_section({"study": {"base_model": "b", "trainings": [], "training_errors": {"samsum": "NaN"},
+                                     "merge_errors": {"ties": "not merged: the samsum adapter did not train"}}})
+    text = "\n".join(lines)
+    assert "**Not trained, so not in this report**: samsum: NaN." in text
+    assert "Merges left out (failed): ties: not merged" in text
+    assert study_section({}) == []

@@ -144,3 +144,31 @@ def test_a_failing_merge_is_left_out_and_reported_when_asked(tmp_path: Path, mon
     assert failures == {"ties": "RuntimeError: shapes differ"}
     with pytest.raises(RuntimeError, match="shapes differ"):
         merge_all(p, trained)
+
+
+def test_a_failing_training_is_left_out_and_the_study_goes_on(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the H200 samsum's NaN stopped a whole study (a GPU session): now it is reported and the rest goes on;
+    a merge of the tasks asked for needs every one of them, so merges are reported as not made."""
+    import workflow.study as study
+
+    def train_one(p, name, task, seed):
+        if name == "detox":
+            raise WorkflowError("ludwig train failed (exit 1): RuntimeError: NaN or Inf values. Fix: see log")
+        return training(name, task, seed)
+
+    monkeypatch.setattr(study, "train_one", train_one)
+    p = plan(tmp_path, mix=True, merges=("ties",))
+    failures: dict[str, str] = {}
+    trained = study.train_all(p, p.models(), lambda line: None, lambda n, e: failures.update({n: e}))
+    assert list(trained) == ["sql", MIX] and "NaN" in failures["detox"]
+    with pytest.raises(WorkflowError, match="NaN"):
+        study.train_all(p, p.models(), lambda line: None)
+    merge_failures: dict[str, str] = {}
+    monkeypatch.setitem(sys.modules, "workflow.merge", types.SimpleNamespace(merge_adapters=lambda *a, **k: None))
+    assert merge_all(p, trained, lambda m, e: merge_failures.update({m: e})) == {}
+    assert merge_failures == {"ties": "not merged: the detox adapter did not train"}
+    assert [m.name for m in eval_request(p, trained, {}).models] == ["sql", MIX]
+    monkeypatch.setattr(study, "train_one", lambda *a: (_ for _ in ()).throw(WorkflowError("boom")))
+    with pytest.raises(WorkflowError, match="every training failed"):
+        study.train_all(p, p.models(), lambda line: None, lambda n, e: None)
