@@ -129,24 +129,35 @@ def model_record(path: Path) -> dict[str, Any]:
     return record
 
 
-PROVENANCE_FILES = ("PROVENANCE.txt", "PROVENANCE.md")  # ./run.sh model writes the first; shipped assets the second
+# ./run.sh model (workflow/model.py) writes PROVENANCE.txt into every model folder it makes, MARKER its first
+# line (how it recognises a folder it may skip or replace); shipped assets carry a PROVENANCE.md instead.
+PROVENANCE = "PROVENANCE.txt"
+MARKER = "# written by ./run.sh model (workflow/model.py)"
+PROVENANCE_MD = "PROVENANCE.md"
+
+
+def read_provenance(folder: Path) -> dict[str, str]:
+    """The ``key: value`` lines of a PROVENANCE.txt written by ``./run.sh model``; empty when absent or not ours."""
+    path = folder / PROVENANCE
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines or lines[0] != MARKER:
+        return {}
+    return dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
 
 
 def base_model_record(base_model: str) -> dict[str, Any]:
-    """The base model as named and, when its folder carries a provenance file, what the weights are: the
-    ``key: value`` lines of ``./run.sh model``'s PROVENANCE.txt, or the title of a PROVENANCE.md. A path such as
-    ``/tmp/smollm2`` says nothing about dequantised GGUF weights; the report must (issue #13)."""
+    """The base model as named and, when its folder carries a provenance file, what the weights are: the fields of
+    ``./run.sh model``'s PROVENANCE.txt, or the title of a PROVENANCE.md. A path such as ``/tmp/smollm2`` says
+    nothing about dequantised GGUF weights; the report must (issue #13)."""
     folder = Path(base_model)
-    for name in PROVENANCE_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        if name.endswith(".txt"):
-            fields = dict(line.split(": ", 1) for line in lines if ": " in line and not line.startswith("#"))
-        else:
-            fields = {"title": next((line.lstrip("# ").strip() for line in lines if line.strip()), "")}
-        return {"path": base_model, "provenance_file": name, "provenance": fields}
+    if fields := read_provenance(folder):
+        return {"path": base_model, "provenance_file": PROVENANCE, "provenance": fields}
+    if (folder / PROVENANCE_MD).is_file():
+        lines = (folder / PROVENANCE_MD).read_text(encoding="utf-8", errors="replace").splitlines()
+        title = next((line.lstrip("# ").strip() for line in lines if line.strip()), "")
+        return {"path": base_model, "provenance_file": PROVENANCE_MD, "provenance": {"title": title}}
     return {"path": base_model, "provenance_file": None, "provenance": {}}
 
 

@@ -91,6 +91,11 @@ def model_runs(spec: ModelSpec) -> list[Run]:
     return [Run(spec.name, i, p, f"{spec.name}#{i + 1}") for i, p in enumerate(paths)]
 
 
+def all_runs(request: EvalRequest) -> list[Run]:
+    """Every model seed of ``request`` in the order the runner visits them: the base first."""
+    return [run for spec in (ModelSpec(BASE, None, ()), *request.models) for run in model_runs(spec)]
+
+
 @dataclass(frozen=True)
 class Probe:
     """A named general-text probe set for perplexity (the task-free view of forgetting)."""
@@ -644,7 +649,7 @@ def generate_all(request: EvalRequest, backend: Backend, notify: Callable[[str],
     pairs: list[PairResult] = []
     probe_results: list[ProbeResult] = []
     lm_eval_results: dict[str, dict[str, dict[str, float]]] = {}
-    for run in [run for spec in specs for run in model_runs(spec)]:
+    for run in all_runs(request):
         if only is not None and run.label not in only:
             continue
         if request.saved is not None:

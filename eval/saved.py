@@ -25,6 +25,7 @@ from eval.runner import (
     EvalRequest,
     ModelSpec,
     Probe,
+    all_runs,
     default_backend,
     generate_all,
     merge_record,
@@ -57,7 +58,7 @@ def generate_only(request: EvalRequest, backend: Backend | None = None,
 
 def _save(request: EvalRequest, generated: Any, extra: Mapping[str, Any] | None, complete: bool) -> None:
     """identities.json and the generations of every model whose seeds have all run (the base first)."""
-    labels = {run.label: run for spec in (ModelSpec(BASE, None, ()), *request.models) for run in model_runs(spec)}
+    labels = {run.label: run for run in all_runs(request)}
     done = [m for m in request.models if all(r.label in generated.identities for r in model_runs(m))]
     names = {BASE, *(m.name for m in done)}
     if BASE not in generated.identities:

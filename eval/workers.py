@@ -19,13 +19,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from eval.runner import BASE, EvalRequest, ModelSpec, default_backend, generate_all, model_runs
+from eval.runner import EvalRequest, all_runs, default_backend, generate_all
 from ludwig_mt.errors import WorkflowError
 
 
 def run_labels(request: EvalRequest) -> list[str]:
     """Every model seed's label in the order the runner visits them: the base first."""
-    return [run.label for spec in (ModelSpec(BASE, None, ()), *request.models) for run in model_runs(spec)]
+    return [run.label for run in all_runs(request)]
 
 
 def partition(labels: Sequence[str], workers: int) -> list[tuple[str, ...]]:

