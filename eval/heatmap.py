@@ -22,6 +22,7 @@ MIN_SCORE_RANGE = 0.10  # primary metrics are rates/scores in [0, 1] (eval.scori
 PERPLEXITY_FULL_LOG2 = 2.0
 NOT_SIGNIFICANT_COLOUR = "#d9d9d9"
 MISSING_COLOUR = "#eeeeee"
+PALE_ALPHA = 0.35  # a significant change that leaves the model at or under the trivial baseline
 
 
 def _clip(value: float) -> float:
@@ -47,12 +48,14 @@ def _text(score: str, change: str, tail: str) -> str:
 
 def heatmap_columns(retention: Retention, own_tasks: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One column per task, then one per probe: label, and per row (models, then the baseline) its text, colour
-    value in [-1, 1] (None: no colour), hatched (not significant) and own (boxed) flags."""
+    value in [-1, 1] (None: no colour), hatched (not significant), pale (a significant change that still leaves the
+    model at or under the task's trivial baseline: coloured like learning, it would read as learning) and own
+    (boxed) flags."""
     models = list(retention.models)
     scale = task_colour_scale(retention)
     columns = []
     for task in retention.tasks:
-        texts, colours, hatched, own = [], [], [], []
+        texts, colours, hatched, pale, own = [], [], [], [], []
         for model in models:
             cell = retention.cells[model][task]
             flags = " ".join(f for f in (f"n={cell.score.n}" if cell.score and cell.score.n else "",
@@ -61,14 +64,16 @@ def heatmap_columns(retention: Retention, own_tasks: dict[str, list[str]]) -> li
                                else fmt_change(cell.delta, cell.significant), flags))
             colours.append(None if cell.delta is None else _clip(cell.delta.value / scale))
             hatched.append(cell.delta is not None and not cell.significant)
+            pale.append(cell.delta is not None and bool(cell.significant) and cell.beats_baseline is False)
             own.append(task in own_tasks.get(model, []))
         floor = retention.baseline.get(task)
         texts.append(fmt_estimate(floor) if floor is not None else "—")
         colours.append(None)
         hatched.append(False)
+        pale.append(False)
         own.append(False)
         columns.append({"kind": "task", "label": f"{task}\n{retention.metric[task]}", "texts": texts,
-                        "colours": colours, "hatched": hatched, "own": own})
+                        "colours": colours, "hatched": hatched, "pale": pale, "own": own})
     for probe in retention.probes:
         texts, colours, hatched = [], [], []
         for model in models:
@@ -80,7 +85,7 @@ def heatmap_columns(retention: Retention, own_tasks: dict[str, list[str]]) -> li
             hatched.append(delta is not None and not cell.significant)  # type: ignore[union-attr]
         columns.append({"kind": "perplexity", "label": f"{probe}\nperplexity (lower = better)",
                         "texts": [*texts, ""], "colours": [*colours, None], "hatched": [*hatched, False],
-                        "own": [False] * (len(models) + 1)})
+                        "pale": [False] * (len(models) + 1), "own": [False] * (len(models) + 1)})
     return columns
 
 
@@ -97,16 +102,17 @@ def write_heatmap(retention: Retention, own_tasks: dict[str, list[str]], title: 
     fig, ax = plt.subplots(figsize=(2.4 * n_cols + 2.4, 1.0 * n_rows + 2.2), dpi=150)
     cmap = plt.get_cmap("RdYlGn")
     for col, column in enumerate(columns):
-        cells = zip(column["texts"], column["colours"], column["hatched"], column["own"], strict=True)
-        for row, (text, value, hatched, own) in enumerate(cells):
+        cells = zip(column["texts"], column["colours"], column["hatched"], column["pale"], column["own"],
+                    strict=True)
+        for row, (text, value, hatched, pale, own) in enumerate(cells):
             colour = (MISSING_COLOUR if value is None else NOT_SIGNIFICANT_COLOUR if hatched
-                      else cmap(0.5 + 0.42 * value))
+                      else cmap(0.5 + 0.42 * value, alpha=PALE_ALPHA if pale else 1.0))
             ax.add_patch(Rectangle((col, row), 1, 1, facecolor=colour, edgecolor="white", linewidth=2,
                                    hatch="///" if hatched else None))
             if own:
                 ax.add_patch(Rectangle((col + 0.04, row + 0.06), 0.92, 0.88, fill=False, edgecolor="#222222",
                                        linewidth=2.2))
-            strong = value is not None and not hatched and abs(value) > 0.75  # white text stays readable
+            strong = value is not None and not hatched and not pale and abs(value) > 0.75  # white text readable
             ax.text(col + 0.5, row + 0.5, text, ha="center", va="center", fontsize=7.5,
                     fontweight="bold" if own else "normal", color="white" if strong else "#111111",
                     bbox={"facecolor": "white", "alpha": 0.6, "edgecolor": "none", "pad": 1} if hatched else None)
@@ -127,7 +133,8 @@ def write_heatmap(retention: Retention, own_tasks: dict[str, list[str]], title: 
             f"red worse (full colour at ±{task_colour_scale(retention):.2f} for tasks, at 4× or ¼× for perplexity) · "
             f"grey hatched / {NOT_SIGNIFICANT}: no significant change (CI includes 0 or not significant after "
             f"Benjamini-Hochberg over {retention.tests} changes) · {BELOW_BASELINE}: not above the trivial baseline "
-            "· boxed: the adapter's own task")
+            "(pale when the change is significant: it moved, but not past a trivial answer) · boxed: the adapter's "
+            "own task")
     width_chars = int(fig.get_figwidth() * 15)  # about 15 characters of 8-pt text per inch
     fig.text(0.01, 0.01, textwrap.fill(note, width_chars), fontsize=8, color="#444444", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.03 * (len(note) // width_chars), 1, 1))

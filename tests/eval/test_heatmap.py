@@ -43,3 +43,14 @@ def test_write_heatmap_writes_a_png(retention, tmp_path) -> None:
     path = tmp_path / "retention.png"
     write_heatmap(retention, {"sql": ["sql"]}, "t", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_significant_change_that_stays_under_the_trivial_baseline_is_pale() -> None:
+    """Green like learning, +0.5 on a task where a trivial answer scores 1.0 would read as learning: drawn pale."""
+    better = ROWS.copy()
+    better[::2] = 1.0
+    inputs = {BASE: {"sql": CellInput(ROWS, (0.5,))}, "sql": {"sql": CellInput(better, (1.0,))}}
+    under = build_retention(inputs, ("sql",), {"sql": ("sql",)}, {"sql": "em"}, baseline={"sql": np.ones(100)})
+    above = build_retention(inputs, ("sql",), {"sql": ("sql",)}, {"sql": "em"}, baseline={"sql": np.zeros(100)})
+    assert heatmap_columns(under, {"sql": ["sql"]})[0]["pale"] == [False, True, False]
+    assert heatmap_columns(above, {"sql": ["sql"]})[0]["pale"] == [False, False, False]
