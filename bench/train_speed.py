@@ -309,8 +309,9 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     from ludwig.api import LudwigModel
     from ludwig.callbacks import Callback
 
-    from ludwig_mt.patches import instrumentation, registry
+    from ludwig_mt.patches import instrumentation, registry, speedups
 
+    loss_tokens = _recording_loss_tokens(speedups)
     registry.apply_all()  # the .pth auto-loader is not installed on the GPU machine's Python (same switches)
     registry.apply("record_step_losses")  # after the others: the outermost layer of Trainer.train_step
     cuda = torch.cuda.is_available()
@@ -349,8 +350,23 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     n = len(timer.times)
     return {"step_times": timer.times, "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
-            "peak_gib": _peak_gib(), "param_dtypes": dtypes, "attn_implementation": attn,
+            "loss_tokens_per_step": loss_tokens[:n], "peak_gib": _peak_gib(), "param_dtypes": dtypes, "attn_implementation": attn,
             "config_trainer": config["trainer"], "profile": "\n".join(profile_table), "syncs": syncs}
+
+
+def _recording_loss_tokens(speedups) -> list[int]:
+    """Count, per lean training step, the positions the loss is taken on (``target_positions`` of the batch the
+    step built): the peers' benchmark checks that every path trains on as many tokens. Counted on the CPU."""
+    counts: list[int] = []
+    original = speedups.target_positions
+
+    def counting(labels):
+        out = original(labels)
+        counts.append(int(out["target_index"].numel()))
+        return out
+
+    speedups.target_positions = counting
+    return counts
 
 
 def _sync_recording(timer_cls, step: int, sink: dict[str, int]):
@@ -401,11 +417,16 @@ def _profiling(timer_cls, step: int, sink: list[str]):
             super().on_batch_end(trainer, progress_tracker, save_path, sync_step=sync_step, **kwargs)
             if len(self.times) == step + 1:
                 self._prof.__exit__(None, None, None)
-                averages = self._prof.key_averages()
-                for key in ("self_cuda_time_total", "cpu_time_total"):
-                    sink.append(averages.table(sort_by=key, row_limit=22, max_name_column_width=50))
+                sink.extend(profile_tables(self._prof))
 
     return ProfilingTimer
+
+
+def profile_tables(prof) -> list[str]:
+    """The two views of one profiled step kept in the JSON: CUDA time by op, CPU time by op."""
+    averages = prof.key_averages()
+    return [averages.table(sort_by=key, row_limit=22, max_name_column_width=50)
+            for key in ("self_cuda_time_total", "cpu_time_total")]
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -439,12 +460,14 @@ def case_name(case: Case) -> str:
     return case.label or f"{case.shape}-{case.mode}-{case.path}-b{case.batch}"
 
 
-def launch(case: Case, model_dir: Path, dataset: Path, work: Path, timeout: int) -> dict[str, Any]:
+def launch(case: Case, model_dir: Path, dataset: Path, work: Path, timeout: int,
+           script: Path = Path(__file__)) -> dict[str, Any]:
+    """Run ``case`` in a fresh process of ``script --worker`` (this file, or ``bench/peers.py`` for the peers)."""
     name = case_name(case)
     result = work / f"{name}.json"
     env = {**os.environ, "LUDWIG_MT_SPEEDUPS": "0" if case.path == "raw" else "1", **case.extra_env}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, __file__, "--worker", "--case", json.dumps(asdict(case)), "--model-dir", str(model_dir),
+    cmd = [sys.executable, str(script), "--worker", "--case", json.dumps(asdict(case)), "--model-dir", str(model_dir),
            "--dataset", str(dataset), "--workdir", str(work / name), "--result", str(result)]
     t0 = time.perf_counter()
     with open(work / f"{name}.log", "w") as log:

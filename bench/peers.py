@@ -1,0 +1,429 @@
+"""The project against the fine-tuning tools users would pick instead: TRL's ``SFTTrainer`` and unsloth, one run.
+
+Issue #17. Same shape (random weights, public config values: :data:`bench.train_speed.SHAPES`), same rows (exactly
+190 prompt + 64 response tokens + EOS, loss on the response and EOS), same LoRA recipe, same rows per optimizer
+step; each path as its own documentation recommends for speed:
+
+* ``project`` - ``ludwig_configs/sql.yaml`` as committed through real ``LudwigModel.train`` (the benchmark's
+  ``tuned`` path: :func:`bench.train_speed.worker_ludwig`), with the local model and these rows;
+* ``trl``     - TRL ``SFTTrainer``: prompt/completion loss, ``packing=True`` (best-fit decreasing) with
+  ``padding_free``, ``use_liger_kernel``; QLoRA with gradient checkpointing and paged AdamW, LoRA without
+  checkpointing (the TRL/PEFT docs' recipes). Flash-attention is not on the GPU image, so attention is SDPA on the
+  flattened packs (TRL warns about it; the table says so);
+* ``unsloth`` - ``FastLanguageModel`` (its 4-bit loading, its "unsloth" gradient checkpointing, its kernels) and
+  unsloth's patched ``SFTTrainer`` with the same packing, ``adamw_8bit`` as its notebooks; once at the YAML's
+  LoRA dropout and once at dropout 0 (its fast LoRA path, ``-fast``).
+
+The LoRA recipe (r, alpha, dropout, target modules) and gradient checkpointing of every path are read from the
+same rendered YAML the project trains with (:func:`peer_settings`), so they cannot drift apart.
+
+Checks (in the JSON and the table): every path trains on the same number of loss tokens per step (counted from the
+batches each one built: the project's target positions, the peers' shifted labels) and starts from the same
+first-step loss (LoRA B = 0: the base model's loss) within :data:`bench.train_speed.LOSS_TOLERANCE` of the
+project's. A path that cannot run gets one line saying why.
+
+Run (GPU, the peers' wheels installed into /tmp/site by the call before, see bench/NOTES-speed.md):
+    PYTHONPATH=$PWD/.gpu-site:/tmp/site python3 bench/peers.py --out $OUT
+Run (CPU smoke test of the project and TRL paths; unsloth needs CUDA):
+    python bench/peers.py --smoke --out /tmp/peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_speed as ts  # noqa: E402  (bench/ is scripts, not a package)
+
+PATHS = ("project", "trl", "unsloth")
+PACK_LENGTH = 2048  # tokens per packed sequence: the issue's setting, what the peers pack to
+
+
+NEEDS_CUDA = "needs a CUDA GPU (TRL 1.15 takes its loss through a Triton kernel; unsloth's kernels are Triton)"
+
+
+def pack_length() -> int:
+    """The pack length of this run (the driver sets ``BENCH_PACK_LENGTH`` for its workers; the smoke test packs
+    four of its short rows)."""
+    return int(os.environ.get("BENCH_PACK_LENGTH", PACK_LENGTH))
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def peer_settings(case: ts.Case, model_dir: Path) -> dict[str, Any]:
+    """The LoRA recipe and checkpointing of the rendered task YAML, as every path must use them."""
+    config = ts.ludwig_config(case, model_dir, cpu=False)
+    adapter, trainer = config["adapter"], config["trainer"]
+    return {"r": adapter["r"], "alpha": adapter["alpha"],
+            "dropout": float(case.extra_env.get("BENCH_LORA_DROPOUT", adapter["dropout"])),
+            "target_modules": list(adapter["target_modules"]),
+            "gradient_checkpointing": bool(trainer.get("enable_gradient_checkpointing")),
+            "learning_rate": float(trainer["learning_rate"])}
+
+
+def rows_per_pack(case: ts.Case) -> int:
+    return pack_length() // case.seq_len
+
+
+def packs_per_step(case: ts.Case) -> int:
+    """Packed sequences per optimizer step that hold the case's rows per step (64 rows of 255 -> 8 packs of 8)."""
+    if case.batch % rows_per_pack(case):
+        raise ValueError(f"{case.batch} rows per step do not fill packs of {rows_per_pack(case)} rows")
+    return case.batch // rows_per_pack(case)
+
+
+# ---------------------------------------------------------------------------------------------------- peers
+
+
+def _lora_config(settings: dict[str, Any]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                      target_modules=settings["target_modules"], task_type="CAUSAL_LM", bias="none")
+
+
+def trl_model(case: ts.Case, model_dir: Path, settings: dict[str, Any]):
+    """The model as TRL's QLoRA / LoRA docs load it; the adapter is added by ``SFTTrainer(peft_config=...)``."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
+    if case.mode == "qlora":
+        kwargs.update(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return model, _lora_config(settings)
+
+
+def unsloth_model(case: ts.Case, model_dir: Path, settings: dict[str, Any]):
+    """``FastLanguageModel`` as unsloth's notebooks use it; its own ``get_peft_model`` and checkpointing."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401  (patches transformers / peft / trl: must come first)
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=pack_length(), dtype=torch.bfloat16,
+        load_in_4bit=case.mode == "qlora", load_in_16bit=case.mode == "lora")
+    checkpointing = "unsloth" if settings["gradient_checkpointing"] else False
+    model = FastLanguageModel.get_peft_model(
+        model, r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+        target_modules=settings["target_modules"], bias="none", use_gradient_checkpointing=checkpointing,
+        random_state=0)
+    return model, None
+
+
+def sft_config(case: ts.Case, peer: str, settings: dict[str, Any], workdir: Path):
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    if peer == "unsloth":
+        optim = "adamw_8bit"  # unsloth's notebooks
+    else:
+        optim = "paged_adamw_32bit" if case.mode == "qlora" and cuda else "adamw_torch"
+    checkpointing = settings["gradient_checkpointing"] and peer == "trl"  # unsloth set its own on the model
+    return SFTConfig(
+        output_dir=str(workdir), per_device_train_batch_size=packs_per_step(case), gradient_accumulation_steps=1,
+        max_steps=case.warmup + case.steps, learning_rate=settings["learning_rate"], lr_scheduler_type="constant",
+        optim=optim, bf16=cuda, use_cpu=not cuda, packing=True, packing_strategy="bfd", padding_free=True,
+        max_length=pack_length(), completion_only_loss=True, use_liger_kernel=cuda and peer == "trl",
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_steps=10**6, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
+        include_num_input_tokens_seen="no")
+
+
+def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """One peer's training run; step time between the trainer's step callbacks (after a CUDA sync); loss tokens
+    and the loss of every step recorded as tensors and read once at the end (no extra synchronisation)."""
+    peer = case.path
+    settings = peer_settings(case, model_dir)
+    build = unsloth_model if peer == "unsloth" else trl_model
+    model, peft_config = build(case, model_dir, settings)  # unsloth before trl: it patches trl on import
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in rows])
+    times: list[float] = []
+    losses: list[Any] = []
+    loss_tokens: list[Any] = []
+    tokens: list[Any] = []
+
+    profile_step = int(os.environ.get("BENCH_PROFILE_STEP", -1))
+    profile: list[str] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if len(times) == profile_step:  # the same torch.profiler tables as the project's cases
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+            if len(times) == profile_step + 1:
+                self.prof.__exit__(None, None, None)
+                profile.extend(ts.profile_tables(self.prof))
+
+    class Recording(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            labels = inputs["labels"]
+            loss_tokens.append((labels[:, 1:] != -100).sum())
+            mask = inputs.get("attention_mask")
+            tokens.append(mask.sum() if mask is not None else labels.new_tensor(labels.numel()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            losses.append(loss.detach())
+            return loss
+
+    trainer = Recording(model=model, args=sft_config(case, peer, settings, Path(tempfile.mkdtemp())),
+                        train_dataset=data, processing_class=tok, peft_config=peft_config,
+                        callbacks=[StepTimer()])
+    trainer.train()
+    n = len(times)
+    return {"step_times": times, "losses": [float(x) for x in losses[:n]],
+            "tokens_per_step": [int(x) for x in tokens[:n]], "loss_tokens_per_step": [int(x) for x in loss_tokens[:n]],
+            "peak_gib": ts._peak_gib(), "settings": settings, "profile": "\n".join(profile),
+            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "versions": versions()}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "unsloth", "unsloth_zoo", "liger-kernel",
+                 "ludwig"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+#: the project with one YAML change, measured next to it (``--project-variants``): a change is adopted in the
+#: YAMLs only after it beats the committed YAML in the same run
+PROJECT_VARIANTS: dict[str, dict[str, Any]] = {
+    "adamw": {"trainer": {"optimizer": {"type": "adamw"}}},  # torch's multi-tensor AdamW, not bitsandbytes' paged
+    "paged": {"trainer": {"optimizer": {"type": "paged_adam"}}},
+}
+
+
+def merged(*overrides: dict[str, Any]) -> dict[str, Any]:
+    """YAML overrides merged section by section (a later one wins inside a section)."""
+    out: dict[str, Any] = {}
+    for override in overrides:
+        for key, value in override.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def plan(shape: str, modes: list[str], rows: int, prompt: int, response: int, steps: int, warmup: int,
+         paths: list[str], project_variants: list[str] = ()) -> list[ts.Case]:
+    """Per mode: the project as committed (bf16 LoRA: checkpointing off, as NOTES-speed.md compares) and its
+    ``project_variants`` (``project+name``), TRL, unsloth at the YAML's dropout and at dropout 0 (its fast path); bf16
+    LoRA also with checkpointing on."""
+    cases = []
+    no_gc = {"trainer": {"enable_gradient_checkpointing": False}}
+    for mode in modes:
+        common = dict(shape=shape, mode=mode, batch=rows, prompt_tokens=prompt, response_tokens=response,
+                      steps=steps, warmup=warmup)
+        variants = [("", {})] if mode == "qlora" else [("", no_gc), ("-gc", {})]
+        for suffix, yaml in variants:
+            for path in paths:
+                label = f"{mode}{suffix}-{path}"
+                cases.append(ts.Case(path="tuned" if path == "project" else path, label=label, yaml=yaml,
+                                     **common))
+                if path == "project":
+                    cases += [ts.Case(path="tuned", label=f"{label}+{name}", yaml=merged(yaml, PROJECT_VARIANTS[name]),
+                                      **common) for name in project_variants]
+                if path == "unsloth":
+                    cases.append(ts.Case(path=path, label=f"{label}-fast", yaml=yaml,
+                                         extra_env={"BENCH_LORA_DROPOUT": "0.0"}, **common))
+    return cases
+
+
+def add_checks(results: list[dict[str, Any]]) -> None:
+    """Against the project's row of the same mode and checkpointing: speed and memory ratios, equal loss tokens per
+    step, first-step loss within tolerance."""
+    def group(r: dict[str, Any]) -> str:
+        return r["name"].rsplit("-", 2 if r["name"].endswith("-fast") else 1)[0]
+
+    project = {group(r): r for r in results if "error" not in r and r["name"].endswith("-project")}
+    for r in results:
+        ref = project.get(group(r))
+        if "error" in r or ref is None or ref is r:
+            continue
+        r["project_over_this_tokens_per_s"] = ref["tokens_per_s"] / r["tokens_per_s"]
+        r["project_over_this_peak_gib"] = ref["peak_gib"] / r["peak_gib"] if r["peak_gib"] else None
+        same_tokens = r.get("loss_tokens_per_step") == ref.get("loss_tokens_per_step")
+        delta = abs(r["first_losses"][0] - ref["first_losses"][0]) / abs(ref["first_losses"][0])
+        r["check"] = {"loss_tokens_equal": same_tokens, "first_loss_rel_delta": delta,
+                      "tolerance": ts.LOSS_TOLERANCE, "ok": same_tokens and delta <= ts.LOSS_TOLERANCE}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """One row per case; the ratios are the project's (same mode and checkpointing) over this row's: tokens/s
+    above 1 means the project is faster, GiB below 1 that it needs less memory. ``run`` when merged."""
+    runs = any("run" in r for r in results)
+    lines = ["| case | tokens/s | peak GiB | MFU | project tok/s ÷ this | project GiB ÷ this | loss tokens/step "
+             "| first loss | check |" + (" run |" if runs else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
+    for r in results:
+        tail = f" {r.get('run', '')} |" if runs else ""
+        if "error" in r:
+            lines.append(f"| {r['name']} | did not run: {r['error'][:200].replace('|', '/')} | | | | | | | |{tail}")
+            continue
+        check = r.get("check")
+        verdict = "" if check is None else ("ok" if check["ok"] else
+                                            f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
+                                            f"loss delta {100 * check['first_loss_rel_delta']:.2f}%)")
+        ratio = r.get("project_over_this_tokens_per_s")
+        mem = r.get("project_over_this_peak_gib")
+        per_step = sorted(set(r.get("loss_tokens_per_step") or []))
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | {100 * r['mfu']:.1f}% | "
+                     f"{'' if ratio is None else format(ratio, '.2f')} | "
+                     f"{'' if mem is None else format(mem, '.2f')} | {','.join(map(str, per_step))} | "
+                     f"{r['first_losses'][0]:.4f} | {verdict} |{tail}")
+    return "\n".join(lines)
+
+
+def merge_runs(paths: list[Path], out: Path) -> None:
+    """One table from several runs' peers.json (a device call holds about 8 cases): a case measured in several
+    runs keeps its latest row, the checks are recomputed against the project's row of the latest run that has it,
+    and each row names its run."""
+    runs, by_name = [], {}
+    for path in paths:
+        run = json.loads(path.read_text())
+        runs.append({k: v for k, v in run.items() if k != "results"} | {"file": path.name})
+        for r in run["results"]:
+            r = {k: v for k, v in r.items() if k not in ("check", "project_over_this_tokens_per_s",
+                                                          "project_over_this_peak_gib")}
+            by_name.pop(r["name"], None)
+            by_name[r["name"]] = {**r, "run": path.name}
+    order = {name: i for i, name in enumerate(c.label for c in plan(
+        runs[-1]["shape"], ["qlora", "lora"], 1, 0, 0, 0, 0, list(PATHS), sorted(PROJECT_VARIANTS)))}
+    results = sorted(by_name.values(), key=lambda r: order.get(r["name"], len(order)))
+    add_checks(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.json").write_text(json.dumps({"runs": runs, "results": results}, indent=1))
+    legend = "\n".join(f"- {r['file']}: {r['device_name']}, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, "
+                       f"{r['versions']}" for r in runs)
+    (out / "peers.md").write_text(f"Runs merged (a later run's row replaces an earlier one):\n{legend}\n\n"
+                                  + table(results) + "\n")
+    print(table(results))
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    case = ts.Case(**json.loads(args.case))
+    if case.path == "tuned":
+        return ts.run_worker(args)
+    import pandas as pd
+
+    rows = pd.read_csv(args.dataset)
+    rows = rows[rows["split"] == 0][["prompt", "response"]].to_dict("records")
+    Path(args.result).write_text(json.dumps(worker_peer(case, Path(args.model_dir), rows)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="CPU: tiny shape, a few steps, project and TRL only")
+    p.add_argument("--shape", default="llama3.2-1b")
+    p.add_argument("--modes", nargs="+", default=["qlora", "lora"])
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    p.add_argument("--only", nargs="*", default=[], help="keep only cases whose name contains one of these")
+    p.add_argument("--project-variants", nargs="*", default=[], choices=sorted(PROJECT_VARIANTS),
+                   help="also the project with this YAML change (same run, same rows)")
+    p.add_argument("--rows", type=int, default=None, help="rows per optimizer step; default: the YAML's batch_size")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case"), p.add_argument("--model-dir"), p.add_argument("--dataset")
+    p.add_argument("--workdir"), p.add_argument("--result")
+    p.add_argument("--merge", nargs="+", type=Path, help="only merge these runs' peers.json into --out")
+    args = p.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    if args.merge:
+        return merge_runs(args.merge, args.out)
+    if args.smoke:
+        args.shape, args.modes, args.steps, args.warmup = "tiny-llama", ["lora"], 2, 1
+        args.paths = [x for x in args.paths if x != "unsloth"]
+        args.rows = args.rows or 16
+        os.environ["BENCH_PACK_LENGTH"] = str(4 * (40 + 16 + 1))
+
+    import torch
+    from transformers import AutoTokenizer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = ts.matmul_tflops(device)
+    rows = args.rows or int(ts.task_yaml()["trainer"]["batch_size"])
+    cases = plan(args.shape, args.modes, rows, 190 if not args.smoke else 40, 64 if not args.smoke else 16,
+                 args.steps, args.warmup, args.paths, args.project_variants)
+    if args.only:
+        cases = [c for c in cases if any(o in c.label for o in args.only)]
+    model_dir = ts.build_model_dir(args.shape, work)
+    n_params = ts.matmul_params(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    case0 = cases[0]
+    data = ts.write_dataset(ts.build_rows(tok, rows * (args.steps + args.warmup + 1) + 2, case0.prompt_tokens,
+                                          case0.response_tokens), work / "data.csv", n_val=2)
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for case in cases:
+        if device == "cpu" and case.path != "tuned":
+            out = {"name": case.label, "case": asdict(case), "error": NEEDS_CUDA}
+        else:
+            out = ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__))
+        if "raw" in out:
+            raw = out["raw"]
+            out = {"name": out["name"], "wall_s": out["wall_s"], **ts.summarize(case, raw, n_params, peak),
+                   "step_times": raw["step_times"],
+                   **{k: raw[k] for k in ("loss_tokens_per_step", "tokens_per_step", "settings", "versions",
+                                          "profile")
+                      if k in raw}}
+        results.append(out)
+        print(f"[{time.perf_counter() - t_start:5.0f}s] {out['name']}: "
+              + (f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"
+                 if "error" not in out else out["error"][:300]), flush=True)
+        add_checks(results)
+        (args.out / "peers.json").write_text(json.dumps(
+            {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+             "matmul_tflops": peak, "matmul_params": n_params, "shape": args.shape, "rows_per_step": rows,
+             "pack_length": pack_length(), "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 "
+             "matmul FLOP/s", "versions": versions(), "results": results}, indent=1))
+        (args.out / "peers.md").write_text(table(results) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""bench/peers.py: every path gets the YAML's LoRA recipe, the same rows per step, and is checked on loss tokens and
+first-step loss; the project's loss tokens are counted from the batches it really trains on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import peers  # noqa: E402
+from train_speed import LOSS_TOLERANCE, Case, task_yaml  # noqa: E402
+
+
+def case(path: str = "tuned", label: str = "qlora-project", batch: int = 64, **kw) -> Case:
+    return Case(shape="llama3.2-1b", mode="qlora", path=path, batch=batch, prompt_tokens=190, response_tokens=64,
+                steps=4, warmup=1, label=label, **kw)
+
+
+def result(name: str, path: str, tok_s: float, peak: float, loss: float, loss_tokens: list[int]) -> dict:
+    return {"name": name, "case": asdict(case(path, name)), "tokens_per_s": tok_s, "peak_gib": peak, "mfu": 0.3,
+            "step_s": 0.3, "first_losses": [loss], "loss_tokens_per_step": loss_tokens}
+
+
+def test_every_peer_trains_with_the_yamls_lora_recipe_and_the_fast_case_only_changes_dropout(tmp_path: Path) -> None:
+    adapter, trainer = task_yaml()["adapter"], task_yaml()["trainer"]
+    settings = peers.peer_settings(case("trl", "qlora-trl"), tmp_path)
+    assert (settings["r"], settings["alpha"], settings["dropout"]) == (adapter["r"], adapter["alpha"],
+                                                                       adapter["dropout"])
+    assert settings["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"]
+    assert settings["gradient_checkpointing"] is trainer["enable_gradient_checkpointing"]
+    fast = peers.peer_settings(case("unsloth", "qlora-unsloth-fast", extra_env={"BENCH_LORA_DROPOUT": "0.0"}),
+                               tmp_path)
+    assert fast["dropout"] == 0.0 and {k: v for k, v in fast.items() if k != "dropout"} == {
+        k: v for k, v in settings.items() if k != "dropout"}
+    no_gc = peers.peer_settings(case("trl", yaml={"trainer": {"enable_gradient_checkpointing": False}}), tmp_path)
+    assert no_gc["gradient_checkpointing"] is False
+
+
+def test_the_peers_pack_the_same_rows_per_step() -> None:
+    assert peers.packs_per_step(case(batch=64)) == 8  # 8 rows of 255 tokens fill a 2048-token pack
+    with pytest.raises(ValueError, match="do not fill packs"):
+        peers.packs_per_step(case(batch=60))
+
+
+def test_plan_pairs_each_peer_with_the_project_of_the_same_mode_and_checkpointing() -> None:
+    cases = peers.plan("llama3.2-1b", ["qlora", "lora"], 64, 190, 64, 10, 4, list(peers.PATHS), ["adamw"])
+    by = {c.label: c for c in cases}
+    assert {"qlora-project", "qlora-trl", "qlora-unsloth", "qlora-unsloth-fast", "lora-project", "lora-gc-project",
+            "lora-gc-unsloth-fast", "qlora-project+adamw"} <= set(by)
+    assert by["lora-project"].yaml == by["lora-trl"].yaml == {"trainer": {"enable_gradient_checkpointing": False}}
+    assert by["lora-gc-trl"].yaml == {} and by["qlora-unsloth-fast"].extra_env == {"BENCH_LORA_DROPOUT": "0.0"}
+    assert by["lora-project+adamw"].yaml == {"trainer": {"enable_gradient_checkpointing": False,
+                                                         "optimizer": {"type": "adamw"}}}
+    assert all(c.batch == 64 for c in cases) and by["qlora-project"].path == "tuned"
+
+
+def test_checks_fail_on_other_loss_tokens_or_a_first_loss_out_of_tolerance() -> None:
+    results = [result("qlora-project", "tuned", 50_000, 5.0, 12.0, [4160, 4160]),
+               result("qlora-unsloth", "unsloth", 40_000, 4.0, 12.0 * (1 + LOSS_TOLERANCE / 2), [4160, 4160]),
+               result("qlora-trl", "trl", 20_000, 5.0, 12.0, [4160, 4096]),
+               result("qlora-unsloth-fast", "unsloth", 60_000, 2.5, 12.0 * (1 + 2 * LOSS_TOLERANCE), [4160, 4160]),
+               result("lora-unsloth", "unsloth", 1.0, 1.0, 12.0, [4160])]  # no project row in its group
+    peers.add_checks(results)
+    by = {r["name"]: r for r in results}
+    assert by["qlora-unsloth"]["check"]["ok"] and by["qlora-unsloth"]["project_over_this_tokens_per_s"] == 1.25
+    assert by["qlora-unsloth"]["project_over_this_peak_gib"] == 1.25
+    assert not by["qlora-trl"]["check"]["ok"] and not by["qlora-trl"]["check"]["loss_tokens_equal"]
+    assert not by["qlora-unsloth-fast"]["check"]["ok"] and by["qlora-unsloth-fast"]["check"]["loss_tokens_equal"]
+    assert "check" not in by["lora-unsloth"] and "check" not in by["qlora-project"]
+    text = peers.table(results + [{"name": "qlora-x", "case": {}, "error": peers.NEEDS_CUDA}])
+    assert "| qlora-unsloth | 40000 | 4.00 |" in text and "FAILED (tokens equal: False" in text
+    assert "| qlora-x | did not run: needs a CUDA GPU" in text
+
+
+def test_merge_keeps_each_cases_latest_row_and_rechecks(tmp_path: Path) -> None:
+    meta = {"device": "cuda", "device_name": "H200", "matmul_tflops": 780.0, "versions": {}, "shape": "llama3.2-1b"}
+    (tmp_path / "a.json").write_text(json.dumps({**meta, "results": [
+        result("qlora-project", "tuned", 40_000, 5.0, 12.0, [4160]),
+        result("qlora-trl", "trl", 20_000, 5.0, 12.0, [4160])]}))
+    (tmp_path / "b.json").write_text(json.dumps({**meta, "results": [
+        result("qlora-project", "tuned", 50_000, 5.0, 12.0, [4160])]}))
+    peers.merge_runs([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "out")
+    merged = json.loads((tmp_path / "out" / "peers.json").read_text())["results"]
+    assert [r["name"] for r in merged] == ["qlora-project", "qlora-trl"]
+    assert merged[0]["run"] == "b.json" and merged[1]["project_over_this_tokens_per_s"] == 2.5
+
+
+def test_the_project_counts_the_loss_tokens_of_the_batches_it_builds() -> None:
+    import torch
+
+    from ludwig_mt.patches import speedups
+    from train_speed import _recording_loss_tokens
+
+    original = speedups.target_positions
+    try:
+        counts = _recording_loss_tokens(speedups)
+        labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
+        speedups.target_positions(labels)
+        speedups.target_positions(labels[:1])
+        assert counts == [5, 3]  # the labels a position predicts (shifted by one): 5, 6, 7 and 8, 9
+    finally:
+        speedups.target_positions = original
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_trains_the_project_and_says_why_the_peers_did_not_run(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "peers.py"), "--smoke", "--only", "lora-project",
+                           "lora-trl", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {r["name"]: r for r in json.loads((tmp_path / "out" / "peers.json").read_text())["results"]}
+    project = results["lora-project"]
+    assert project["loss_tokens_per_step"] == [16 * 17] * 3  # 16 rows of 16 response tokens + EOS, every step
+    assert project["first_losses"][0] > 0 and project["tokens_per_s"] > 0
+    assert results["lora-trl"]["error"] == peers.NEEDS_CUDA
