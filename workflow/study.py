@@ -334,10 +334,12 @@ def eval_request(plan: StudyPlan, trained: Mapping[str, Training], merged: Mappi
         probes = (read_probe(PROBES.get(plan.probe, Path(plan.probe))),)
     models = []
     for task in plan.tasks:
-        if task not in trained:  # its training failed: reported in study.json, left out here
+        runs = sorted((t for t in trained.values() if t.task == task), key=lambda t: t.seed)
+        if not runs:  # its training failed: reported in study.json, left out here
             continue
-        seeds = tuple(Path(t.model_dir) for t in trained.values() if t.task == task and t.name != task)
-        models.append(ModelSpec(task, Path(trained[task].model_dir), (task,), seeds))
+        # the first seed that trained stands for the task (seed 1 unless it failed), the others are its seeds
+        first, *others = runs
+        models.append(ModelSpec(task, Path(first.model_dir), (task,), tuple(Path(t.model_dir) for t in others)))
     if MIX in trained:
         models.append(ModelSpec(MIX, Path(trained[MIX].model_dir), plan.tasks))
     models += [ModelSpec(name, path, plan.tasks) for name, path in merged.items()]

@@ -169,6 +169,12 @@ def test_a_failing_training_is_left_out_and_the_study_goes_on(tmp_path: Path,
     assert merge_all(p, trained, lambda m, e: merge_failures.update({m: e})) == {}
     assert merge_failures == {"ties": "not merged: the detox adapter did not train"}
     assert [m.name for m in eval_request(p, trained, {}).models] == ["sql", MIX]
+    seeded = plan(tmp_path, tasks=("sql", "detox"), seeds=3, seed_tasks=("detox",))
+    trained = study.train_all(seeded, seeded.models(), lambda line: None, lambda n, e: None)
+    assert list(trained) == ["sql", "detox-seed2", "detox-seed3"]
+    detox = eval_request(seeded, trained, {}).models[1]  # seed 1 failed: seed 2 stands for it, not left out
+    assert detox.name == "detox" and str(detox.path).startswith("/r/detox-seed2/")
+    assert [str(s) for s in detox.other_seeds] == ["/r/detox-seed3/experiment_run/model"]
     monkeypatch.setattr(study, "train_one", lambda *a: (_ for _ in ()).throw(WorkflowError("boom")))
     with pytest.raises(WorkflowError, match="every training failed"):
         study.train_all(p, p.models(), lambda line: None, lambda n, e: None)
