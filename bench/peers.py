@@ -315,26 +315,13 @@ def merge_runs(paths: list[Path], out: Path) -> None:
     """One table from several runs' peers.json (a device call holds about 8 cases): a case measured in several
     runs keeps its latest row, the checks are recomputed against the project's row of the latest run that has it,
     and each row names its run."""
-    runs, by_name = [], {}
-    for path in paths:
-        run = json.loads(path.read_text())
-        runs.append({k: v for k, v in run.items() if k != "results"} | {"file": path.name})
-        for r in run["results"]:
-            r = {k: v for k, v in r.items() if k not in ("check", "project_over_this_tokens_per_s",
-                                                          "project_over_this_peak_gib")}
-            by_name.pop(r["name"], None)
-            by_name[r["name"]] = {**r, "run": path.name}
+    derived = ("check", "project_over_this_tokens_per_s", "project_over_this_peak_gib")
+    runs, rows = ts.latest_rows(paths, lambda key: key in derived)
     order = {name: i for i, name in enumerate(c.label for c in plan(
         runs[-1]["shape"], ["qlora", "lora"], 1, 0, 0, 0, 0, list(PATHS), sorted(PROJECT_VARIANTS)))}
-    results = sorted(by_name.values(), key=lambda r: order.get(r["name"], len(order)))
+    results = sorted(rows, key=lambda r: order.get(r["name"], len(order)))
     add_checks(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.json").write_text(json.dumps({"runs": runs, "results": results}, indent=1))
-    legend = "\n".join(f"- {r['file']}: {r['device_name']}, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, "
-                       f"{r['versions']}" for r in runs)
-    (out / "peers.md").write_text(f"Runs merged (a later run's row replaces an earlier one):\n{legend}\n\n"
-                                  + table(results) + "\n")
-    print(table(results))
+    ts.write_merged(out, "peers", runs, results, table(results))
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -362,11 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=None, help="rows per optimizer step; default: the YAML's batch_size")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--timeout", type=int, default=300, help="seconds per case")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--case"), p.add_argument("--model-dir"), p.add_argument("--dataset")
-    p.add_argument("--workdir"), p.add_argument("--result")
-    p.add_argument("--merge", nargs="+", type=Path, help="only merge these runs' peers.json into --out")
+    ts.add_worker_arguments(p, "peers.json")
     args = p.parse_args(argv)
     if args.worker:
         return run_worker(args)
@@ -403,18 +386,11 @@ def main(argv: list[str] | None = None) -> None:
         if device == "cpu" and case.path != "tuned":
             out = {"name": case.label, "case": asdict(case), "error": NEEDS_CUDA}
         else:
-            out = ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__))
-        if "raw" in out:
-            raw = out["raw"]
-            out = {"name": out["name"], "wall_s": out["wall_s"], **ts.summarize(case, raw, n_params, peak),
-                   "step_times": raw["step_times"],
-                   **{k: raw[k] for k in ("loss_tokens_per_step", "tokens_per_step", "settings", "versions",
-                                          "profile")
-                      if k in raw}}
+            out = ts.case_result(case, ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__)),
+                                 n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "settings", "versions",
+                                                  "profile"))
         results.append(out)
-        print(f"[{time.perf_counter() - t_start:5.0f}s] {out['name']}: "
-              + (f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"
-                 if "error" not in out else out["error"][:300]), flush=True)
+        print(ts.progress_line(out, time.perf_counter() - t_start), flush=True)
         add_checks(results)
         (args.out / "peers.json").write_text(json.dumps(
             {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",

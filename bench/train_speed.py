@@ -456,6 +456,22 @@ def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float
             **{k: raw[k] for k in ("param_dtypes", "attn_implementation") if k in raw}}
 
 
+def case_result(case: Case, out: dict[str, Any], n_params: int, peak_tflops: float,
+                keep: tuple[str, ...]) -> dict[str, Any]:
+    """A launched case's row: its summary, step times and the worker's ``keep`` fields; a failed case as it came."""
+    if "raw" not in out:
+        return out
+    raw = out["raw"]
+    return {"name": out["name"], "wall_s": out["wall_s"], **summarize(case, raw, n_params, peak_tflops),
+            "step_times": raw["step_times"], **{k: raw[k] for k in keep if raw.get(k)}}
+
+
+def progress_line(out: dict[str, Any], elapsed: float) -> str:
+    return f"[{elapsed:5.0f}s] {out['name']}: " + (
+        f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"
+        if "error" not in out else out["error"][:300])
+
+
 def case_name(case: Case) -> str:
     return case.label or f"{case.shape}-{case.mode}-{case.path}-b{case.batch}"
 
@@ -594,12 +610,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--response-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--timeout", type=int, default=300, help="seconds per case")
     p.add_argument("--budget", type=int, default=100000, help="skip the remaining cases after this many seconds")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--case"), p.add_argument("--model-dir"), p.add_argument("--dataset")
-    p.add_argument("--workdir"), p.add_argument("--result")
-    p.add_argument("--merge", nargs="+", type=Path, help="only merge these runs' train_speed.json into --out")
+    add_worker_arguments(p, "train_speed.json")
     args = p.parse_args(argv)
     if args.worker:
         return run_worker(args)
@@ -643,15 +655,10 @@ def main(argv: list[str] | None = None) -> None:
             n_rows = case.batch * (case.steps + case.warmup + 1)
             rows = build_rows(tok, n_rows + 2, case.prompt_tokens, case.response_tokens)
             datasets[key] = write_dataset(rows, work / f"data-{'-'.join(map(str, key))}.csv", n_val=2)
-        out = launch(case, models[case.shape], datasets[key], work, args.timeout)
-        if "raw" in out:
-            out = {"name": out["name"], "wall_s": out["wall_s"],
-                   **summarize(case, out["raw"], n_params[case.shape], peak), "step_times": out["raw"]["step_times"],
-                   **{k: out["raw"][k] for k in ("profile", "syncs") if out["raw"].get(k)}}
+        out = case_result(case, launch(case, models[case.shape], datasets[key], work, args.timeout),
+                          n_params[case.shape], peak, ("profile", "syncs"))
         results.append(out)
-        print(f"[{time.perf_counter() - t_start:5.0f}s] {out['name']}: "
-              + (f"{out['tokens_per_s']:.0f} tok/s, {out['peak_gib']:.2f} GiB, losses {out['first_losses'][:3]}"
-                 if "error" not in out else out["error"][:300]), flush=True)
+        print(progress_line(out, time.perf_counter() - t_start), flush=True)
         add_comparisons(results)
         (args.out / "train_speed.json").write_text(json.dumps(
             {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -663,31 +670,54 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
 
 
+def add_worker_arguments(p: argparse.ArgumentParser, results_file: str) -> None:
+    """Each case's time limit, the hidden arguments of its worker process (:func:`launch`), ``--merge``."""
+    p.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case"), p.add_argument("--model-dir"), p.add_argument("--dataset")
+    p.add_argument("--workdir"), p.add_argument("--result")
+    p.add_argument("--merge", nargs="+", type=Path, help=f"only merge these runs' {results_file} into --out")
+
+
 def merge_runs(paths: list[Path], out: Path) -> None:
     """One table from several runs' JSON (one device call holds about 13 cases): a case measured in several runs
     keeps its latest row; comparisons are recomputed; each row says which run it came from."""
-    runs, by_name = [], {}
-    for path in paths:
-        run = json.loads(path.read_text())
-        runs.append({k: v for k, v in run.items() if k != "results"} | {"file": path.name})
-        for r in run["results"]:
-            r = {k: v for k, v in r.items() if not k.startswith("x_plain") and k != "loss_check"}
-            by_name.pop(r["name"], None)  # re-insert: the later run's row, in the later run's order
-            by_name[r["name"]] = {**r, "run": path.name, "matmul_tflops": run["matmul_tflops"]}
+    runs, rows = latest_rows(paths, lambda key: key.startswith("x_plain") or key == "loss_check")
+
     def rank(r: dict[str, Any]) -> tuple:
         c, name = r["case"], r["name"]
         order = (c["path"] != "plain", c["path"] != "raw", "packed" in name or "unpacked" in name, "ablate" in name)
         return c["shape"], c["mode"], order
 
-    results = sorted(by_name.values(), key=rank)
+    results = sorted(rows, key=rank)
     add_comparisons(results)
+    write_merged(out, "train_speed", runs, results, table(results))
+
+
+def latest_rows(paths: list[Path], derived) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each run's metadata (its file name added) and the latest row of every case over the runs, in the later run's
+    order, naming its run; keys for which ``derived(key)`` is true are dropped (the merge recomputes them)."""
+    runs, by_name = [], {}
+    for path in paths:
+        run = json.loads(path.read_text())
+        runs.append({k: v for k, v in run.items() if k != "results"} | {"file": path.name})
+        for r in run["results"]:
+            r = {k: v for k, v in r.items() if not derived(k)}
+            by_name.pop(r["name"], None)  # re-insert: the later run's row, in the later run's order
+            by_name[r["name"]] = {**r, "run": path.name, "matmul_tflops": run["matmul_tflops"]}
+    return runs, list(by_name.values())
+
+
+def write_merged(out: Path, stem: str, runs: list[dict[str, Any]], results: list[dict[str, Any]],
+                 table_text: str) -> None:
+    """``stem``.json (runs and rows) and ``stem``.md (a legend of the runs, then the table) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_speed.json").write_text(json.dumps({"runs": runs, "results": results}, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps({"runs": runs, "results": results}, indent=1))
     legend = "\n".join(f"- {r['file']}: {r.get('device_name', r['device'])}, measured bf16 matmul "
                        f"{r['matmul_tflops']:.0f} TFLOP/s, {r.get('versions')}" for r in runs)
-    (out / "train_speed.md").write_text(f"Runs merged (a later run's row replaces an earlier one):\n{legend}\n\n"
-                                        + table(results) + "\n")
-    print(table(results))
+    (out / f"{stem}.md").write_text(f"Runs merged (a later run's row replaces an earlier one):\n{legend}\n\n"
+                                    + table_text + "\n")
+    print(table_text)
 
 
 def versions() -> dict[str, str]:
