@@ -351,10 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     ts.add_worker_arguments(p, "peers.json")
     args = p.parse_args(argv)
-    if args.worker:
-        return run_worker(args)
-    if args.merge:
-        return merge_runs(args.merge, args.out)
+    if args.worker or args.merge:  # a case's process, or only merging earlier runs
+        return run_worker(args) if args.worker else merge_runs(args.merge, args.out)
     if args.smoke:
         args.shape, args.modes, args.steps, args.warmup = "tiny-llama", ["lora"], 2, 1
         args.paths = [x for x in args.paths if x != "unsloth"]
