@@ -224,11 +224,11 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-#: the project with one YAML change, measured next to it (``--project-variants``): a change is adopted in the
-#: YAMLs only after it beats the committed YAML in the same run
-PROJECT_VARIANTS: dict[str, dict[str, Any]] = {
-    "adamw": {"trainer": {"optimizer": {"type": "adamw"}}},  # torch's multi-tensor AdamW, not bitsandbytes' paged
-    "paged": {"trainer": {"optimizer": {"type": "paged_adam"}}},
+#: the project with one change (YAML overrides, environment), measured next to it (``--project-variants``): a YAML
+#: change is adopted only after it beats the committed YAML in the same run; ``no-NAME`` undoes speed-up NAME
+PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    "adamw": ({"trainer": {"optimizer": {"type": "adamw"}}}, {}),  # torch's multi-tensor AdamW, not bnb's paged
+    "no-lean-lora": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "lean_lora_forward"}),
 }
 
 
@@ -258,8 +258,9 @@ def plan(shape: str, modes: list[str], rows: int, prompt: int, response: int, st
                 cases.append(ts.Case(path="tuned" if path == "project" else path, label=label, yaml=yaml,
                                      **common))
                 if path == "project":
-                    cases += [ts.Case(path="tuned", label=f"{label}+{name}", yaml=merged(yaml, PROJECT_VARIANTS[name]),
-                                      **common) for name in project_variants]
+                    cases += [ts.Case(path="tuned", label=f"{label}+{name}",
+                                      yaml=merged(yaml, PROJECT_VARIANTS[name][0]),
+                                      extra_env=PROJECT_VARIANTS[name][1], **common) for name in project_variants]
                 if path == "unsloth":
                     cases.append(ts.Case(path=path, label=f"{label}-fast", yaml=yaml,
                                          extra_env={"BENCH_LORA_DROPOUT": "0.0"}, **common))

@@ -126,6 +126,10 @@ PATCHES: tuple[Patch, ...] = (
     _speedup("bf16_autocast", (f"{TRAINER}.train_step", f"{TRAINER}._forward_pass"),
              "peft runs the LoRA math in fp32 next to bf16 matmuls: bf16 autocast on CUDA, fp32 weights kept",
              speedups.patch_bf16_autocast, ("ludwig", "peft", "torch")),
+    _speedup("lean_lora_forward", speedups.LORA_LAYER_FORWARDS,
+             "peft copies each 4-bit layer's output and adds the LoRA term in three passes: one fused `addmm` in "
+             "training",
+             speedups.patch_lean_lora_forward, ("peft", "bitsandbytes", "torch")),
     # -------------------------------------------------------- instrumentation and drills (instrumentation.py)
     Patch("write_training_progress",
           (f"{TRAINER}._train_loop", f"{TRAINER}.train_step", f"{TRAINER}.save_checkpoint"),

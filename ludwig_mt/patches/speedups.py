@@ -68,6 +68,18 @@ What Ludwig does without them, and why each change is safe:
     LM head and the loss chunk by chunk without materialising the ``tokens x vocabulary`` logits. Off without
     liger-kernel or CUDA (nothing changes on CPU).
 
+``lean_lora_forward``
+    peft's LoRA layers (``Linear``, bitsandbytes' ``Linear4bit``) add the adapter as ``result + lora_B(lora_A(
+    dropout(x))) * scaling``, after a defensive full copy of the 4-bit layer's output (``result.clone()``) and a
+    Python loop over adapters with dtype casts: per adapted layer a copy, a multiply and an add over the whole
+    ``tokens x out_features`` output, and Python that the CPU-bound step (``bench/NOTES-speed.md``, "Against the
+    peers": 224 adapted-layer calls per QLoRA step of the 1B shape) pays for. In training mode, for a layer with one
+    plain LoRA adapter (no DoRA or other variant, no bias on A or B, no hooks on B, not merged, called with ``x``
+    alone) whose math runs in one dtype (under ``bf16_autocast``, or ``x``, the base weight and the adapter sharing
+    a dtype), we compute ``addmm(result, lora_A(dropout(x)), lora_B.T, alpha=scaling)``: the same sum in one GEMM with the add
+    fused (one rounding instead of two in bf16), no copy, the same dropout draw in the same order. Everything else
+    (evaluation, prediction, merged or multi-adapter layers) keeps peft's forward.
+
 ``trainer.packing: true`` (Ludwig's own switch, off by default) is made correct and fast on those steps: Ludwig
 0.17.10 builds its block-diagonal mask with a Python loop over every (i, j) token pair of every pack and then
 aligns the targets with the unpacked batch, not the packs (the correctness fix in :mod:`ludwig_mt.patches.fixes`
@@ -94,7 +106,7 @@ from ludwig_mt.patches.env import env_names
 logger = logging.getLogger(__name__)
 
 SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits",
-            "bf16_autocast", "liger_kernels")
+            "bf16_autocast", "liger_kernels", "lean_lora_forward")
 
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
@@ -567,3 +579,57 @@ def patch_bf16_autocast() -> None:
 
     rebind("ludwig.trainers.trainer:Trainer.train_step", adapter_step)
     rebind("ludwig.trainers.trainer:Trainer._forward_pass", autocast_forward)
+
+
+# ------------------------------------------------------------------------------------------- lean_lora_forward
+LORA_LAYER_FORWARDS = ("peft.tuners.lora.layer:Linear.forward", "peft.tuners.lora.bnb:Linear4bit.forward")
+
+
+def lean_lora_adapter(layer, x, args: tuple, kwargs: dict) -> str | None:
+    """The adapter name when ``layer``'s forward can take the lean path (``lean_lora_forward``), else None."""
+    import torch
+
+    if args or kwargs or not layer.training or layer.disable_adapters or layer.merged:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+        return None
+    name = active[0]
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if lora_a.bias is not None or lora_b.bias is not None or not enabled("lean_lora_forward"):
+        return None
+    if lora_b._forward_hooks or lora_b._forward_pre_hooks:  # the lean path does not call lora_B as a module
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return name
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    one_dtype = weight is not None and x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+    return name if one_dtype else None
+
+
+def lean_lora_forward(layer, x, name: str):
+    """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` as one ``addmm``: no output copy, no separate scale/add."""
+    import torch
+
+    result = layer.base_layer(x)
+    hidden = layer.lora_A[name](layer.lora_dropout[name](x))
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                       layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
+    return flat.view(result.shape)
+
+
+def patch_lean_lora_forward() -> None:
+    """peft's LoRA ``Linear`` / ``Linear4bit`` forward takes the lean path where :func:`lean_lora_adapter` allows."""
+
+    def lean(original):
+        @functools.wraps(original)
+        def forward(self, x, *args, **kwargs):
+            name = lean_lora_adapter(self, x, args, kwargs)
+            if name is None:
+                return original(self, x, *args, **kwargs)
+            return lean_lora_forward(self, x, name)
+
+        return forward
+
+    for target in LORA_LAYER_FORWARDS:
+        rebind(target, lean)

@@ -410,3 +410,94 @@ def test_liger_kernels_change_nothing_without_cuda(tiny_model: Path) -> None:
     assert not speedups.liger_usable()
     assert speedups.apply_liger_kernels(model) is False
     assert "forward" not in vars(model.model.norm) and "forward" not in vars(model.model.layers[0].mlp)
+
+
+# ------------------------------------------------------------------------------------------- lean_lora_forward
+def lora_model(tiny_model: Path, dtype: torch.dtype = torch.float32):
+    """The tiny Llama with peft LoRA (dropout 0.1, every linear layer of attention and MLP), B non-zero so the
+    adapter term counts; the registry's patches applied (``lean_lora_forward`` among them)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ludwig_mt.patches import registry
+
+    registry.apply_all()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def lora_loss_and_grads(model, ids, *, lean: bool, monkeypatch, autocast: bool = False):
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "" if lean else "lean_lora_forward")
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same dropout masks on both paths
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                                   if p.requires_grad}
+
+
+def counting_lean_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    lean = speedups.lean_lora_forward
+    monkeypatch.setattr(speedups, "lean_lora_forward", lambda *a: calls.append(1) or lean(*a))
+    return calls
+
+
+def test_lean_lora_forward_gives_peft_loss_and_gradients_with_dropout(tiny_model: Path, monkeypatch) -> None:
+    model = lora_model(tiny_model)
+    model.train()
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    calls = counting_lean_calls(monkeypatch)
+    ref_loss, ref_grads = lora_loss_and_grads(model, ids, lean=False, monkeypatch=monkeypatch)
+    assert calls == []  # switched off: peft's own forward
+    loss, grads = lora_loss_and_grads(model, ids, lean=True, monkeypatch=monkeypatch)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every adapted layer took the lean path
+    assert torch.allclose(loss, ref_loss, rtol=TOLERANCE)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), name
+    torch.manual_seed(8)  # and the dropout really acts: another draw gives another loss
+    assert not torch.equal(model(input_ids=ids, labels=ids).loss.detach(), loss)
+
+
+def test_lean_lora_forward_under_bf16_autocast_stays_close_to_peft(tiny_model: Path, monkeypatch) -> None:
+    """What the GPU runs: a bf16 base, fp32 adapters, bf16 autocast, peft's input cast off (``bf16_autocast``)."""
+    model = lora_model(tiny_model, torch.bfloat16)
+    model.train()
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(1))
+    calls = counting_lean_calls(monkeypatch)
+    ref_loss, ref_grads = lora_loss_and_grads(model, ids, lean=False, monkeypatch=monkeypatch, autocast=True)
+    loss, grads = lora_loss_and_grads(model, ids, lean=True, monkeypatch=monkeypatch, autocast=True)
+    assert calls and torch.allclose(loss, ref_loss, rtol=1e-2)
+    assert all(p.grad.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    for name, grad in ref_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
+def test_lean_lora_forward_leaves_evaluation_and_mixed_dtypes_to_peft(tiny_model: Path, monkeypatch) -> None:
+    model = lora_model(tiny_model)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    calls = counting_lean_calls(monkeypatch)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == []  # predictions and eval scores stay on peft's forward, bit for bit
+    model.train()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)  # bf16 input, fp32 weights, no autocast
+    assert speedups.lean_lora_adapter(layer, x, (), {}) is None
+    assert speedups.lean_lora_adapter(layer, x.float(), (), {}) == "default"
+    assert speedups.lean_lora_adapter(layer, x.float(), (), {"adapter_names": ["default"]}) is None
