@@ -270,8 +270,9 @@ def plan(shape: str, modes: list[str], rows: int, prompt: int, response: int, st
 def add_checks(results: list[dict[str, Any]]) -> None:
     """Against the project's row of the same mode and checkpointing: speed and memory ratios, equal loss tokens per
     step, first-step loss within tolerance."""
-    def group(r: dict[str, Any]) -> str:
-        return r["name"].rsplit("-", 2 if r["name"].endswith("-fast") else 1)[0]
+    def group(r: dict[str, Any]) -> str:  # "lora-gc" of lora-gc-unsloth-fast, lora-gc-project+adamw, ...
+        name = r["name"].split("+")[0]
+        return name.rsplit("-", 2 if name.endswith("-fast") else 1)[0]
 
     project = {group(r): r for r in results if "error" not in r and r["name"].endswith("-project")}
     for r in results:

@@ -68,7 +68,8 @@ def test_checks_fail_on_other_loss_tokens_or_a_first_loss_out_of_tolerance() -> 
                result("qlora-unsloth", "unsloth", 40_000, 4.0, 12.0 * (1 + LOSS_TOLERANCE / 2), [4160, 4160]),
                result("qlora-trl", "trl", 20_000, 5.0, 12.0, [4160, 4096]),
                result("qlora-unsloth-fast", "unsloth", 60_000, 2.5, 12.0 * (1 + 2 * LOSS_TOLERANCE), [4160, 4160]),
-               result("lora-unsloth", "unsloth", 1.0, 1.0, 12.0, [4160])]  # no project row in its group
+               result("lora-unsloth", "unsloth", 1.0, 1.0, 12.0, [4160]),  # no project row in its group
+               result("qlora-project+no-x", "tuned", 40_000, 5.0, 12.0, [4160, 4160])]
     peers.add_checks(results)
     by = {r["name"]: r for r in results}
     assert by["qlora-unsloth"]["check"]["ok"] and by["qlora-unsloth"]["project_over_this_tokens_per_s"] == 1.25
@@ -76,6 +77,7 @@ def test_checks_fail_on_other_loss_tokens_or_a_first_loss_out_of_tolerance() -> 
     assert not by["qlora-trl"]["check"]["ok"] and not by["qlora-trl"]["check"]["loss_tokens_equal"]
     assert not by["qlora-unsloth-fast"]["check"]["ok"] and by["qlora-unsloth-fast"]["check"]["loss_tokens_equal"]
     assert "check" not in by["lora-unsloth"] and "check" not in by["qlora-project"]
+    assert by["qlora-project+no-x"]["check"]["ok"] and by["qlora-project+no-x"]["project_over_this_tokens_per_s"] == 1.25
     text = peers.table(results + [{"name": "qlora-x", "case": {}, "error": peers.NEEDS_CUDA}])
     assert "| qlora-unsloth | 40000 | 4.00 |" in text and "FAILED (tokens equal: False" in text
     assert "| qlora-x | did not run: needs a CUDA GPU" in text
