@@ -22,9 +22,11 @@ batches each one built: the project's target positions, the peers' shifted label
 first-step loss (LoRA B = 0: the base model's loss) within :data:`bench.train_speed.LOSS_TOLERANCE` of the
 project's. A path that cannot run gets one line saying why.
 
-Run (GPU, the peers' wheels installed into /tmp/site by the call before, see bench/NOTES-speed.md):
-    PYTHONPATH=$PWD/.gpu-site:/tmp/site python3 bench/peers.py --out $OUT
-Run (CPU smoke test of the project and TRL paths; unsloth needs CUDA):
+``--project-variants NAME`` adds the project with one change (:data:`PROJECT_VARIANTS`: a YAML override, or a
+speed-up switched off) to the same run, checked and compared like a peer.
+
+Run (GPU): bash bench/peers_gpu.sh install, then at once bash bench/peers_gpu.sh run [ARGS] (its header: the carries)
+Run (CPU smoke test of the project path; TRL 1.15 and unsloth need CUDA, their rows say so):
     python bench/peers.py --smoke --out /tmp/peers
 """
 
