@@ -172,6 +172,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            self.peaks.step_begin()
             if len(times) == profile_step:  # the same torch.profiler tables as the project's cases
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
@@ -184,6 +185,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            self.peaks.step_end()
             if len(times) == profile_step + 1:
                 self.prof.__exit__(None, None, None)
                 profile.extend(ts.profile_tables(self.prof))
@@ -198,14 +200,15 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
             losses.append(loss.detach())
             return loss
 
+    timer = StepTimer()
+    timer.peaks = ts.PeakMemory()
     trainer = Recording(model=model, args=sft_config(case, peer, settings, Path(tempfile.mkdtemp())),
-                        train_dataset=data, processing_class=tok, peft_config=peft_config,
-                        callbacks=[StepTimer()])
+                        train_dataset=data, processing_class=tok, peft_config=peft_config, callbacks=[timer])
     trainer.train()
     n = len(times)
     return {"step_times": times, "losses": [float(x) for x in losses[:n]],
             "tokens_per_step": [int(x) for x in tokens[:n]], "loss_tokens_per_step": [int(x) for x in loss_tokens[:n]],
-            "peak_gib": ts._peak_gib(), "settings": settings, "profile": "\n".join(profile),
+            **timer.peaks.result(), "settings": settings, "profile": "\n".join(profile),
             "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
             "versions": versions()}
 
@@ -231,6 +234,8 @@ def versions() -> dict[str, str]:
 PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "adamw": ({"trainer": {"optimizer": {"type": "adamw"}}}, {}),  # torch's multi-tensor AdamW, not bnb's paged
     "no-lean-lora": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "lean_lora_forward"}),
+    "no-fused-mlp": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "fused_lora_mlp"}),
+    "offload": ({}, {"LUDWIG_MT_SPEEDUPS_ON": "offload_checkpoints"}),
 }
 
 
@@ -283,6 +288,8 @@ def add_checks(results: list[dict[str, Any]]) -> None:
             continue
         r["project_over_this_tokens_per_s"] = ref["tokens_per_s"] / r["tokens_per_s"]
         r["project_over_this_peak_gib"] = ref["peak_gib"] / r["peak_gib"] if r["peak_gib"] else None
+        if r.get("step_peak_gib") and ref.get("step_peak_gib"):
+            r["project_over_this_step_peak_gib"] = ref["step_peak_gib"] / r["step_peak_gib"]
         same_tokens = r.get("loss_tokens_per_step") == ref.get("loss_tokens_per_step")
         delta = abs(r["first_losses"][0] - ref["first_losses"][0]) / abs(ref["first_losses"][0])
         r["check"] = {"loss_tokens_equal": same_tokens, "first_loss_rel_delta": delta,
@@ -293,8 +300,8 @@ def table(results: list[dict[str, Any]]) -> str:
     """One row per case; the ratios are the project's (same mode and checkpointing) over this row's: tokens/s
     above 1 means the project is faster, GiB below 1 that it needs less memory. ``run`` when merged."""
     runs = any("run" in r for r in results)
-    lines = ["| case | tokens/s | peak GiB | MFU | project tok/s ÷ this | project GiB ÷ this | loss tokens/step "
-             "| first loss | check |" + (" run |" if runs else ""),
+    lines = ["| case | tokens/s | peak GiB: steps / process | MFU | project tok/s ÷ this | project GiB ÷ this: "
+             "steps / process | loss tokens/step | first loss | check |" + (" run |" if runs else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
     for r in results:
         tail = f" {r.get('run', '')} |" if runs else ""
@@ -306,11 +313,13 @@ def table(results: list[dict[str, Any]]) -> str:
                                             f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
                                             f"loss delta {100 * check['first_loss_rel_delta']:.2f}%)")
         ratio = r.get("project_over_this_tokens_per_s")
-        mem = r.get("project_over_this_peak_gib")
+        mems = [r.get("project_over_this_step_peak_gib"), r.get("project_over_this_peak_gib")]
+        mem = " / ".join("-" if m is None else format(m, ".2f") for m in mems) if mems[1] is not None else ""
+        step_peak = "-" if r.get("step_peak_gib") is None else format(r["step_peak_gib"], ".2f")
         per_step = sorted(set(r.get("loss_tokens_per_step") or []))
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | {100 * r['mfu']:.1f}% | "
-                     f"{'' if ratio is None else format(ratio, '.2f')} | "
-                     f"{'' if mem is None else format(mem, '.2f')} | {','.join(map(str, per_step))} | "
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {step_peak} / {r['peak_gib']:.2f} | "
+                     f"{100 * r['mfu']:.1f}% | {'' if ratio is None else format(ratio, '.2f')} | {mem} | "
+                     f"{','.join(map(str, per_step))} | "
                      f"{r['first_losses'][0]:.4f} | {verdict} |{tail}")
     return "\n".join(lines)
 
@@ -319,7 +328,8 @@ def merge_runs(paths: list[Path], out: Path) -> None:
     """One table from several runs' peers.json (a device call holds about 8 cases): a case measured in several
     runs keeps its latest row, the checks are recomputed against the project's row of the latest run that has it,
     and each row names its run."""
-    derived = ("check", "project_over_this_tokens_per_s", "project_over_this_peak_gib")
+    derived = ("check", "project_over_this_tokens_per_s", "project_over_this_peak_gib",
+               "project_over_this_step_peak_gib")
     runs, rows = ts.latest_rows(paths, lambda key: key in derived)
     order = {name: i for i, name in enumerate(c.label for c in plan(
         runs[-1]["shape"], ["qlora", "lora"], 1, 0, 0, 0, 0, list(PATHS), sorted(PROJECT_VARIANTS)))}

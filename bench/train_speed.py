@@ -245,6 +245,31 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+class PeakMemory:
+    """CUDA peak memory of each training step (``step_peaks_gib``: the counter restarts at every step's start) and
+    of the whole process (``peak_gib``: loading, quantizing and Ludwig's end-of-epoch evaluation included, the
+    readings between steps too), so a peak can be placed: in the steps or around them, and at which step."""
+
+    def __init__(self) -> None:
+        self.process = 0.0
+        self.steps: list[float] = []
+
+    def step_begin(self) -> None:
+        import torch
+
+        self.process = max(self.process, _peak_gib())
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def step_end(self) -> None:
+        self.steps.append(_peak_gib())
+        self.process = max(self.process, self.steps[-1])
+
+    def result(self) -> dict[str, Any]:
+        return {"peak_gib": max(self.process, _peak_gib()), "step_peak_gib": max(self.steps, default=None),
+                "step_peaks_gib": self.steps}
+
+
 def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
     """The hand-written transformers + peft (+ bitsandbytes) loop, per the peft / QLoRA documentation."""
     import torch
@@ -284,8 +309,10 @@ def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dic
         return pad(ids, tok.pad_token_id), mask, pad(labels, -100), sum(map(len, ids))
 
     times, losses, tokens = [], [], []
+    peaks = PeakMemory()
     for step in range(case.warmup + case.steps):
         input_ids, mask, labels, n_tok = batch(step)
+        peaks.step_begin()
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -297,8 +324,9 @@ def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dic
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        peaks.step_end()
         tokens.append(n_tok)
-    return {"step_times": times, "losses": losses, "tokens_per_step": tokens, "peak_gib": _peak_gib()}
+    return {"step_times": times, "losses": losses, "tokens_per_step": tokens, **peaks.result()}
 
 
 def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> dict[str, Any]:
@@ -321,8 +349,10 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
         def __init__(self) -> None:
             self.times: list[float] = []
             self._t0 = 0.0
+            self.peaks = PeakMemory()
 
         def on_batch_start(self, trainer, progress_tracker, save_path, **kwargs):
+            self.peaks.step_begin()
             if cuda:
                 torch.cuda.synchronize()
             self._t0 = time.perf_counter()
@@ -331,6 +361,7 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
             if cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
+            self.peaks.step_end()
 
     timer_cls = Timer
     profile_table: list[str] = []
@@ -350,7 +381,8 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     n = len(timer.times)
     return {"step_times": timer.times, "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
-            "loss_tokens_per_step": loss_tokens[:n], "peak_gib": _peak_gib(), "param_dtypes": dtypes, "attn_implementation": attn,
+            "loss_tokens_per_step": loss_tokens[:n], **timer.peaks.result(), "param_dtypes": dtypes,
+            "attn_implementation": attn,
             "config_trainer": config["trainer"], "profile": "\n".join(profile_table), "syncs": syncs}
 
 
@@ -452,6 +484,7 @@ def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float
     step = statistics.median(times) if times else float("nan")
     tok_s = statistics.mean(toks) / step if times else float("nan")
     return {"case": asdict(case), "step_s": step, "tokens_per_s": tok_s, "peak_gib": raw.get("peak_gib"),
+            "step_peak_gib": raw.get("step_peak_gib"), "step_peaks_gib": raw.get("step_peaks_gib"),
             "mfu": 4 * n_params * tok_s / (peak_tflops * 1e12), "first_losses": raw["losses"][:5],
             **{k: raw[k] for k in ("param_dtypes", "attn_implementation") if k in raw}}
 

@@ -30,6 +30,8 @@ LUDWIG_MODEL = "ludwig.api:LudwigModel"
 
 SPEEDUP = Switch("always; off at use time: `LUDWIG_MT_SPEEDUPS=0`, or its name in `LUDWIG_MT_SPEEDUPS_OFF`",
                  lambda: True)
+#: a speed-up that trades speed for memory (:data:`~ludwig_mt.patches.speedups.OPT_IN`): off unless asked for
+SPEEDUP_OPT_IN = Switch("always; on at use time only when its name is in `LUDWIG_MT_SPEEDUPS_ON`", lambda: True)
 UNDER_LAUNCHER = Switch(f"`{ENV_STRATEGY}` set (by `ludwig_mt.launch`) or `WORLD_SIZE` > 1", is_distributed_launch)
 SHARDED_WEIGHTS = Switch(f"`{ENV_STRATEGY}=zero3` or `fsdp`", lambda: strategy_name() in SHARDED_WEIGHT_STRATEGIES)
 
@@ -39,7 +41,8 @@ def _fix(name: str, targets: tuple[str, ...], purpose: str, body, packages: tupl
 
 
 def _speedup(name: str, targets: tuple[str, ...], purpose: str, body, packages: tuple[str, ...]) -> Patch:
-    return Patch(name, targets, purpose, "speed-up", SPEEDUP, body, packages)
+    switch = SPEEDUP_OPT_IN if name in speedups.OPT_IN else SPEEDUP
+    return Patch(name, targets, purpose, "speed-up", switch, body, packages)
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -127,9 +130,17 @@ PATCHES: tuple[Patch, ...] = (
              "peft runs the LoRA math in fp32 next to bf16 matmuls: bf16 autocast on CUDA, fp32 weights kept",
              speedups.patch_bf16_autocast, ("ludwig", "peft", "torch")),
     _speedup("lean_lora_forward", speedups.LORA_LAYER_FORWARDS,
-             "peft copies each 4-bit layer's output and adds the LoRA term in three passes: one fused `addmm` in "
-             "training",
+             "peft runs each LoRA layer as 5 modules, copying the 4-bit output and each adapter's dropped input: one "
+             "autograd node in training",
              speedups.patch_lean_lora_forward, ("peft", "bitsandbytes", "torch")),
+    _speedup("fused_lora_mlp", (MODEL_LOADER,),
+             "a LoRA-adapted Llama-style MLP runs as 7 modules and keeps silu(gate)*up for the backward: one "
+             "autograd node that recomputes it",
+             speedups.patch_fused_lora_mlp, ("peft", "bitsandbytes", "torch", "transformers")),
+    _speedup("offload_checkpoints", (speedups.CHECKPOINTING_ENABLE,),
+             "gradient checkpointing keeps every layer's input on the GPU: in pinned host memory, copied on a side "
+             "stream (opt-in: memory for speed)",
+             speedups.patch_offload_checkpoints, ("transformers", "torch")),
     # -------------------------------------------------------- instrumentation and drills (instrumentation.py)
     Patch("write_training_progress",
           (f"{TRAINER}._train_loop", f"{TRAINER}.train_step", f"{TRAINER}.save_checkpoint"),

@@ -6,7 +6,8 @@ Each speed-up is one small patch body of Ludwig 0.17.10, applied from the outsid
 outcomes: ``bench/NOTES-speed.md``). Switches:
 
 * ``LUDWIG_MT_SPEEDUPS=0`` turns every speed-up off (raw Ludwig speed, for the benchmark's "raw" column);
-* ``LUDWIG_MT_SPEEDUPS_OFF=name,name`` turns single ones off (the names are :data:`SPEEDUPS`, the registry's).
+* ``LUDWIG_MT_SPEEDUPS_OFF=name,name`` turns single ones off (the names are :data:`SPEEDUPS`, the registry's);
+* ``LUDWIG_MT_SPEEDUPS_ON=name`` turns on the ones that trade speed for memory (:data:`OPT_IN`), off otherwise.
 
 The switches are read when a model is loaded / prepared, not when the patch is installed, so one process can
 compare on and off (the tests do). (``LUDWIG_MT_PATCHES_OFF=name`` instead leaves a patch out when patches are
@@ -46,8 +47,49 @@ What Ludwig does without them, and why each change is safe:
     cross-entropy in fp32: the same loss value and gradients with a fraction of the LM-head matmul and none of the
     full-vocabulary fp32 tensors (the head is 20-40% of a 1B model's FLOPs at a 128k-256k vocabulary). On the
     steps that update training metrics (``sampled_train_metrics``), Ludwig's full outputs for the metrics come
-    from an extra no-grad forward of the batch's first :data:`TRAIN_METRICS_ROWS` rows, so no step materialises
-    full-batch logits. It also makes ``trainer.packing: true`` work (below).
+    from an extra no-grad forward of the batch's first :data:`TRAIN_METRICS_ROWS` rows (fewer when their logits
+    would pass :data:`TRAIN_METRICS_LOGITS`), so no step materialises full-batch logits. It also makes ``trainer.packing: true`` work (below).
+
+``bf16_autocast``
+    peft keeps the LoRA weights in float32 and casts every adapted layer's input to float32 before the adapter
+    (``x.to(lora_A.weight.dtype)``), so next to each bf16 (or 4-bit) matmul of the frozen base run a full-size
+    fp32 copy of the activations, an fp32 dropout and two fp32 GEMMs: on the H100 profile of a packed QLoRA step
+    those were about half of the CUDA time. On CUDA we run each training step's forward under
+    ``torch.autocast(bfloat16)`` (what ``transformers.Trainer`` does with ``bf16=True``) and switch peft's input
+    cast off for the step (``cast_input_dtype_enabled``, the flag its ``disable_input_dtype_casting`` sets), so the adapter math runs in bf16 while
+    the LoRA weights, their gradients and the optimizer state stay fp32, and the loss is still taken in fp32
+    (autocast runs cross-entropy in fp32). No gradient scaler is needed for bf16. Reentrant gradient
+    checkpointing re-enters the same autocast state when it recomputes. Off when Ludwig's own
+    ``trainer.use_mixed_precision`` (fp16 AMP) is set, under a DeepSpeed engine (which turns an outer autocast off
+    inside its forward), and on CPU (:data:`AUTOCAST_DEVICES`).
+``liger_kernels``
+    When ``liger-kernel`` is installed (the optional extra ``gpu``: ``pip install -e .[gpu]``) and the model runs on
+    CUDA: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE patched into the loaded model instance (fewer, fused
+    memory-bound kernels; same maths), and on lean steps Liger's fused linear cross-entropy, which computes the
+    LM head and the loss chunk by chunk without materialising the ``tokens x vocabulary`` logits. Off without
+    liger-kernel or CUDA (nothing changes on CPU).
+
+``lean_lora_forward``
+    peft runs each adapted layer (``Linear``, bitsandbytes' ``Linear4bit``) as five modules and autograd nodes (the
+    base layer, dropout, ``lora_A``, ``lora_B``, scale-and-add after a defensive copy of the 4-bit output), and keeps
+    a dropped copy of the input per adapter for the backward: Python that the CPU-bound step pays for (224 adapted
+    layers per QLoRA step of the 1B shape; ``bench/NOTES-speed.md``, "Against the peers") and activations. In
+    training, for a layer :func:`one_node_adapter` accepts (one plain LoRA adapter, nothing hooked, a plain or NF4
+    base layer without bias, one compute dtype), the layer runs as one autograd node
+    (:class:`ludwig_mt.patches.lora_autograd.LoRALinear`): the same sum, the same dropout draw in the same order,
+    the input saved once with boolean masks, the fp32 LoRA weights cast to bf16 once per optimizer update.
+    Everything else (evaluation, prediction, merged or multi-adapter layers) keeps peft's forward.
+``fused_lora_mlp``
+    A Llama-style MLP (``down(silu(gate(x)) * up(x))``) whose three projections :func:`one_node_adapter` accepts
+    runs as one autograd node (:class:`ludwig_mt.patches.lora_autograd.LoRAMLP`, with Liger's SwiGLU kernels on
+    CUDA) that recomputes ``silu(gate) * up`` in the backward instead of keeping it. Patched into the loaded model's
+    MLP instances after Liger's (whose forward, or transformers', it falls back to), decided at every call.
+``offload_checkpoints`` (opt-in)
+    With gradient checkpointing, each layer's saved input moves to pinned host memory on a side stream and comes
+    back, prefetched, in the backward (:mod:`ludwig_mt.patches.offload`): 0.77 GiB less per QLoRA step of the
+    1B shape at 64 rows, at a speed cost that measured between none and 28 %, hence opt-in.
+
+``trainer.packing: true`` work (below).
 
 ``bf16_autocast``
     peft keeps the LoRA weights in float32 and casts every adapted layer's input to float32 before the adapter
@@ -106,12 +148,18 @@ from ludwig_mt.patches.env import env_names
 logger = logging.getLogger(__name__)
 
 SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits",
-            "bf16_autocast", "liger_kernels", "lean_lora_forward")
+            "bf16_autocast", "liger_kernels", "lean_lora_forward", "fused_lora_mlp", "offload_checkpoints")
 
+#: speed-ups that trade speed for memory: off unless named in ``LUDWIG_MT_SPEEDUPS_ON``
+OPT_IN = ("offload_checkpoints",)
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
-#: with ``target_only_logits``, the rows of that step whose full outputs feed the training metrics
+#: with ``target_only_logits``, at most this many rows of that step feed the training metrics (full outputs) ...
 TRAIN_METRICS_ROWS = 4
+#: ... and no more than fit this many ``position x vocabulary`` logits (128 MiB per fp32 copy; Ludwig's metrics
+#: hold several): on the 1B shape with a 128k vocabulary, 4 rows of 255 tokens made the metric steps the run's
+#: peak (5.32 GiB against 4.53 GiB on the other steps, H200, ``bench/NOTES-speed.md``); there it is 1 row
+TRAIN_METRICS_LOGITS = 2**25
 #: device types on which ``bf16_autocast`` applies (CPU bf16 matmuls are slow; the CPU test adds "cpu")
 AUTOCAST_DEVICES: tuple[str, ...] = ("cuda",)
 
@@ -122,6 +170,8 @@ def enabled(name: str) -> bool:
         raise KeyError(f"unknown speed-up {name!r}; known: {', '.join(SPEEDUPS)}")
     if os.environ.get("LUDWIG_MT_SPEEDUPS", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
+    if name in OPT_IN:
+        return name in env_names("LUDWIG_MT_SPEEDUPS_ON")
     return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF")
 
 
@@ -239,8 +289,23 @@ def training_metrics_due(trainer) -> bool:
     return not enabled("sampled_train_metrics") or count % TRAIN_METRICS_EVERY == 0
 
 
+def metric_sample_rows(width: int, vocabulary: int | None) -> int:
+    """How many rows of ``width`` tokens the training metrics' extra forward takes: :data:`TRAIN_METRICS_ROWS`,
+    fewer when their logits would pass :data:`TRAIN_METRICS_LOGITS`, never fewer than one."""
+    if not vocabulary:
+        return TRAIN_METRICS_ROWS
+    return max(1, min(TRAIN_METRICS_ROWS, TRAIN_METRICS_LOGITS // max(1, width * vocabulary)))
+
+
+def vocabulary_size(llm) -> int | None:
+    """The output vocabulary of a Ludwig ``LLM``'s model (its config's ``vocab_size``), None when unknown."""
+    config = getattr(getattr(llm, "model", None), "config", None)
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 def metric_sample_outputs(trainer) -> tuple[dict, dict]:
-    """Ludwig's full outputs for the first :data:`TRAIN_METRICS_ROWS` rows of the trainer's last lean batch, from a
+    """Ludwig's full outputs for the first rows (:func:`metric_sample_rows`) of the trainer's last lean batch, from a
     no-grad forward: the training metrics' input without full-batch ``tokens x vocabulary`` fp32 tensors (they
     would set the run's peak memory).
 
@@ -250,8 +315,10 @@ def metric_sample_outputs(trainer) -> tuple[dict, dict]:
     import torch
 
     inputs, targets = trainer._ludwig_mt_last_batch
-    rows = {k: v[:TRAIN_METRICS_ROWS] for k, v in inputs.items()}
-    wanted = {k: v[:TRAIN_METRICS_ROWS] for k, v in targets.items()}
+    width = sum(v.shape[-1] for v in inputs.values()) + sum(v.shape[-1] for v in targets.values())
+    n = metric_sample_rows(width, vocabulary_size(trainer.model))
+    rows = {k: v[:n] for k, v in inputs.items()}
+    wanted = {k: v[:n] for k, v in targets.items()}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.no_grad(), training_autocast(trainer), torch.random.fork_rng(devices=devices):
         outputs = trainer.dist_model((rows, dict(wanted)))
@@ -585,10 +652,16 @@ def patch_bf16_autocast() -> None:
 LORA_LAYER_FORWARDS = ("peft.tuners.lora.layer:Linear.forward", "peft.tuners.lora.bnb:Linear4bit.forward")
 
 
-def lean_lora_adapter(layer, x, args: tuple, kwargs: dict) -> str | None:
-    """The adapter name when ``layer``'s forward can take the lean path (``lean_lora_forward``), else None."""
+def one_node_adapter(layer, x, args: tuple = (), kwargs: dict | None = None) -> str | None:
+    """The adapter name when peft's LoRA ``layer`` can run as one autograd node on ``x`` (no switch consulted):
+    in training, one plain LoRA adapter (no DoRA or other variant, no bias on A or B, nothing hooked on A, B or the
+    base layer, which the node does not call as modules), not merged, called with ``x`` alone, a base layer that
+    :func:`~ludwig_mt.patches.lora_autograd.supported_base` allows, and one dtype for the maths (autocast's, or
+    ``x``, the base weight and the adapter sharing one). Anything else keeps peft's forward."""
     import torch
 
+    if getattr(layer, "lora_A", None) is None:  # not a LoRA layer (Ludwig's default adapts q_proj and v_proj only)
+        return None
     if args or kwargs or not layer.training or layer.disable_adapters or layer.merged:
         return None
     active = layer.active_adapters
@@ -596,26 +669,55 @@ def lean_lora_adapter(layer, x, args: tuple, kwargs: dict) -> str | None:
         return None
     name = active[0]
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    if lora_a.bias is not None or lora_b.bias is not None or not enabled("lean_lora_forward"):
+    if lora_a.bias is not None or lora_b.bias is not None:
         return None
-    if lora_b._forward_hooks or lora_b._forward_pre_hooks:  # the lean path does not call lora_B as a module
+    if lora_b._forward_hooks or lora_b._forward_pre_hooks or lora_a._forward_hooks or lora_a._forward_pre_hooks:
+        return None
+    from ludwig_mt.patches.lora_autograd import supported_base
+
+    base = layer.get_base_layer()
+    if getattr(layer, "fan_in_fan_out", False) or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    if not supported_base(base) or not isinstance(layer.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)):
         return None
     if torch.is_autocast_enabled(x.device.type):
         return name
-    weight = getattr(layer.get_base_layer(), "weight", None)
-    one_dtype = weight is not None and x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+    one_dtype = x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
     return name if one_dtype else None
 
 
-def lean_lora_forward(layer, x, name: str):
-    """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` as one ``addmm``: no output copy, no separate scale/add."""
+def lean_lora_adapter(layer, x, args: tuple, kwargs: dict) -> str | None:
+    """The adapter name when ``layer``'s forward takes the lean path (``lean_lora_forward`` on, and
+    :func:`one_node_adapter`), else None."""
+    return one_node_adapter(layer, x, args, kwargs) if enabled("lean_lora_forward") else None
+
+
+def compute_dtype(x):
+    """The dtype peft's modules would compute in on ``x``: autocast's when it is on, else ``x``'s."""
     import torch
 
-    result = layer.base_layer(x)
-    hidden = layer.lora_A[name](layer.lora_dropout[name](x))
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                       layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
-    return flat.view(result.shape)
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def one_node_parts(layer, name: str):
+    """(LoRA A weight, LoRA B weight, :class:`~ludwig_mt.patches.lora_autograd.Adapter`) of ``layer``'s adapter."""
+    import torch
+
+    from ludwig_mt.patches.lora_autograd import Adapter
+
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    return (layer.lora_A[name].weight, layer.lora_B[name].weight,
+            Adapter(layer.get_base_layer(), layer.scaling[name], p))
+
+
+def lean_lora_forward(layer, x, name: str):
+    """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` as one autograd node (:class:`LoRALinear`)."""
+    from ludwig_mt.patches.lora_autograd import lora_linear
+
+    lora_a, lora_b, adapter = one_node_parts(layer, name)
+    return lora_linear(x, lora_a, lora_b, adapter, compute_dtype(x))
 
 
 def patch_lean_lora_forward() -> None:
@@ -633,3 +735,75 @@ def patch_lean_lora_forward() -> None:
 
     for target in LORA_LAYER_FORWARDS:
         rebind(target, lean)
+
+
+# ----------------------------------------------------------------------------------------- offload_checkpoints
+CHECKPOINTING_ENABLE = "transformers.modeling_utils:PreTrainedModel.gradient_checkpointing_enable"
+
+
+def patch_offload_checkpoints() -> None:
+    """After a model turns gradient checkpointing on (Ludwig's trainer calls ``gradient_checkpointing_enable``),
+    its checkpointed layers keep their saved inputs in host memory (:mod:`ludwig_mt.patches.offload`), decided at
+    each call: on while ``offload_checkpoints`` is on and the inputs live on a CUDA device."""
+
+    def offloaded(original):
+        @functools.wraps(original)
+        def gradient_checkpointing_enable(self, *args, **kwargs):
+            from ludwig_mt.patches.offload import offload_checkpointed_inputs
+
+            result = original(self, *args, **kwargs)
+            offload_checkpointed_inputs(self, functools.partial(enabled, "offload_checkpoints"))
+            return result
+
+        return gradient_checkpointing_enable
+
+    rebind(CHECKPOINTING_ENABLE, offloaded)
+
+
+# ---------------------------------------------------------------------------------------------- fused_lora_mlp
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def swiglu_mlp(mlp) -> bool:
+    """``mlp`` is a Llama-style gated MLP: ``down(silu(gate(x)) * up(x))`` (Llama, Mistral, Qwen2/3, SmolLM2)."""
+    import torch
+
+    act = getattr(mlp, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and all(hasattr(mlp, name) for name in MLP_PROJECTIONS)
+
+
+def fused_lora_mlp_forward(mlp, x, *args, **kwargs):
+    """A patched MLP's forward (bound to the instance by :func:`apply_fused_lora_mlp`): one
+    :class:`~ludwig_mt.patches.lora_autograd.LoRAMLP` node when ``fused_lora_mlp`` is on and all three projections
+    can run as one node (:func:`one_node_adapter`), the forward it had before (Liger's or transformers')
+    otherwise."""
+    names = [one_node_adapter(getattr(mlp, p), x) for p in MLP_PROJECTIONS] if not (args or kwargs) else [None]
+    if None in names or not enabled("fused_lora_mlp"):
+        return mlp._ludwig_mt_previous_forward(x, *args, **kwargs)
+    from ludwig_mt.patches.lora_autograd import lora_mlp
+
+    parts = [one_node_parts(getattr(mlp, p), n) for p, n in zip(MLP_PROJECTIONS, names)]
+    weights = tuple(w for a, b, _ in parts for w in (a, b))
+    return lora_mlp(x, weights, tuple(adapter for _, _, adapter in parts), compute_dtype(x))
+
+
+def apply_fused_lora_mlp(model) -> int:
+    """Give every Llama-style MLP of a loaded model :func:`fused_lora_mlp_forward` (instance-level, after Liger's
+    kernels, whose SwiGLU forward becomes the fallback); returns how many. Both are bound methods on the instance,
+    so a ``copy.deepcopy`` of the model calls its own modules. The choice is made at each call, so the LoRA layers
+    peft adds later are seen."""
+    import types
+
+    patched = 0
+    for module in model.modules():
+        if swiglu_mlp(module) and getattr(module, "_ludwig_mt_previous_forward", None) is None:
+            module._ludwig_mt_previous_forward = module.forward
+            module.forward = types.MethodType(fused_lora_mlp_forward, module)
+            patched += 1
+    return patched
+
+
+def patch_fused_lora_mlp() -> None:
+    """Ludwig's loaded LLMs get ``fused_lora_mlp`` (an after-load hook of the one stand-in loader)."""
+    add_load_rule(after_load=apply_fused_lora_mlp)

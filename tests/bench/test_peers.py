@@ -24,9 +24,10 @@ def case(path: str = "tuned", label: str = "qlora-project", batch: int = 64, **k
                 steps=4, warmup=1, label=label, **kw)
 
 
-def result(name: str, path: str, tok_s: float, peak: float, loss: float, loss_tokens: list[int]) -> dict:
+def result(name: str, path: str, tok_s: float, peak: float, loss: float, loss_tokens: list[int],
+           step_peak: float | None = None) -> dict:
     return {"name": name, "case": asdict(case(path, name)), "tokens_per_s": tok_s, "peak_gib": peak, "mfu": 0.3,
-            "step_s": 0.3, "first_losses": [loss], "loss_tokens_per_step": loss_tokens}
+            "step_s": 0.3, "first_losses": [loss], "loss_tokens_per_step": loss_tokens, "step_peak_gib": step_peak}
 
 
 def test_every_peer_trains_with_the_yamls_lora_recipe_and_the_fast_case_only_changes_dropout(tmp_path: Path) -> None:
@@ -64,8 +65,9 @@ def test_plan_pairs_each_peer_with_the_project_of_the_same_mode_and_checkpointin
 
 
 def test_checks_fail_on_other_loss_tokens_or_a_first_loss_out_of_tolerance() -> None:
-    results = [result("qlora-project", "tuned", 50_000, 5.0, 12.0, [4160, 4160]),
-               result("qlora-unsloth", "unsloth", 40_000, 4.0, 12.0 * (1 + LOSS_TOLERANCE / 2), [4160, 4160]),
+    results = [result("qlora-project", "tuned", 50_000, 5.0, 12.0, [4160, 4160], step_peak=3.0),
+               result("qlora-unsloth", "unsloth", 40_000, 4.0, 12.0 * (1 + LOSS_TOLERANCE / 2), [4160, 4160],
+                      step_peak=4.0),
                result("qlora-trl", "trl", 20_000, 5.0, 12.0, [4160, 4096]),
                result("qlora-unsloth-fast", "unsloth", 60_000, 2.5, 12.0 * (1 + 2 * LOSS_TOLERANCE), [4160, 4160]),
                result("lora-unsloth", "unsloth", 1.0, 1.0, 12.0, [4160]),  # no project row in its group
@@ -74,12 +76,15 @@ def test_checks_fail_on_other_loss_tokens_or_a_first_loss_out_of_tolerance() -> 
     by = {r["name"]: r for r in results}
     assert by["qlora-unsloth"]["check"]["ok"] and by["qlora-unsloth"]["project_over_this_tokens_per_s"] == 1.25
     assert by["qlora-unsloth"]["project_over_this_peak_gib"] == 1.25
+    assert by["qlora-unsloth"]["project_over_this_step_peak_gib"] == 0.75  # the training steps' peak alone
+    assert "project_over_this_step_peak_gib" not in by["qlora-trl"]  # no step peak recorded: no ratio
     assert not by["qlora-trl"]["check"]["ok"] and not by["qlora-trl"]["check"]["loss_tokens_equal"]
     assert not by["qlora-unsloth-fast"]["check"]["ok"] and by["qlora-unsloth-fast"]["check"]["loss_tokens_equal"]
     assert "check" not in by["lora-unsloth"] and "check" not in by["qlora-project"]
     assert by["qlora-project+no-x"]["check"]["ok"] and by["qlora-project+no-x"]["project_over_this_tokens_per_s"] == 1.25
     text = peers.table(results + [{"name": "qlora-x", "case": {}, "error": peers.NEEDS_CUDA}])
-    assert "| qlora-unsloth | 40000 | 4.00 |" in text and "FAILED (tokens equal: False" in text
+    assert "| qlora-unsloth | 40000 | 4.00 / 4.00 | 30.0% | 1.25 | 0.75 / 1.25 |" in text
+    assert "| qlora-trl | 20000 | - / 5.00 |" in text and "FAILED (tokens equal: False" in text
     assert "| qlora-x | did not run: needs a CUDA GPU" in text
 
 

@@ -83,7 +83,9 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
         f"{trainer}._train_loop": ["resume_mid_epoch_where_it_stopped", "write_training_progress", "write_rank_report"],
         f"{trainer}.save_checkpoint": ["resume_mid_epoch_where_it_stopped", "write_training_progress",
                                        "crash_drill_after_checkpoint"],
-        model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "place_quantized_model_on_local_rank"],
+        # fused_lora_mlp after liger_kernels: Liger's SwiGLU forward is its fallback
+        model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "fused_lora_mlp",
+                               "place_quantized_model_on_local_rank"],
         f"{trainer}._forward_pass": ["target_only_logits", "bf16_autocast"],
         f"{trainer}._update_training_metrics": ["target_only_logits", "sampled_train_metrics"],
         f"{trainer}.train_step": ["bf16_autocast", "write_training_progress", "write_rank_report", "record_step_losses"],
@@ -352,7 +354,8 @@ def test_the_launchers_worker_honours_no_fixes_like_every_other_process() -> Non
                              env={**env, "LUDWIG_MT_NO_FIXES": raw})
         counts[raw] = [line for line in out.stdout.splitlines() if line.startswith("APPLIED")]
     assert counts["1"] == ["APPLIED 0"]
-    automatic = [p for p in registry.PATCHES if p.switch.text in (ALWAYS.text, registry.SPEEDUP.text)]
+    automatic = [p for p in registry.PATCHES  # opt-in speed-ups are installed too, and used only when asked for
+                 if p.switch.text in (ALWAYS.text, registry.SPEEDUP.text, registry.SPEEDUP_OPT_IN.text)]
     assert counts["0"] == [f"APPLIED {len(automatic)}"]
 
 

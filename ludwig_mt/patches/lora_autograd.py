@@ -1,0 +1,232 @@
+"""One autograd function per LoRA-adapted linear layer in training (the ``lean_lora_forward`` speed-up).
+
+Why: the QLoRA step of a 1B model is bound by the CPU that queues its kernels, not by the GPU
+(``bench/NOTES-speed.md``, "Against the peers"). peft runs each adapted layer as five modules and autograd
+nodes (the frozen base layer with bitsandbytes' ``MatMul4Bit`` wrapper, dropout, ``lora_A``, ``lora_B``, the
+scale-and-add), each with its own Python, dtype casts and saved tensors; 224 such layers per step of the 1B
+shape. :class:`LoRALinear` computes the same ``base(x) + scaling * B(A(dropout(x)))`` as one node with a
+hand-written backward (unsloth's ``LoRA_W`` does the same for dropout 0):
+
+* the frozen weight (4-bit NF4 dequantized by bitsandbytes, as its own ``MatMul4Bit`` does, or bf16 as loaded)
+  is re-derived in the backward instead of saved, as bitsandbytes does;
+* the adapter's input is saved once as ``x`` plus the boolean dropout mask, not as a dropped copy per adapter:
+  ``q``/``k``/``v`` (and ``gate``/``up``) share one saved ``x``, so without gradient checkpointing a step keeps
+  fewer activations;
+* the dropout is ``torch.native_dropout``, the kernel ``nn.Dropout`` runs: the same draw from the same seed.
+
+The maths is peft's: the tests compare losses and gradients with peft's forward bit for bit in fp32 and within
+bf16 rounding under autocast (``tests/ludwig_mt/patches/test_speedups.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def is_4bit(base: torch.nn.Module) -> bool:
+    """``base`` is bitsandbytes' ``Linear4bit`` with its quantization state (an NF4/FP4 weight)."""
+    return getattr(getattr(base, "weight", None), "quant_state", None) is not None
+
+
+def supported_base(base: torch.nn.Module) -> bool:
+    """The frozen layer :class:`LoRALinear` can stand in for: a plain ``nn.Linear`` or bitsandbytes'
+    ``Linear4bit`` with an ``out x in`` weight that needs no gradient and no bias (GPT-2's ``Conv1D``, 8-bit and
+    other quantized layers keep peft's forward)."""
+    weight = getattr(base, "weight", None)
+    if weight is None or weight.requires_grad or getattr(base, "bias", None) is not None:
+        return False
+    if type(base) is torch.nn.Linear:
+        return True
+    return type(base).__name__ == "Linear4bit" and type(base).__module__.startswith("bitsandbytes") and is_4bit(base)
+
+
+def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``base``'s weight as a dense ``out x in`` matrix in ``dtype``: 4-bit weights dequantized the way
+    bitsandbytes' ``MatMul4Bit`` does it (``dequantize_4bit(...).to(dtype)``), in the forward and again in the
+    backward, so no dense copy outlives the call."""
+    weight = base.weight
+    if is_4bit(base):
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight, weight.quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+def adapter_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` (an fp32 LoRA matrix) in ``dtype``, cast once per update instead of once per call: the forward,
+    gradient checkpointing's recompute of it and the backward share the copy. The copy is keyed by the weight's
+    version counter (every in-place update, the optimizer's included, bumps it) and its storage (``.data = ...``
+    replaces it), so it is never stale."""
+    if weight.dtype == dtype:
+        return weight
+    key = (weight._version, weight.data_ptr(), dtype)
+    cached = getattr(weight, "_ludwig_mt_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        weight._ludwig_mt_cast = cached
+    return cached[1]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapted layer's frozen part and settings (what is not a tensor autograd tracks)."""
+
+    base: torch.nn.Module
+    scaling: float
+    p: float  # LoRA dropout probability in this step (0 outside training)
+
+
+def adapted_forward(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter: Adapter,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``rows @ W.T + scaling * dropout(rows) @ a.T @ b.T`` (2-D, in ``dtype``), with what the backward needs:
+    the rank-r ``hidden = dropout(rows) @ a.T`` and the dropout mask (None without dropout)."""
+    dropped, mask = torch.native_dropout(rows, adapter.p, True) if adapter.p > 0 else (rows, None)
+    hidden = torch.mm(dropped, a.t())
+    out = torch.mm(rows, frozen_weight(adapter.base, dtype).t()).addmm_(hidden, b.t(), alpha=adapter.scaling)
+    return out, hidden, mask
+
+
+def adapted_backward(grad_out: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, a: torch.Tensor,
+                     b: torch.Tensor, hidden: torch.Tensor, adapter: Adapter, dtype: torch.dtype,
+                     needs: tuple[bool, bool, bool], adapter_dtypes: tuple[torch.dtype, torch.dtype],
+                     add_to: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`adapted_forward` for (rows, a, b), each only where ``needs`` says; the rows' gradient
+    in ``dtype`` (plus ``add_to``, another branch's gradient of the same rows), a's and b's in ``adapter_dtypes``
+    (the LoRA weights' own dtypes)."""
+    needs_rows, needs_a, needs_b = needs
+    keep = 1.0 / (1.0 - adapter.p)
+    grad_rows = grad_a = grad_b = None
+    if needs_b:
+        grad_b = torch.mm(grad_out.t(), hidden).to(adapter_dtypes[1]).mul_(adapter.scaling)
+    if needs_rows or needs_a:
+        grad_hidden = torch.mm(grad_out, b).mul_(adapter.scaling)
+        if needs_a:
+            dropped = rows if mask is None else torch.ops.aten.native_dropout_backward(rows, mask, keep)
+            grad_a = torch.mm(grad_hidden.t(), dropped).to(adapter_dtypes[0])
+        if needs_rows:
+            grad_rows = torch.mm(grad_hidden, a)
+            if mask is not None:
+                grad_rows = torch.ops.aten.native_dropout_backward(grad_rows, mask, keep)
+            if add_to is not None:
+                grad_rows.add_(add_to)
+            grad_rows.addmm_(grad_out, frozen_weight(adapter.base, dtype))
+    return grad_rows, grad_a, grad_b
+
+
+class LoRALinear(torch.autograd.Function):
+    """``base(x) + scaling * dropout(x) @ A.T @ B.T`` in ``dtype``, with ``A`` and ``B`` kept in their own dtype
+    (fp32 under ``bf16_autocast``) and their gradients returned in it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter: Adapter,
+                dtype: torch.dtype) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = adapter_weight(lora_a, dtype), adapter_weight(lora_b, dtype)
+        out, hidden, mask = adapted_forward(rows, a, b, adapter, dtype)
+        ctx.save_for_backward(rows, mask, a, b, hidden)
+        ctx.adapter, ctx.dtype, ctx.x_meta = adapter, dtype, (x.shape, x.dtype)
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        rows, mask, a, b, hidden = ctx.saved_tensors
+        needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
+        grad_out = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        grad_rows, grad_a, grad_b = adapted_backward(grad_out, rows, mask, a, b, hidden, ctx.adapter, ctx.dtype,
+                                                     (needs_x, needs_a, needs_b), ctx.adapter_dtypes)
+        shape, x_dtype = ctx.x_meta
+        grad_x = None if grad_rows is None else grad_rows.view(shape).to(x_dtype)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def lora_linear(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter: Adapter,
+                dtype: torch.dtype) -> torch.Tensor:
+    """:class:`LoRALinear` applied (the one call site of ``lean_lora_forward``)."""
+    return LoRALinear.apply(x, lora_a, lora_b, adapter, dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the SwiGLU of Llama-style MLPs: Liger's one Triton kernel on CUDA when installed (as
+    ``liger_kernels`` uses it), torch's ops (sigmoid in fp32, as transformers' ``SiLU`` on bf16) elsewhere."""
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu()[0](gate, up)[2]
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor,
+                      grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`silu_mul` for (gate, up). Liger's kernel writes them into ``gate`` and ``up`` (its own
+    function does the same with its saved inputs), so the caller must not need those afterwards."""
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu()[1](gate, up, grad)
+    g, u, dc = gate.float(), up.float(), grad.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return (dc * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (dc * silu).to(up.dtype)
+
+
+@functools.cache
+def _liger_swiglu() -> tuple[Any, Any] | None:
+    """Liger's ``swiglu_forward`` / ``swiglu_backward`` (liger-kernel 0.8), or None when it is not installed."""
+    try:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    except ImportError:
+        return None
+    return swiglu_forward, swiglu_backward
+
+
+class LoRAMLP(torch.autograd.Function):
+    """A Llama-style MLP whose three linear layers carry LoRA adapters, as one autograd node:
+    ``down(silu(gate(x)) * up(x))`` with each ``layer(v) = base(v) + scaling * dropout(v) @ A.T @ B.T`` (unsloth's
+    ``LoRA_MLP``, with dropout). Against three :class:`LoRALinear` nodes and Liger's SwiGLU it also keeps less for
+    the backward: not ``silu(gate) * up`` (``tokens x intermediate``: the largest activation of the layer), which the
+    backward recomputes from the saved gate and up outputs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a: torch.Tensor,
+                up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor,
+                adapters: tuple[Adapter, Adapter, Adapter], dtype: torch.dtype) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        weights = [adapter_weight(w, dtype) for w in (gate_a, gate_b, up_a, up_b, down_a, down_b)]
+        gate, gate_hidden, gate_mask = adapted_forward(rows, weights[0], weights[1], adapters[0], dtype)
+        up, up_hidden, up_mask = adapted_forward(rows, weights[2], weights[3], adapters[1], dtype)
+        out, down_hidden, down_mask = adapted_forward(silu_mul(gate, up), weights[4], weights[5], adapters[2], dtype)
+        ctx.save_for_backward(rows, gate, up, gate_mask, up_mask, down_mask, gate_hidden, up_hidden, down_hidden,
+                              *weights)
+        ctx.adapters, ctx.dtype, ctx.x_meta = adapters, dtype, (x.shape, x.dtype)
+        ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in ((gate_a, gate_b), (up_a, up_b), (down_a, down_b))]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        rows, gate, up, gate_mask, up_mask, down_mask, gate_hidden, up_hidden, down_hidden, *weights = \
+            ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gate_adapter, up_adapter, down_adapter = ctx.adapters
+        grad_out = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        product = silu_mul(gate, up)  # recomputed: cheaper than keeping it
+        grad_product, down_a, down_b = adapted_backward(grad_out, product, down_mask, weights[4], weights[5],
+                                                        down_hidden, down_adapter, ctx.dtype,
+                                                        (True, needs[5], needs[6]), ctx.adapter_dtypes[2])
+        del product
+        grad_gate, grad_up = silu_mul_backward(gate, up, grad_product)
+        grad_rows, gate_a, gate_b = adapted_backward(grad_gate, rows, gate_mask, weights[0], weights[1],
+                                                     gate_hidden, gate_adapter, ctx.dtype,
+                                                     (needs[0], needs[1], needs[2]), ctx.adapter_dtypes[0])
+        grad_rows, up_a, up_b = adapted_backward(grad_up, rows, up_mask, weights[2], weights[3], up_hidden,
+                                                 up_adapter, ctx.dtype, (needs[0], needs[3], needs[4]),
+                                                 ctx.adapter_dtypes[1], add_to=grad_rows)
+        shape, x_dtype = ctx.x_meta
+        grad_x = None if grad_rows is None else grad_rows.view(shape).to(x_dtype)
+        return grad_x, gate_a, gate_b, up_a, up_b, down_a, down_b, None, None
+
+
+def lora_mlp(x: torch.Tensor, lora_weights: tuple[torch.Tensor, ...], adapters: tuple[Adapter, Adapter, Adapter],
+             dtype: torch.dtype) -> torch.Tensor:
+    """:class:`LoRAMLP` applied; ``lora_weights`` is (gate A, gate B, up A, up B, down A, down B)."""
+    return LoRAMLP.apply(x, *lora_weights, adapters, dtype)
