@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--project-variants", nargs="*", default=[], choices=sorted(PROJECT_VARIANTS),
                    help="also the project with this YAML change (same run, same rows)")
     p.add_argument("--rows", type=int, default=None, help="rows per optimizer step; default: the YAML's batch_size")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30,
+                   help="timed steps per case (the project's CPU-bound steps jitter with the host: 10 were too few)")
     p.add_argument("--warmup", type=int, default=4)
     ts.add_worker_arguments(p, "peers.json")
     args = p.parse_args(argv)

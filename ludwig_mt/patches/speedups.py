@@ -89,39 +89,6 @@ What Ludwig does without them, and why each change is safe:
     back, prefetched, in the backward (:mod:`ludwig_mt.patches.offload`): 0.77 GiB less per QLoRA step of the
     1B shape at 64 rows, at a speed cost that measured between none and 28 %, hence opt-in.
 
-``trainer.packing: true`` work (below).
-
-``bf16_autocast``
-    peft keeps the LoRA weights in float32 and casts every adapted layer's input to float32 before the adapter
-    (``x.to(lora_A.weight.dtype)``), so next to each bf16 (or 4-bit) matmul of the frozen base run a full-size
-    fp32 copy of the activations, an fp32 dropout and two fp32 GEMMs: on the H100 profile of a packed QLoRA step
-    those were about half of the CUDA time. On CUDA we run each training step's forward under
-    ``torch.autocast(bfloat16)`` (what ``transformers.Trainer`` does with ``bf16=True``) and switch peft's input
-    cast off for the step (``cast_input_dtype_enabled``, the flag its ``disable_input_dtype_casting`` sets), so the adapter math runs in bf16 while
-    the LoRA weights, their gradients and the optimizer state stay fp32, and the loss is still taken in fp32
-    (autocast runs cross-entropy in fp32). No gradient scaler is needed for bf16. Reentrant gradient
-    checkpointing re-enters the same autocast state when it recomputes. Off when Ludwig's own
-    ``trainer.use_mixed_precision`` (fp16 AMP) is set, under a DeepSpeed engine (which turns an outer autocast off
-    inside its forward), and on CPU (:data:`AUTOCAST_DEVICES`).
-``liger_kernels``
-    When ``liger-kernel`` is installed (the optional extra ``gpu``: ``pip install -e .[gpu]``) and the model runs on
-    CUDA: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE patched into the loaded model instance (fewer, fused
-    memory-bound kernels; same maths), and on lean steps Liger's fused linear cross-entropy, which computes the
-    LM head and the loss chunk by chunk without materialising the ``tokens x vocabulary`` logits. Off without
-    liger-kernel or CUDA (nothing changes on CPU).
-
-``lean_lora_forward``
-    peft's LoRA layers (``Linear``, bitsandbytes' ``Linear4bit``) add the adapter as ``result + lora_B(lora_A(
-    dropout(x))) * scaling``, after a defensive full copy of the 4-bit layer's output (``result.clone()``) and a
-    Python loop over adapters with dtype casts: per adapted layer a copy, a multiply and an add over the whole
-    ``tokens x out_features`` output, and Python that the CPU-bound step (``bench/NOTES-speed.md``, "Against the
-    peers": 224 adapted-layer calls per QLoRA step of the 1B shape) pays for. In training mode, for a layer with one
-    plain LoRA adapter (no DoRA or other variant, no bias on A or B, no hooks on B, not merged, called with ``x``
-    alone) whose math runs in one dtype (under ``bf16_autocast``, or ``x``, the base weight and the adapter sharing
-    a dtype), we compute ``addmm(result, lora_A(dropout(x)), lora_B.T, alpha=scaling)``: the same sum in one GEMM with the add
-    fused (one rounding instead of two in bf16), no copy, the same dropout draw in the same order. Everything else
-    (evaluation, prediction, merged or multi-adapter layers) keeps peft's forward.
-
 ``trainer.packing: true`` (Ludwig's own switch, off by default) is made correct and fast on those steps: Ludwig
 0.17.10 builds its block-diagonal mask with a Python loop over every (i, j) token pair of every pack and then
 aligns the targets with the unpacked batch, not the packs (the correctness fix in :mod:`ludwig_mt.patches.fixes`

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ludwig_mt.patches import lora_autograd, speedups
+from tests.ludwig_mt.patches.test_speedups import counting_calls, lora_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,9 +68,7 @@ def test_qlora_layers_take_one_node_and_give_peft_loss_and_gradients(tiny_model:
     assert lora_autograd.is_4bit(layer.get_base_layer()) and lora_autograd.supported_base(layer.get_base_layer())
     ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(3))
     ref_loss, ref_grads = autocast_step(model, ids, lean=False, monkeypatch=monkeypatch)
-    nodes: list[str] = []
-    original = lora_autograd.LoRALinear.apply
-    monkeypatch.setattr(lora_autograd.LoRALinear, "apply", lambda *a: nodes.append("lora") or original(*a))
+    nodes = counting_calls(monkeypatch, lora_autograd.LoRALinear, "apply")
     loss, grads = autocast_step(model, ids, lean=True, monkeypatch=monkeypatch)
     assert len(nodes) == len(TARGETS) * model.config.num_hidden_layers
     assert torch.allclose(loss, ref_loss, rtol=1e-2)
@@ -159,22 +158,13 @@ def test_adapter_weight_is_cast_once_per_update_and_never_stale() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ fused_lora_mlp
-def counting(monkeypatch, function: type) -> list[int]:
-    calls: list[int] = []
-    original = function.apply
-    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
-    return calls
-
-
 def test_fused_mlp_gives_peft_loss_and_gradients_exactly_in_fp32(tiny_model: Path, monkeypatch) -> None:
-    from tests.ludwig_mt.patches.test_speedups import lora_model  # the fp32 tiny Llama, LoRA on all 7 layers
-
     model = lora_model(tiny_model)
     model.train()
     assert speedups.apply_fused_lora_mlp(model) == model.config.num_hidden_layers
     assert speedups.apply_fused_lora_mlp(model) == 0  # once
     ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(6))
-    mlp_nodes = counting(monkeypatch, lora_autograd.LoRAMLP)
+    mlp_nodes = counting_calls(monkeypatch, lora_autograd.LoRAMLP, "apply")
 
     def loss_and_grads(off: str):
         monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", off)
@@ -199,7 +189,7 @@ def test_fused_mlp_under_qlora_and_autocast_stays_close_to_peft(tiny_model: Path
     ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(8))
     monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "fused_lora_mlp,lean_lora_forward")
     ref_loss, ref_grads = autocast_step(model, ids, lean=False, monkeypatch=monkeypatch)
-    mlp_nodes = counting(monkeypatch, lora_autograd.LoRAMLP)
+    mlp_nodes = counting_calls(monkeypatch, lora_autograd.LoRAMLP, "apply")
     loss, grads = autocast_step(model, ids, lean=True, monkeypatch=monkeypatch)
     assert len(mlp_nodes) == model.config.num_hidden_layers
     assert torch.allclose(loss, ref_loss, rtol=1e-2)
@@ -210,8 +200,6 @@ def test_fused_mlp_under_qlora_and_autocast_stays_close_to_peft(tiny_model: Path
 
 def test_fused_mlp_keeps_less_for_the_backward_and_leaves_eval_to_the_modules(tiny_model: Path,
                                                                              monkeypatch) -> None:
-    from tests.ludwig_mt.patches.test_speedups import lora_model  # the fp32 tiny Llama, LoRA on all 7 layers
-
     model = lora_model(tiny_model)
     model.train()
     speedups.apply_fused_lora_mlp(model)
@@ -225,7 +213,7 @@ def test_fused_mlp_keeps_less_for_the_backward_and_leaves_eval_to_the_modules(ti
     three_nodes, one_node = saved_bytes(run("fused_lora_mlp")), saved_bytes(run(""))
     product = 64 * mlp.down_proj.in_features * x.element_size()  # silu(gate) * up, not kept
     assert one_node <= three_nodes - product
-    nodes = counting(monkeypatch, lora_autograd.LoRAMLP)
+    nodes = counting_calls(monkeypatch, lora_autograd.LoRAMLP, "apply")
     model.eval()
     with torch.no_grad():
         mlp(x)
@@ -241,7 +229,7 @@ def test_fused_mlp_falls_back_when_a_projection_has_no_adapter(tiny_model: Path,
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     speedups.apply_fused_lora_mlp(model)
     model.train()
-    nodes = counting(monkeypatch, lora_autograd.LoRAMLP)
+    nodes = counting_calls(monkeypatch, lora_autograd.LoRAMLP, "apply")
     ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(9))
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss) and nodes == []
 

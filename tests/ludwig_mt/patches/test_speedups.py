@@ -457,11 +457,16 @@ def lora_loss_and_grads(model, ids, *, lean: bool, monkeypatch, autocast: bool =
                                    if p.requires_grad}
 
 
-def counting_lean_calls(monkeypatch) -> list[int]:
+def counting_calls(monkeypatch, owner, name: str) -> list[int]:
+    """A list that grows by one at every call of ``owner.name`` (still called) while the test runs."""
     calls: list[int] = []
-    lean = speedups.lean_lora_forward
-    monkeypatch.setattr(speedups, "lean_lora_forward", lambda *a: calls.append(1) or lean(*a))
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: calls.append(1) or original(*a))
     return calls
+
+
+def counting_lean_calls(monkeypatch) -> list[int]:
+    return counting_calls(monkeypatch, speedups, "lean_lora_forward")
 
 
 def test_lean_lora_forward_gives_peft_loss_and_gradients_with_dropout(tiny_model: Path, monkeypatch) -> None:
