@@ -173,6 +173,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.peaks.step_begin()
+            self.memory.begin(len(times))
             if len(times) == profile_step:  # the same torch.profiler tables as the project's cases
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
@@ -186,6 +187,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
             self.peaks.step_end()
+            self.memory.end(len(times))
             if len(times) == profile_step + 1:
                 self.prof.__exit__(None, None, None)
                 profile.extend(ts.profile_tables(self.prof))
@@ -201,14 +203,14 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
             return loss
 
     timer = StepTimer()
-    timer.peaks = ts.PeakMemory()
+    timer.peaks, timer.memory = ts.PeakMemory(), ts.MemoryTrace()
     trainer = Recording(model=model, args=sft_config(case, peer, settings, Path(tempfile.mkdtemp())),
                         train_dataset=data, processing_class=tok, peft_config=peft_config, callbacks=[timer])
     trainer.train()
     n = len(times)
     return {"step_times": times, "losses": [float(x) for x in losses[:n]],
             "tokens_per_step": [int(x) for x in tokens[:n]], "loss_tokens_per_step": [int(x) for x in loss_tokens[:n]],
-            **timer.peaks.result(), "settings": settings, "profile": "\n".join(profile),
+            **timer.peaks.result(), "memory_at_peak": timer.memory.result, "settings": settings, "profile": "\n".join(profile),
             "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
             "versions": versions()}
 
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             out = ts.case_result(case, ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__)),
                                  n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "settings", "versions",
-                                                  "profile"))
+                                                  "profile", "memory_at_peak"))
         results.append(out)
         print(ts.progress_line(out, time.perf_counter() - t_start), flush=True)
         add_checks(results)

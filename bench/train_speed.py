@@ -270,6 +270,60 @@ class PeakMemory:
                 "step_peaks_gib": self.steps}
 
 
+def live_at_peak(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
+    """Replay a CUDA caching-allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): the moment
+    the bytes allocated during the trace peaked, and the ``top`` largest allocations alive then, each with the first
+    frame outside torch that made it, so the composition of a step's peak can be read (``BENCH_MEMORY_STEP``)."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in events:
+        action, addr, size = event.get("action"), event.get("addr"), int(event.get("size", 0))
+        if action == "alloc":
+            live[addr] = (size, _first_outside_torch(event.get("frames") or []))
+            total += size
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action == "free_requested" and addr in live:
+            total -= live.pop(addr)[0]
+    largest = sorted(at_peak.values(), key=lambda item: -item[0])[:top]
+    return {"peak_gib_above_start": peak / 2**30,
+            "largest": [{"gib": size / 2**30, "where": where} for size, where in largest]}
+
+
+def _first_outside_torch(frames: list[dict[str, Any]]) -> str:
+    for frame in frames:
+        name = str(frame.get("filename", ""))
+        if name and "/torch/" not in name and not name.startswith("??"):
+            return f"{name.split('site-packages/')[-1]}:{frame.get('line')} {frame.get('name')}"
+    return "?"
+
+
+class MemoryTrace:
+    """Records the CUDA allocator's events of one training step (``BENCH_MEMORY_STEP=N``, counted from 0) and keeps
+    what :func:`live_at_peak` reads from them, with the bytes already allocated when the step began."""
+
+    def __init__(self) -> None:
+        self.step = int(os.environ.get("BENCH_MEMORY_STEP", -1))
+        self.result: dict[str, Any] = {}
+
+    def begin(self, steps_done: int) -> None:
+        import torch
+
+        if steps_done == self.step and torch.cuda.is_available():
+            self.result["start_gib"] = torch.cuda.memory_allocated() / 2**30
+            torch.cuda.memory._record_memory_history(max_entries=500_000)
+
+    def end(self, steps_done: int) -> None:
+        import torch
+
+        if steps_done == self.step + 1 and torch.cuda.is_available():
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            traces = snapshot.get("device_traces") or [[]]
+            self.result.update(live_at_peak(traces[torch.cuda.current_device()]))
+
+
 def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
     """The hand-written transformers + peft (+ bitsandbytes) loop, per the peft / QLoRA documentation."""
     import torch
@@ -350,9 +404,11 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
             self.times: list[float] = []
             self._t0 = 0.0
             self.peaks = PeakMemory()
+            self.memory = MemoryTrace()
 
         def on_batch_start(self, trainer, progress_tracker, save_path, **kwargs):
             self.peaks.step_begin()
+            self.memory.begin(len(self.times))
             if cuda:
                 torch.cuda.synchronize()
             self._t0 = time.perf_counter()
@@ -362,6 +418,7 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
             self.peaks.step_end()
+            self.memory.end(len(self.times))
 
     timer_cls = Timer
     profile_table: list[str] = []
@@ -381,7 +438,8 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     n = len(timer.times)
     return {"step_times": timer.times, "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
-            "loss_tokens_per_step": loss_tokens[:n], **timer.peaks.result(), "param_dtypes": dtypes,
+            "loss_tokens_per_step": loss_tokens[:n], **timer.peaks.result(), "memory_at_peak": timer.memory.result,
+            "param_dtypes": dtypes,
             "attn_implementation": attn,
             "config_trainer": config["trainer"], "profile": "\n".join(profile_table), "syncs": syncs}
 
@@ -689,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = build_rows(tok, n_rows + 2, case.prompt_tokens, case.response_tokens)
             datasets[key] = write_dataset(rows, work / f"data-{'-'.join(map(str, key))}.csv", n_val=2)
         out = case_result(case, launch(case, models[case.shape], datasets[key], work, args.timeout),
-                          n_params[case.shape], peak, ("profile", "syncs"))
+                          n_params[case.shape], peak, ("profile", "syncs", "memory_at_peak"))
         results.append(out)
         print(progress_line(out, time.perf_counter() - t_start), flush=True)
         add_comparisons(results)

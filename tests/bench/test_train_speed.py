@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from train_speed import LOSS_TOLERANCE, Case, add_comparisons, build_rows, merge_runs, plan  # noqa: E402
+from train_speed import LOSS_TOLERANCE, Case, add_comparisons, build_rows, live_at_peak, merge_runs, plan  # noqa: E402
 
 
 def row(name: str, path: str, tok_s: float, peak: float, loss: float, batch: int = 8, mode: str = "qlora") -> dict:
@@ -87,3 +87,18 @@ def test_merge_keeps_the_latest_row_of_each_case(tmp_path: Path) -> None:
     tuned = next(r for r in merged if r["name"] == "tuned")
     assert len(merged) == 2 and tuned["run"] == "b.json" and tuned["x_plain_tokens_per_s"] == 2.0
     assert "| tuned | 2000 |" in (tmp_path / "out" / "train_speed.md").read_text()
+
+
+def test_live_at_peak_replays_the_allocator_trace_to_the_peak() -> None:
+    def frames(name: str) -> list[dict]:  # torch's own frame first: the report names the caller outside torch
+        return [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+                {"filename": f"/x/site-packages/{name}.py", "line": 7, "name": "forward"}]
+
+    events = [{"action": "alloc", "addr": 1, "size": 2**30, "frames": frames("a")},
+              {"action": "alloc", "addr": 2, "size": 2**29, "frames": frames("b")},
+              {"action": "free_requested", "addr": 1, "size": 2**30},
+              {"action": "free_completed", "addr": 1, "size": 2**30},
+              {"action": "alloc", "addr": 3, "size": 2**28, "frames": frames("c")}]  # after the peak
+    result = live_at_peak(events)
+    assert result["peak_gib_above_start"] == 1.5
+    assert result["largest"] == [{"gib": 1.0, "where": "a.py:7 forward"}, {"gib": 0.5, "where": "b.py:7 forward"}]
