@@ -1,4 +1,5 @@
-"""One autograd function per LoRA-adapted linear layer in training (the ``lean_lora_forward`` speed-up).
+"""One autograd node per LoRA-adapted linear layer, and per LoRA-adapted MLP, in training (``lean_lora_forward``,
+``fused_lora_mlp``).
 
 Why: the QLoRA step of a 1B model is bound by the CPU that queues its kernels, not by the GPU
 (``bench/NOTES-speed.md``, "Against the peers"). peft runs each adapted layer as five modules and autograd
@@ -14,8 +15,9 @@ hand-written backward (unsloth's ``LoRA_W`` does the same for dropout 0):
   fewer activations;
 * the dropout is ``torch.native_dropout``, the kernel ``nn.Dropout`` runs: the same draw from the same seed.
 
-The maths is peft's: the tests compare losses and gradients with peft's forward bit for bit in fp32 and within
-bf16 rounding under autocast (``tests/ludwig_mt/patches/test_speedups.py``).
+The maths is peft's: the tests compare losses and gradients with peft's forward in fp32 (to rounding) and under
+bf16 autocast, 4-bit included (``tests/ludwig_mt/patches/test_lora_autograd.py``, ``test_speedups.py``).
+:class:`LoRAMLP` does the same for a whole Llama-style MLP (the ``fused_lora_mlp`` speed-up).
 """
 
 from __future__ import annotations
