@@ -638,12 +638,12 @@ def one_node_adapter(layer, x, args: tuple = (), kwargs: dict | None = None) -> 
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     if lora_a.bias is not None or lora_b.bias is not None:
         return None
-    if lora_b._forward_hooks or lora_b._forward_pre_hooks or lora_a._forward_hooks or lora_a._forward_pre_hooks:
-        return None
     from ludwig_mt.patches.lora_autograd import supported_base
 
     base = layer.get_base_layer()
-    if getattr(layer, "fan_in_fan_out", False) or base._forward_hooks or base._forward_pre_hooks:
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (lora_a, lora_b, base)):
+        return None  # the node calls none of them as a module
+    if getattr(layer, "fan_in_fan_out", False):
         return None
     if not supported_base(base) or not isinstance(layer.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)):
         return None
