@@ -163,6 +163,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in rows])
     times: list[float] = []
+    starts: list[float] = []
     losses: list[Any] = []
     loss_tokens: list[Any] = []
     tokens: list[Any] = []
@@ -181,6 +182,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
             if cuda:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
+            starts.append(self.t0)
 
         def on_step_end(self, args, state, control, **kwargs):
             if cuda:
@@ -208,7 +210,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
                         train_dataset=data, processing_class=tok, peft_config=peft_config, callbacks=[timer])
     trainer.train()
     n = len(times)
-    return {"step_times": times, "losses": [float(x) for x in losses[:n]],
+    return {"step_times": times, "cycle_times": ts.cycle_times(starts), "losses": [float(x) for x in losses[:n]],
             "tokens_per_step": [int(x) for x in tokens[:n]], "loss_tokens_per_step": [int(x) for x in loss_tokens[:n]],
             **timer.peaks.result(), "memory_at_peak": timer.memory.result, "settings": settings, "profile": "\n".join(profile),
             "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
@@ -289,6 +291,8 @@ def add_checks(results: list[dict[str, Any]]) -> None:
         if "error" in r or ref is None or ref is r:
             continue
         r["project_over_this_tokens_per_s"] = ref["tokens_per_s"] / r["tokens_per_s"]
+        if r.get("loop_tokens_per_s") and ref.get("loop_tokens_per_s"):
+            r["project_over_this_loop_tokens_per_s"] = ref["loop_tokens_per_s"] / r["loop_tokens_per_s"]
         r["project_over_this_peak_gib"] = ref["peak_gib"] / r["peak_gib"] if r["peak_gib"] else None
         if r.get("step_peak_gib") and ref.get("step_peak_gib"):
             r["project_over_this_step_peak_gib"] = ref["step_peak_gib"] / r["step_peak_gib"]
@@ -302,8 +306,8 @@ def table(results: list[dict[str, Any]]) -> str:
     """One row per case; the ratios are the project's (same mode and checkpointing) over this row's: tokens/s
     above 1 means the project is faster, GiB below 1 that it needs less memory. ``run`` when merged."""
     runs = any("run" in r for r in results)
-    lines = ["| case | tokens/s | peak GiB: steps / process | MFU | project tok/s ÷ this | project GiB ÷ this: "
-             "steps / process | loss tokens/step | first loss | check |" + (" run |" if runs else ""),
+    lines = ["| case | tokens/s: step / loop | peak GiB: steps / process | MFU | project tok/s ÷ this: step / loop "
+             "| project GiB ÷ this: steps / process | loss tokens/step | first loss | check |" + (" run |" if runs else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
     for r in results:
         tail = f" {r.get('run', '')} |" if runs else ""
@@ -314,13 +318,15 @@ def table(results: list[dict[str, Any]]) -> str:
         verdict = "" if check is None else ("ok" if check["ok"] else
                                             f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
                                             f"loss delta {100 * check['first_loss_rel_delta']:.2f}%)")
-        ratio = r.get("project_over_this_tokens_per_s")
+        ratio = " / ".join(format(x, ".2f") for x in (r.get("project_over_this_tokens_per_s"),
+                                                       r.get("project_over_this_loop_tokens_per_s")) if x)
+        loop = f" / {r['loop_tokens_per_s']:.0f}" if r.get("loop_tokens_per_s") else ""
         mems = [r.get("project_over_this_step_peak_gib"), r.get("project_over_this_peak_gib")]
         mem = " / ".join("-" if m is None else format(m, ".2f") for m in mems) if mems[1] is not None else ""
         step_peak = "-" if r.get("step_peak_gib") is None else format(r["step_peak_gib"], ".2f")
         per_step = sorted(set(r.get("loss_tokens_per_step") or []))
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {step_peak} / {r['peak_gib']:.2f} | "
-                     f"{100 * r['mfu']:.1f}% | {'' if ratio is None else format(ratio, '.2f')} | {mem} | "
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f}{loop} | {step_peak} / {r['peak_gib']:.2f} | "
+                     f"{100 * r['mfu']:.1f}% | {ratio} | {mem} | "
                      f"{','.join(map(str, per_step))} | "
                      f"{r['first_losses'][0]:.4f} | {verdict} |{tail}")
     return "\n".join(lines)
@@ -330,8 +336,8 @@ def merge_runs(paths: list[Path], out: Path) -> None:
     """One table from several runs' peers.json (a device call holds about 8 cases): a case measured in several
     runs keeps its latest row, the checks are recomputed against the project's row of the latest run that has it,
     and each row names its run."""
-    derived = ("check", "project_over_this_tokens_per_s", "project_over_this_peak_gib",
-               "project_over_this_step_peak_gib")
+    derived = ("check", "project_over_this_tokens_per_s", "project_over_this_loop_tokens_per_s",
+               "project_over_this_peak_gib", "project_over_this_step_peak_gib")
     runs, rows = ts.latest_rows(paths, lambda key: key in derived)
     order = {name: i for i, name in enumerate(c.label for c in plan(
         runs[-1]["shape"], ["qlora", "lora"], 1, 0, 0, 0, 0, list(PATHS), sorted(PROJECT_VARIANTS)))}
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             out = {"name": case.label, "case": asdict(case), "error": NEEDS_CUDA}
         else:
             out = ts.case_result(case, ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__)),
-                                 n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "settings", "versions",
+                                 n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "cycle_times", "settings", "versions",
                                                   "profile", "memory_at_peak"))
         results.append(out)
         print(ts.progress_line(out, time.perf_counter() - t_start), flush=True)

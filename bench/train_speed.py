@@ -324,6 +324,75 @@ class MemoryTrace:
             self.result.update(live_at_peak(traces[torch.cuda.current_device()]))
 
 
+#: the parts of a Ludwig training step whose CPU time :class:`PhaseClock` records: (owner, attribute, phase)
+LUDWIG_PHASES = (("ludwig.trainers.trainer:Trainer", "_batch_to_tensors", "to_device"),
+                 ("ludwig.trainers.trainer:Trainer", "_forward_pass", "forward"),
+                 ("ludwig_mt.patches.speedups", "lean_training_batch", "lean_batch"),
+                 ("ludwig.trainers.trainer:Trainer", "_backward_pass", "backward"),
+                 ("ludwig.trainers.trainer:Trainer", "_optimizer_step", "optimizer"),
+                 ("ludwig.trainers.trainer:Trainer", "_update_training_metrics", "metrics"),
+                 ("ludwig.trainers.trainer:Trainer", "write_step_summary", "step_summary"))
+
+
+class PhaseClock:
+    """Wall time the CPU spends in each part of a step (:data:`LUDWIG_PHASES`), per step, without adding a
+    synchronisation. A CPU-bound step's time is the CPU's, so this says which part to cut; the GPU runs behind, so
+    a part that waits for it (a ``.item()``, a pageable copy) shows the GPU's backlog, not its own work.
+    ``lean_batch`` runs inside ``forward``."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = {}
+
+    def install(self, phases=LUDWIG_PHASES) -> None:
+        import importlib
+
+        for owner_path, attr, phase in phases:
+            module, _, cls = owner_path.partition(":")
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls) if cls else owner
+            setattr(owner, attr, self.timed(owner.__dict__[attr], phase))
+
+    def timed(self, raw, phase: str):
+        """``raw`` (a function, or a classmethod) that adds its wall time to ``phase`` of the current step."""
+        import functools
+
+        fn = raw.__func__ if isinstance(raw, classmethod) else raw
+
+        @functools.wraps(fn)
+        def timing(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[phase] = self.current.get(phase, 0.0) + time.perf_counter() - t0
+
+        return classmethod(timing) if isinstance(raw, classmethod) else timing
+
+    def step_end(self, step_s: float) -> None:
+        self.steps.append({**self.current, "step": step_s})
+        self.current = {}
+
+
+def median_phases_ms(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Median milliseconds of each phase over ``steps`` (a phase missing from a step counts 0 there), and
+    ``other``: the step's time in none of the top-level phases (the batcher, the scheduler, the progress bar,
+    callbacks), from the medians."""
+    names = sorted({k for s in steps for k in s})
+    out = {k: 1000 * statistics.median(s.get(k, 0.0) for s in steps) for k in names} if steps else {}
+    if out:
+        top = sum(v for k, v in out.items() if k not in ("step", "lean_batch"))
+        out["other"] = out["step"] - top
+    return out
+
+
+def cycle_times(starts: list[float]) -> list[float]:
+    """Seconds from each step's start to the next one's: everything the training loop does per step (fetching and
+    collating the batch, logging), wherever its timing callbacks sit. The peers' Trainer fetches its batch before
+    ``on_step_begin``, Ludwig after ``on_batch_start``, so only these are comparable between them."""
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
 def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
     """The hand-written transformers + peft (+ bitsandbytes) loop, per the peft / QLoRA documentation."""
     import torch
@@ -398,10 +467,13 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     registry.apply("record_step_losses")  # after the others: the outermost layer of Trainer.train_step
     cuda = torch.cuda.is_available()
     losses = instrumentation.STEP_LOSSES
+    phases = PhaseClock()
+    phases.install()
 
     class Timer(Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.starts: list[float] = []
             self._t0 = 0.0
             self.peaks = PeakMemory()
             self.memory = MemoryTrace()
@@ -412,11 +484,13 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
             if cuda:
                 torch.cuda.synchronize()
             self._t0 = time.perf_counter()
+            self.starts.append(self._t0)
 
         def on_batch_end(self, trainer, progress_tracker, save_path, sync_step=True, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
+            phases.step_end(self.times[-1])
             self.peaks.step_end()
             self.memory.end(len(self.times))
 
@@ -437,7 +511,8 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     dtypes = sorted({str(p.dtype) for p in inner.parameters()})
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     n = len(timer.times)
-    return {"step_times": timer.times, "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
+    return {"step_times": timer.times, "cycle_times": cycle_times(timer.starts), "phases": phases.steps,
+            "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
             "loss_tokens_per_step": loss_tokens[:n], **timer.peaks.result(), "memory_at_peak": timer.memory.result,
             "param_dtypes": dtypes,
             "attn_implementation": attn,
@@ -541,7 +616,12 @@ def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float
     toks = raw["tokens_per_step"][case.warmup:]
     step = statistics.median(times) if times else float("nan")
     tok_s = statistics.mean(toks) / step if times else float("nan")
-    return {"case": asdict(case), "step_s": step, "tokens_per_s": tok_s, "peak_gib": raw.get("peak_gib"),
+    cycles = (raw.get("cycle_times") or [])[case.warmup:]
+    loop = {"cycle_s": statistics.median(cycles),
+            "loop_tokens_per_s": statistics.mean(toks) / statistics.median(cycles)} if cycles and toks else {}
+    if raw.get("phases"):
+        loop["phases_ms"] = median_phases_ms(raw["phases"][case.warmup:])
+    return {"case": asdict(case), "step_s": step, "tokens_per_s": tok_s, **loop, "peak_gib": raw.get("peak_gib"),
             "step_peak_gib": raw.get("step_peak_gib"), "step_peaks_gib": raw.get("step_peaks_gib"),
             "mfu": 4 * n_params * tok_s / (peak_tflops * 1e12), "first_losses": raw["losses"][:5],
             **{k: raw[k] for k in ("param_dtypes", "attn_implementation") if k in raw}}

@@ -1,15 +1,20 @@
-"""bench/train_speed.py's bookkeeping: exact row lengths, the case plan, ratios vs plain, the loss check, merging."""
+"""bench/train_speed.py's bookkeeping: exact row lengths, the case plan, ratios vs plain, the loss check, merging,
+the per-phase CPU clock and the loop timing."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from train_speed import LOSS_TOLERANCE, Case, add_comparisons, build_rows, live_at_peak, merge_runs, plan  # noqa: E402
+from train_speed import (LOSS_TOLERANCE, Case, PhaseClock, add_comparisons, build_rows, cycle_times,  # noqa: E402
+                         live_at_peak, median_phases_ms, merge_runs, plan, summarize)
 
 
 def row(name: str, path: str, tok_s: float, peak: float, loss: float, batch: int = 8, mode: str = "qlora") -> dict:
@@ -102,3 +107,51 @@ def test_live_at_peak_replays_the_allocator_trace_to_the_peak() -> None:
     result = live_at_peak(events)
     assert result["peak_gib_above_start"] == 1.5
     assert result["largest"] == [{"gib": 1.0, "where": "a.py:7 forward"}, {"gib": 0.5, "where": "b.py:7 forward"}]
+
+
+class Stepper:
+    """Stands in for Ludwig's Trainer: a method and a classmethod, as ``_forward_pass`` and ``write_step_summary``."""
+
+    def forward(self, x: int) -> int:
+        time.sleep(0.002)
+        return x + 1
+
+    @classmethod
+    def summary(cls, x: int) -> int:
+        return x * 2
+
+
+def test_phase_clock_times_methods_and_classmethods_per_step_and_keeps_their_results() -> None:
+    clock = PhaseClock()
+    clock.install([(f"{__name__}:Stepper", "forward", "forward"), (f"{__name__}:Stepper", "summary", "summary")])
+    try:
+        assert Stepper().forward(1) == 2 and Stepper().forward(2) == 3  # two calls in one step add up
+        assert Stepper.summary(3) == 6  # still a classmethod
+        clock.step_end(0.01)
+        clock.step_end(0.02)  # a step that called neither
+    finally:
+        Stepper.forward = Stepper.forward.__wrapped__
+        Stepper.summary = classmethod(Stepper.__dict__["summary"].__func__.__wrapped__)
+    first, second = clock.steps
+    assert first["forward"] >= 0.004 and first["step"] == 0.01 and "summary" in first
+    assert second == {"step": 0.02}
+
+
+def test_median_phases_put_the_rest_of_the_step_in_other_and_do_not_count_nested_lean_batch_twice() -> None:
+    steps = [{"step": 0.100, "forward": 0.060, "lean_batch": 0.010, "backward": 0.030},
+             {"step": 0.120, "forward": 0.060, "lean_batch": 0.010, "backward": 0.030},
+             {"step": 0.110, "forward": 0.060, "lean_batch": 0.010, "backward": 0.030, "metrics": 0.050}]
+    out = median_phases_ms(steps)
+    assert out["step"] == pytest.approx(110) and out["metrics"] == 0  # 2 of 3 steps update no metrics
+    assert out["other"] == pytest.approx(110 - 60 - 30)
+    assert median_phases_ms([]) == {}
+
+
+def test_loop_time_runs_from_step_start_to_step_start() -> None:
+    assert cycle_times([1.0, 1.3, 1.5]) == pytest.approx([0.3, 0.2])
+    case = Case(shape="tiny-llama", mode="lora", path="tuned", batch=2, prompt_tokens=4, response_tokens=4, steps=2,
+                warmup=1)
+    raw = {"step_times": [9.0, 0.1, 0.1], "cycle_times": [9.5, 0.2], "tokens_per_step": [100, 100, 100],
+           "losses": [1.0]}
+    out = summarize(case, raw, n_params=1, peak_tflops=1.0)
+    assert out["tokens_per_s"] == pytest.approx(1000) and out["loop_tokens_per_s"] == pytest.approx(500)
