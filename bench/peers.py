@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", nargs="+", default=["qlora", "lora"])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     p.add_argument("--only", nargs="*", default=[], help="keep only cases whose name contains one of these")
+    p.add_argument("--skip", nargs="*", default=[], help="then drop cases whose name contains one of these")
     p.add_argument("--project-variants", nargs="*", default=[], choices=sorted(PROJECT_VARIANTS),
                    help="also the project with this YAML change (same run, same rows)")
     p.add_argument("--rows", type=int, default=None, help="rows per optimizer step; default: the YAML's batch_size")
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
                  args.steps, args.warmup, args.paths, args.project_variants)
     if args.only:
         cases = [c for c in cases if any(o in c.label for o in args.only)]
+    cases = [c for c in cases if not any(o in c.label for o in args.skip)]
     model_dir = ts.build_model_dir(args.shape, work)
     n_params = ts.matmul_params(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)

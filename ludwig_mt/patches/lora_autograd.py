@@ -47,15 +47,38 @@ def supported_base(base: torch.nn.Module) -> bool:
 
 
 def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """``base``'s weight as a dense ``out x in`` matrix in ``dtype``: 4-bit weights dequantized the way
-    bitsandbytes' ``MatMul4Bit`` does it (``dequantize_4bit(...).to(dtype)``), in the forward and again in the
-    backward, so no dense copy outlives the call."""
+    """``base``'s weight as a dense ``out x in`` matrix in ``dtype``: 4-bit weights dequantized in the forward and
+    again in the backward, as bitsandbytes' ``MatMul4Bit`` does, so no dense copy outlives the call. The kernel is
+    bitsandbytes' own ``dequantize_4bit`` op, called with :func:`dense_absmax` instead of through
+    ``bitsandbytes.functional.dequantize_4bit``, whose Python re-validates the state and re-expands the
+    double-quantized block scales (one more kernel and a host-side wrapper) at every call: 336 calls per step of
+    the 1B shape, a step bound by the CPU that queues them (``bench/NOTES-speed.md``)."""
     weight = base.weight
-    if is_4bit(base):
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight.to(dtype)
+    dense = torch.ops.bitsandbytes.dequantize_4bit.default(weight, dense_absmax(state), state.blocksize,
+                                                           state.quant_type, state.shape, state.dtype)
+    return dense.to(dtype)
+
+
+def dense_absmax(state: Any) -> torch.Tensor:
+    """The fp32 block scales of a bitsandbytes ``QuantState``: as stored, or, when double-quantized (``nested``,
+    the QLoRA default), expanded exactly as ``dequantize_4bit`` expands them, once per state instead of once per
+    call. The copy (4 bytes per 64 weights: 61 MB for a 1B model) is keyed by the stored scales' storage and
+    version counter, so moving or re-quantizing the weight renews it."""
+    if not state.nested:
+        return state.absmax
+    key = (state.absmax.data_ptr(), state.absmax._version, id(state.state2))
+    cached = getattr(state, "_ludwig_mt_absmax", None)
+    if cached is None or cached[0] != key:
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(weight, weight.quant_state).to(dtype)
-    return weight.to(dtype)
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        cached = (key, absmax.float())
+        state._ludwig_mt_absmax = cached
+    return cached[1]
 
 
 def adapter_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -132,14 +132,23 @@ AUTOCAST_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def enabled(name: str) -> bool:
-    """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run)."""
+    """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run; the
+    LoRA layers ask at every call, hence the parsing is cached per value of the three variables)."""
+    environ = os.environ
+    return _enabled(name, environ.get("LUDWIG_MT_SPEEDUPS", "1"), environ.get("LUDWIG_MT_SPEEDUPS_ON", ""),
+                    environ.get("LUDWIG_MT_SPEEDUPS_OFF", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _enabled(name: str, all_on: str, on: str, off: str) -> bool:
     if name not in SPEEDUPS:
         raise KeyError(f"unknown speed-up {name!r}; known: {', '.join(SPEEDUPS)}")
-    if os.environ.get("LUDWIG_MT_SPEEDUPS", "1").strip().lower() in ("0", "false", "off", "no"):
+    if all_on.strip().lower() in ("0", "false", "off", "no"):
         return False
+    switches = {"LUDWIG_MT_SPEEDUPS_ON": on, "LUDWIG_MT_SPEEDUPS_OFF": off}
     if name in OPT_IN:
-        return name in env_names("LUDWIG_MT_SPEEDUPS_ON")
-    return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF")
+        return name in env_names("LUDWIG_MT_SPEEDUPS_ON", switches)
+    return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF", switches)
 
 
 def _cuda_bf16() -> bool:
@@ -640,7 +649,7 @@ def one_node_adapter(layer, x, args: tuple = (), kwargs: dict | None = None) -> 
         return None
     from ludwig_mt.patches.lora_autograd import supported_base
 
-    base = layer.get_base_layer()
+    base = base_layer(layer)
     if any(m._forward_hooks or m._forward_pre_hooks for m in (lora_a, lora_b, base)):
         return None  # the node calls none of them as a module
     if getattr(layer, "fan_in_fan_out", False):
@@ -651,6 +660,15 @@ def one_node_adapter(layer, x, args: tuple = (), kwargs: dict | None = None) -> 
         return name
     one_dtype = x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
     return name if one_dtype else None
+
+
+def base_layer(layer):
+    """peft's ``layer.get_base_layer()`` without its ``hasattr`` loop, which raises and catches an AttributeError
+    on every call (6 us, twice per adapted layer and pass) for the usual single wrap."""
+    base = layer._modules.get("base_layer")
+    if base is None or "base_layer" in base._modules or "base_layer" in base.__dict__:
+        return layer.get_base_layer()
+    return base
 
 
 def lean_lora_adapter(layer, x, args: tuple, kwargs: dict) -> str | None:
@@ -675,8 +693,7 @@ def one_node_parts(layer, name: str):
 
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    return (layer.lora_A[name].weight, layer.lora_B[name].weight,
-            Adapter(layer.get_base_layer(), layer.scaling[name], p))
+    return (layer.lora_A[name].weight, layer.lora_B[name].weight, Adapter(base_layer(layer), layer.scaling[name], p))
 
 
 def lean_lora_forward(layer, x, name: str):

@@ -62,6 +62,33 @@ def autocast_step(model, ids, *, lean: bool, monkeypatch) -> tuple[torch.Tensor,
     return loss.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_frozen_4bit_weight_is_bitsandbytes_dequantization_bit_for_bit_and_its_scales_cache_renews(
+        nested: bool) -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128, dtype=torch.bfloat16), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=nested)
+    layer = layer.to("cpu")
+    state = layer.weight.quant_state
+    assert state.nested == nested
+    reference = bnb_functional.dequantize_4bit(layer.weight, state).to(torch.bfloat16)
+    assert torch.equal(lora_autograd.frozen_weight(layer, torch.bfloat16), reference)
+    assert lora_autograd.frozen_weight(layer, torch.float32).dtype == torch.float32
+    if not nested:
+        assert lora_autograd.dense_absmax(state) is state.absmax
+        return
+    first = lora_autograd.dense_absmax(state)
+    assert lora_autograd.dense_absmax(state) is first  # expanded once, not per call
+    state.absmax.copy_(torch.roll(state.absmax, 1))  # re-quantized in place: the version counter moves
+    renewed = bnb_functional.dequantize_4bit(layer.weight, state).to(torch.bfloat16)
+    assert not torch.equal(renewed, reference)
+    assert torch.equal(lora_autograd.frozen_weight(layer, torch.bfloat16), renewed)
+
+
 def test_qlora_layers_take_one_node_and_give_peft_loss_and_gradients(tiny_model: Path, monkeypatch) -> None:
     model = quantized_lora_model(tiny_model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

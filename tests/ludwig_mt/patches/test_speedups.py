@@ -517,3 +517,8 @@ def test_lean_lora_forward_leaves_evaluation_and_mixed_dtypes_to_peft(tiny_model
     assert speedups.lean_lora_adapter(layer, x, (), {}) is None
     assert speedups.lean_lora_adapter(layer, x.float(), (), {}) == "default"
     assert speedups.lean_lora_adapter(layer, x.float(), (), {"adapter_names": ["default"]}) is None
+    assert speedups.base_layer(layer) is layer.get_base_layer() is layer.base_layer
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "lean_lora_forward")  # the cached switch follows the environment
+    assert speedups.lean_lora_adapter(layer, x.float(), (), {}) is None
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "")
+    assert speedups.lean_lora_adapter(layer, x.float(), (), {}) == "default"
