@@ -118,24 +118,31 @@ def adapted_forward(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapte
 def adapted_backward(grad_out: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, a: torch.Tensor,
                      b: torch.Tensor, hidden: torch.Tensor, adapter: Adapter, dtype: torch.dtype,
                      needs: tuple[bool, bool, bool], adapter_dtypes: tuple[torch.dtype, torch.dtype],
-                     add_to: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+                     add_to: torch.Tensor | None = None, rows_disposable: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`adapted_forward` for (rows, a, b), each only where ``needs`` says; the rows' gradient
     in ``dtype`` (plus ``add_to``, another branch's gradient of the same rows), a's and b's in ``adapter_dtypes``
-    (the LoRA weights' own dtypes)."""
+    (the LoRA weights' own dtypes).
+
+    Memory: the dropout's ``1 / (1 - p)`` and the LoRA scaling go onto the rank-r ``grad_hidden`` once, so the
+    ``rows``-sized tensors only need the mask: the dropped rows for ``a``'s gradient are one product (made in
+    place when the caller no longer needs ``rows``: ``rows_disposable``) and the rows' gradient is masked in place.
+    For the MLP's down projection (rows: ``tokens x intermediate``) that is two such tensors fewer at the peak of
+    the step than with ``native_dropout_backward``, which allocates its result."""
     needs_rows, needs_a, needs_b = needs
-    keep = 1.0 / (1.0 - adapter.p)
     grad_rows = grad_a = grad_b = None
     if needs_b:
         grad_b = torch.mm(grad_out.t(), hidden).to(adapter_dtypes[1]).mul_(adapter.scaling)
     if needs_rows or needs_a:
-        grad_hidden = torch.mm(grad_out, b).mul_(adapter.scaling)
+        scale = adapter.scaling if mask is None else adapter.scaling / (1.0 - adapter.p)
+        grad_hidden = torch.mm(grad_out, b).mul_(scale)
         if needs_a:
-            dropped = rows if mask is None else torch.ops.aten.native_dropout_backward(rows, mask, keep)
-            grad_a = torch.mm(grad_hidden.t(), dropped).to(adapter_dtypes[0])
+            kept = rows if mask is None else rows.mul_(mask) if rows_disposable else rows * mask
+            grad_a = torch.mm(grad_hidden.t(), kept).to(adapter_dtypes[0])
+            del kept
         if needs_rows:
             grad_rows = torch.mm(grad_hidden, a)
             if mask is not None:
-                grad_rows = torch.ops.aten.native_dropout_backward(grad_rows, mask, keep)
+                grad_rows.mul_(mask)
             if add_to is not None:
                 grad_rows.add_(add_to)
             grad_rows.addmm_(grad_out, frozen_weight(adapter.base, dtype))
@@ -237,7 +244,8 @@ class LoRAMLP(torch.autograd.Function):
         product = silu_mul(gate, up)  # recomputed: cheaper than keeping it
         grad_product, down_a, down_b = adapted_backward(grad_out, product, down_mask, weights[4], weights[5],
                                                         down_hidden, down_adapter, ctx.dtype,
-                                                        (True, needs[5], needs[6]), ctx.adapter_dtypes[2])
+                                                        (True, needs[5], needs[6]), ctx.adapter_dtypes[2],
+                                                        rows_disposable=True)
         del product
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_product)
         grad_rows, gate_a, gate_b = adapted_backward(grad_gate, rows, gate_mask, weights[0], weights[1],

@@ -137,6 +137,9 @@ PATCHES: tuple[Patch, ...] = (
              "a LoRA-adapted Llama-style MLP runs as 7 modules and keeps silu(gate)*up for the backward: one "
              "autograd node that recomputes it",
              speedups.patch_fused_lora_mlp, ("peft", "bitsandbytes", "torch", "transformers")),
+    _speedup("one_sync_optimizer_step", (speedups.BNB_OPTIMIZER_STEP,),
+             "bitsandbytes' optimizers synchronise with the GPU after every parameter's update: once per step",
+             speedups.patch_one_sync_optimizer_step, ("bitsandbytes", "torch")),
     _speedup("offload_checkpoints", (speedups.CHECKPOINTING_ENABLE,),
              "gradient checkpointing keeps every layer's input on the GPU: in pinned host memory, copied on a side "
              "stream (opt-in: memory for speed)",

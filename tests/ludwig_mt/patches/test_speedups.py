@@ -522,3 +522,34 @@ def test_lean_lora_forward_leaves_evaluation_and_mixed_dtypes_to_peft(tiny_model
     assert speedups.lean_lora_adapter(layer, x.float(), (), {}) is None
     monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "")
     assert speedups.lean_lora_adapter(layer, x.float(), (), {}) == "default"
+
+
+@pytest.mark.parametrize("optimizer", ["PagedAdam", "Adam8bit"])
+def test_bitsandbytes_optimizers_step_with_one_sync_and_the_same_updates(optimizer: str, monkeypatch) -> None:
+    import bitsandbytes as bnb
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    from ludwig_mt.patches import registry
+
+    registry.apply_all()
+    syncs: list[int] = []
+    real_sync = bnb_optimizer.sync_gpu
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda p: (syncs.append(1), real_sync(p)))
+
+    def train(one_sync: bool) -> tuple[list[torch.Tensor], int]:
+        monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "" if one_sync else "one_sync_optimizer_step")
+        syncs.clear()
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(4)]  # 4096: 8-bit state is blockwise
+        opt = getattr(bnb.optim, optimizer)(params, lr=1e-2)
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn_like(param)
+            opt.step()
+        return [param.detach().clone() for param in params], len(syncs)
+
+    reference, reference_syncs = train(one_sync=False)
+    updated, n_syncs = train(one_sync=True)
+    assert reference_syncs >= 3 * 4  # bitsandbytes as released: after every parameter of every step
+    assert n_syncs == 3  # one per step
+    assert all(torch.equal(a, b) for a, b in zip(updated, reference))
