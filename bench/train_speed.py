@@ -292,9 +292,10 @@ def live_at_peak(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
 
 
 def _first_outside_torch(frames: list[dict[str, Any]]) -> str:
+    """The first Python frame outside torch (the allocator's C++ frames come first and name no caller)."""
     for frame in frames:
         name = str(frame.get("filename", ""))
-        if name and "/torch/" not in name and not name.startswith("??"):
+        if name.endswith(".py") and "/torch/" not in name:
             return f"{name.split('site-packages/')[-1]}:{frame.get('line')} {frame.get('name')}"
     return "?"
 
@@ -312,7 +313,7 @@ class MemoryTrace:
 
         if steps_done == self.step and torch.cuda.is_available():
             self.result["start_gib"] = torch.cuda.memory_allocated() / 2**30
-            torch.cuda.memory._record_memory_history(max_entries=500_000)
+            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
 
     def end(self, steps_done: int) -> None:
         import torch
@@ -588,10 +589,11 @@ def _profiling(timer_cls, step: int, sink: list[str]):
 
 
 def profile_tables(prof) -> list[str]:
-    """The two views of one profiled step kept in the JSON: CUDA time by op, CPU time by op."""
+    """The views of one profiled step kept in the JSON: CUDA time by op, CPU time by op (with children), CPU time
+    by op (its own: where the Python and the launches go)."""
     averages = prof.key_averages()
-    return [averages.table(sort_by=key, row_limit=22, max_name_column_width=50)
-            for key in ("self_cuda_time_total", "cpu_time_total")]
+    return [averages.table(sort_by=key, row_limit=rows, max_name_column_width=50)
+            for key, rows in (("self_cuda_time_total", 22), ("cpu_time_total", 22), ("self_cpu_time_total", 30))]
 
 
 def run_worker(args: argparse.Namespace) -> None:

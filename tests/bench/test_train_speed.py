@@ -95,8 +95,9 @@ def test_merge_keeps_the_latest_row_of_each_case(tmp_path: Path) -> None:
 
 
 def test_live_at_peak_replays_the_allocator_trace_to_the_peak() -> None:
-    def frames(name: str) -> list[dict]:  # torch's own frame first: the report names the caller outside torch
-        return [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+    def frames(name: str) -> list[dict]:  # C++ and torch's own frames first: the report names the caller outside
+        return [{"filename": "memory_snapshot.cpp", "line": 0, "name": "gather_with_cpp"},
+                {"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
                 {"filename": f"/x/site-packages/{name}.py", "line": 7, "name": "forward"}]
 
     events = [{"action": "alloc", "addr": 1, "size": 2**30, "frames": frames("a")},
