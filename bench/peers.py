@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -365,8 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="llama3.2-1b")
     p.add_argument("--modes", nargs="+", default=["qlora", "lora"])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    p.add_argument("--only", nargs="*", default=[], help="keep only cases whose name contains one of these")
-    p.add_argument("--skip", nargs="*", default=[], help="then drop cases whose name contains one of these")
+    p.add_argument("--only", nargs="*", default=[], help="keep only cases whose name matches one of these regular "
+                   "expressions (re.search: a plain word matches anywhere, ^lora- only the bf16 LoRA cases)")
+    p.add_argument("--skip", nargs="*", default=[], help="then drop cases whose name matches one of these")
     p.add_argument("--project-variants", nargs="*", default=[], choices=sorted(PROJECT_VARIANTS),
                    help="also the project with this YAML change (same run, same rows)")
     p.add_argument("--rows", type=int, default=None, help="rows per optimizer step; default: the YAML's batch_size")
@@ -395,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = plan(args.shape, args.modes, rows, 190 if not args.smoke else 40, 64 if not args.smoke else 16,
                  args.steps, args.warmup, args.paths, args.project_variants)
     if args.only:
-        cases = [c for c in cases if any(o in c.label for o in args.only)]
-    cases = [c for c in cases if not any(o in c.label for o in args.skip)]
+        cases = [c for c in cases if any(re.search(o, c.label) for o in args.only)]
+    cases = [c for c in cases if not any(re.search(o, c.label) for o in args.skip)]
     model_dir = ts.build_model_dir(args.shape, work)
     n_params = ts.matmul_params(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
