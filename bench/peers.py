@@ -240,7 +240,7 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "adamw": ({"trainer": {"optimizer": {"type": "adamw"}}}, {}),  # torch's multi-tensor AdamW, not bnb's paged
     "no-lean-lora": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "lean_lora_forward"}),
     "no-fused-mlp": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "fused_lora_mlp"}),
-    "offload": ({}, {"LUDWIG_MT_SPEEDUPS_ON": "offload_checkpoints"}),
+    "no-offload": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "offload_checkpoints"}),
 }
 
 

@@ -4,6 +4,10 @@ test_speedups.py (``lean_lora_forward``)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +256,29 @@ def test_adapter_backward_makes_one_rows_sized_tensor_when_the_rows_are_disposab
     reference_a = 2.0 * torch.mm(torch.mm(grad_out, b).t(), rows * mask / 0.75)
     assert torch.allclose(got[1], reference_a, rtol=1e-5, atol=1e-5)
     assert torch.equal(given, rows * mask) == disposable  # overwritten only when the caller allowed it
+
+
+ZERO_WHERE_DROPPED_CHECK = """
+import torch
+from ludwig_mt.patches import lora_autograd
+for dtype in (torch.bfloat16, torch.float32):
+    for n in (1, 4095, 4097, 3 * 4096 + 5):
+        values, mask = torch.randn(n, dtype=dtype), torch.rand(n) > 0.3
+        given = values.clone()
+        assert lora_autograd.zero_where_dropped(given, mask) is given
+        assert torch.equal(given, values * mask), (dtype, n)
+print("checked")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (the GPU extra)")
+def test_the_in_place_mask_kernel_zeroes_exactly_the_dropped_entries() -> None:
+    """The Triton kernel the GPU uses to mask in place, run by Triton's interpreter on the CPU (a fresh process:
+    the interpreter is chosen when the kernel is built), at sizes around its block."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", ZERO_WHERE_DROPPED_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-2000:]
 
 
 def test_adapter_weight_is_cast_once_per_update_and_never_stale() -> None:

@@ -37,7 +37,7 @@ def checkpointed_lora_model(tiny_model: Path):
 def step(model, ids, *, offloaded: bool, monkeypatch):
     """One forward and backward; returns the loss, the gradients, and how many layer inputs were still alive
     between the forward and the backward."""
-    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_ON", "offload_checkpoints" if offloaded else "")  # opt-in
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "" if offloaded else "offload_checkpoints")  # on by default
     inputs: list[weakref.ReferenceType] = []
     hooks = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[0])))
              for layer in model.base_model.model.model.layers]
