@@ -352,36 +352,37 @@ def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int) -> dic
 
     Returns ``input_ids``, ``position_ids`` (restarting at 0 for every row, and for the tail padding, which thus
     forms its own segment that no real token attends to) and ``labels`` (-100 on prompts and padding), all of
-    shape ``[packs, longest pack]``.
+    shape ``[packs, longest pack]``. The packing is decided on Python ints, the tensors filled by whole-batch ops
+    (this runs on the CPU every training step).
     """
     import torch
 
-    order = sorted(range(len(rows)), key=lambda i: -rows[i][0].shape[0])
+    lengths = [ids.shape[0] for ids, _ in rows]
     packs: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = rows[i][0].shape[0]
-        slot = next((p for p, room in enumerate(free) if room >= n), None)
+    used: list[int] = []  # tokens in each pack; a row longer than pack_length gets a pack alone
+    for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+        slot = next((p for p, size in enumerate(used) if size + lengths[i] <= pack_length), None)
         if slot is None:
-            packs.append([]), free.append(pack_length)
+            packs.append([]), used.append(0)
             slot = len(packs) - 1
         packs[slot].append(i)
-        free[slot] -= n
-    width = max(pack_length - room for room in free)
+        used[slot] += lengths[i]
+    order = [i for members in packs for i in members]  # the rows as they lie in the packs, pack after pack
     device = rows[0][0].device
-    ids = torch.full((len(packs), width), pad_id, dtype=torch.long, device=device)
-    pos = torch.zeros((len(packs), width), dtype=torch.long, device=device)
-    labels = torch.full((len(packs), width), IGNORE, dtype=torch.long, device=device)
-    for p, members in enumerate(packs):
-        at = 0
-        for i in members:
-            seq, n_prompt = rows[i]
-            n = seq.shape[0]
-            ids[p, at:at + n] = seq
-            pos[p, at:at + n] = torch.arange(n, device=device)
-            labels[p, at + n_prompt:at + n] = seq[n_prompt:]
-            at += n
-        pos[p, at:] = torch.arange(width - at, device=device)
+    seqs = torch.cat([rows[i][0] for i in order]).to(torch.long)
+    n = torch.tensor([lengths[i] for i in order], dtype=torch.long, device=device)
+    n_prompt = torch.tensor([rows[i][1] for i in order], dtype=torch.long, device=device)
+    total = seqs.shape[0]
+    row_pos = torch.arange(total, device=device) - torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
+    is_label = row_pos >= torch.repeat_interleave(n_prompt, n, output_size=total)
+    cols = torch.arange(max(used), device=device)
+    pos = cols - torch.tensor(used, dtype=torch.long, device=device)[:, None]  # the tail padding's own positions
+    filled = pos < 0
+    pos[filled] = row_pos
+    ids = torch.full(pos.shape, pad_id, dtype=torch.long, device=device)
+    ids[filled] = seqs
+    labels = torch.full(pos.shape, IGNORE, dtype=torch.long, device=device)
+    labels[filled] = torch.where(is_label, seqs, IGNORE)
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 

@@ -616,3 +616,151 @@ def test_merged_training_rows_attend_to_their_tokens_not_their_padding_only_with
     raw_ids, raw_mask = core.original("ludwig.utils.llm_utils:generate_merged_ids")(prompts, responses, tokenizer, 64)
     assert raw_ids[1].tolist() == [0, 0, 1, 30, 50, 2] and raw_mask[1].tolist() == [1] * 6  # the bug
     assert fixes.left_pad_rows([torch.tensor([5, 2]), torch.tensor([2])], pad_id=2)[1].tolist() == [[1, 1], [0, 1]]
+
+
+# ------------------------------------- training rows built for the whole batch: the same as Ludwig's per-row loop
+# merged_rows, left_pad_rows and speedups.pack_rows run on the CPU every training step; they are
+# whole-batch tensor ops. The references below are the per-row code they replaced (merged_rows: Ludwig's own
+# remove_left_padding, twice per row), compared on random batches whose pad, BOS and EOS ids collide with each
+# other and with ordinary tokens.
+IGNORE = -100
+
+
+def per_row_merged_rows(input_ids, target_ids, tokenizer, max_length):
+    from ludwig.utils.llm_utils import remove_left_padding
+
+    eos = torch.tensor([tokenizer.eos_token_id], device=target_ids[0].device)
+    rows = []
+    for prompt, target in zip(input_ids, target_ids):
+        prompt = remove_left_padding(prompt, tokenizer)[0]
+        merged = torch.cat((prompt, remove_left_padding(target, tokenizer)[0], eos))
+        if max_length and merged.shape[0] > max_length:
+            merged = merged[:max_length]
+        rows.append((merged, min(prompt.shape[0], merged.shape[0])))
+    return rows
+
+
+def per_row_left_pad_rows(rows, pad_id):
+    width = max(row.shape[0] for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64, device=rows[0].device)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64, device=rows[0].device)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return ids, mask
+
+
+def per_row_pack_rows(rows, pack_length, pad_id):
+    order = sorted(range(len(rows)), key=lambda i: -rows[i][0].shape[0])
+    packs, free = [], []
+    for i in order:
+        n = rows[i][0].shape[0]
+        slot = next((p for p, room in enumerate(free) if room >= n), None)
+        if slot is None:
+            packs.append([]), free.append(pack_length)
+            slot = len(packs) - 1
+        packs[slot].append(i)
+        free[slot] -= n
+    width = max(pack_length - room for room in free)
+    device = rows[0][0].device
+    ids = torch.full((len(packs), width), pad_id, dtype=torch.long, device=device)
+    pos = torch.zeros((len(packs), width), dtype=torch.long, device=device)
+    labels = torch.full((len(packs), width), IGNORE, dtype=torch.long, device=device)
+    for p, members in enumerate(packs):
+        at = 0
+        for i in members:
+            seq, n_prompt = rows[i]
+            n = seq.shape[0]
+            ids[p, at:at + n] = seq
+            pos[p, at:at + n] = torch.arange(n, device=device)
+            labels[p, at + n_prompt:at + n] = seq[n_prompt:]
+            at += n
+        pos[p, at:] = torch.arange(width - at, device=device)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def randint(gen: torch.Generator, low: int, high: int) -> int:
+    """One int in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def random_ids(gen: torch.Generator, rows: int, width: int, vocab: int, pad_id: int, bos_id: int) -> torch.Tensor:
+    """Rows of a few token ids (so pad, BOS and EOS also turn up mid-row), some left-padded, some all padding, some
+    all padding but the last token, some BOS right after the padding."""
+    ids = torch.randint(0, vocab, (rows, width), generator=gen)
+    for i in range(rows):
+        shape = randint(gen, 0, 4)
+        n_pad = {0: 0, 1: width, 2: max(width - 1, 0)}.get(shape, randint(gen, 0, width))
+        ids[i, :n_pad] = pad_id
+        if shape == 4 and n_pad < width:
+            ids[i, n_pad] = bos_id
+    return ids
+
+
+def random_batch(gen: torch.Generator):
+    from types import SimpleNamespace
+
+    vocab = randint(gen, 2, 9)
+    pad_id, bos_id, eos_id = (randint(gen, 0, vocab - 1) for _ in range(3))
+    if randint(gen, 0, 3) == 0:
+        eos_id = pad_id
+    rows = randint(gen, 1, 6)
+    prompts = random_ids(gen, rows, randint(gen, 0, 12), vocab, pad_id, bos_id)
+    targets = random_ids(gen, rows, randint(gen, 0, 8), vocab, pad_id, bos_id)
+    if randint(gen, 0, 4) == 0:
+        prompts, targets = prompts.to(torch.int32), targets.to(torch.int32)
+    max_length = [None, 0, randint(gen, 1, 22), randint(gen, 1, 8), -randint(gen, 1, 3)][randint(gen, 0, 4)]
+    return prompts, targets, SimpleNamespace(pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id), max_length
+
+
+def assert_same_rows(new, reference) -> None:
+    assert len(new) == len(reference)
+    for (ids, n_prompt), (ref_ids, ref_n_prompt) in zip(new, reference, strict=True):
+        assert ids.dtype == ref_ids.dtype == torch.int64 and ids.device == ref_ids.device
+        assert torch.equal(ids, ref_ids), (ids, ref_ids)
+        assert type(n_prompt) is int and n_prompt == ref_n_prompt
+
+
+def assert_same_tensors(new, reference) -> None:
+    for a, b in zip(new, reference, strict=True):
+        assert a.dtype == b.dtype == torch.int64 and a.device == b.device and torch.equal(a, b), (a, b)
+
+
+def test_merged_rows_are_ludwigs_per_row_merge_on_random_batches() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        prompts, targets, tokenizer, max_length = random_batch(gen)
+        reference = per_row_merged_rows(prompts, targets, tokenizer, max_length)
+        assert_same_rows(fixes.merged_rows(prompts, targets, tokenizer, max_length), reference)
+    assert_same_rows(fixes.merged_rows(list(prompts), list(targets), tokenizer, max_length), reference)  # row lists
+
+
+def test_merged_rows_without_a_bos_or_pad_id_match_no_token() -> None:
+    """Ludwig's loop raises TypeError on a None id (``tensor == None`` is False); here it is an id no token has."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        prompts, targets, tokenizer, max_length = random_batch(gen)
+        for name in ("bos_token_id", "pad_token_id"):
+            unmatched = SimpleNamespace(**{**vars(tokenizer), name: -1})
+            none = SimpleNamespace(**{**vars(tokenizer), name: None})
+            assert_same_rows(fixes.merged_rows(prompts, targets, none, max_length),
+                             per_row_merged_rows(prompts, targets, unmatched, max_length))
+
+
+def test_padding_and_packing_of_merged_rows_are_the_per_row_ones() -> None:
+    from ludwig_mt.patches import speedups
+
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(400):
+        prompts, targets, tokenizer, max_length = random_batch(gen)
+        rows = fixes.merged_rows(prompts, targets, tokenizer, max_length)
+        ids = [row for row, _ in rows]
+        assert_same_tensors(fixes.left_pad_rows(ids, tokenizer.pad_token_id),
+                            per_row_left_pad_rows(ids, tokenizer.pad_token_id))
+        pack_length = randint(gen, 1, 2 * max(row.shape[0] for row in ids) + 1)  # rows longer than a pack too
+        packed = speedups.pack_rows(rows, pack_length, tokenizer.pad_token_id)
+        reference = per_row_pack_rows(rows, pack_length, tokenizer.pad_token_id)
+        assert packed.keys() == reference.keys()
+        assert_same_tensors(packed.values(), reference.values())
