@@ -308,7 +308,8 @@ def table(results: list[dict[str, Any]]) -> str:
     above 1 means the project is faster, GiB below 1 that it needs less memory. ``run`` when merged."""
     runs = any("run" in r for r in results)
     lines = ["| case | tokens/s: step / loop | peak GiB: steps / process | MFU | project tok/s ÷ this: step / loop "
-             "| project GiB ÷ this: steps / process | loss tokens/step | first loss | check |" + (" run |" if runs else ""),
+             "| project GiB ÷ this: steps / process | loss tokens/step | first loss | check |"
+             + (" run |" if runs else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
     for r in results:
         tail = f" {r.get('run', '')} |" if runs else ""
@@ -412,8 +413,8 @@ def main(argv: list[str] | None = None) -> None:
             out = {"name": case.label, "case": asdict(case), "error": NEEDS_CUDA}
         else:
             out = ts.case_result(case, ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__)),
-                                 n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "cycle_times", "settings", "versions",
-                                                  "profile", "memory_at_peak"))
+                                 n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "cycle_times", "settings",
+                                                  "versions", "profile", "memory_at_peak"))
         results.append(out)
         print(ts.progress_line(out, time.perf_counter() - t_start), flush=True)
         add_checks(results)

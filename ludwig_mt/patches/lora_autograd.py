@@ -134,7 +134,8 @@ def adapted_forward(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapte
 def adapted_backward(grad_out: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, a: torch.Tensor,
                      b: torch.Tensor, hidden: torch.Tensor, adapter: Adapter, dtype: torch.dtype,
                      needs: tuple[bool, bool, bool], adapter_dtypes: tuple[torch.dtype, torch.dtype],
-                     add_to: torch.Tensor | None = None, rows_disposable: bool = False) -> tuple[torch.Tensor | None, ...]:
+                     add_to: torch.Tensor | None = None,
+                     rows_disposable: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`adapted_forward` for (rows, a, b), each only where ``needs`` says; the rows' gradient
     in ``dtype`` (plus ``add_to``, another branch's gradient of the same rows), a's and b's in ``adapter_dtypes``
     (the LoRA weights' own dtypes).
@@ -173,7 +174,8 @@ def masked(values: torch.Tensor, mask: torch.Tensor, in_place: bool) -> torch.Te
     place on CUDA is one Triton kernel that writes the zeros (:func:`zero_where_dropped`)."""
     if not in_place:
         return torch.ops.aten.native_dropout_backward(values, mask, 1.0)
-    if values.is_cuda and zero_where_dropped_kernel() is not None and values.is_contiguous() and mask.is_contiguous():
+    fits = values.is_contiguous() and mask.is_contiguous() and values.numel() < 2**31  # the kernel's int32 offsets
+    if values.is_cuda and fits and zero_where_dropped_kernel() is not None:
         return zero_where_dropped(values, mask)
     return values.mul_(mask)
 

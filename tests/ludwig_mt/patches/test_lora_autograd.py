@@ -110,9 +110,13 @@ def test_qlora_layers_take_one_node_and_give_peft_loss_and_gradients(tiny_model:
 
 
 def one_layer(in_features: int = 32, out_features: int = 24, dropout: float = 0.2):
-    """A peft LoRA ``Linear`` (fp32) with B non-zero, in training mode."""
+    """A peft LoRA ``Linear`` (fp32) with B non-zero, in training mode; the registry's patches applied, so its
+    forward is ``lean_lora_forward``'s whichever test runs first in the process."""
     from peft import LoraConfig, get_peft_model
 
+    from ludwig_mt.patches import registry
+
+    registry.apply_all()
     torch.manual_seed(0)
     net = torch.nn.Sequential()
     net.add_module("proj", torch.nn.Linear(in_features, out_features, bias=False))
