@@ -30,8 +30,6 @@ LUDWIG_MODEL = "ludwig.api:LudwigModel"
 
 SPEEDUP = Switch("always; off at use time: `LUDWIG_MT_SPEEDUPS=0`, or its name in `LUDWIG_MT_SPEEDUPS_OFF`",
                  lambda: True)
-#: a speed-up that trades speed for memory (:data:`~ludwig_mt.patches.speedups.OPT_IN`): off unless asked for
-SPEEDUP_OPT_IN = Switch("always; on at use time only when its name is in `LUDWIG_MT_SPEEDUPS_ON`", lambda: True)
 UNDER_LAUNCHER = Switch(f"`{ENV_STRATEGY}` set (by `ludwig_mt.launch`) or `WORLD_SIZE` > 1", is_distributed_launch)
 SHARDED_WEIGHTS = Switch(f"`{ENV_STRATEGY}=zero3` or `fsdp`", lambda: strategy_name() in SHARDED_WEIGHT_STRATEGIES)
 
@@ -41,8 +39,7 @@ def _fix(name: str, targets: tuple[str, ...], purpose: str, body, packages: tupl
 
 
 def _speedup(name: str, targets: tuple[str, ...], purpose: str, body, packages: tuple[str, ...]) -> Patch:
-    switch = SPEEDUP_OPT_IN if name in speedups.OPT_IN else SPEEDUP
-    return Patch(name, targets, purpose, "speed-up", switch, body, packages)
+    return Patch(name, targets, purpose, "speed-up", SPEEDUP, body, packages)
 
 
 PATCHES: tuple[Patch, ...] = (

@@ -7,7 +7,6 @@ outcomes: ``bench/NOTES-speed.md``). Switches:
 
 * ``LUDWIG_MT_SPEEDUPS=0`` turns every speed-up off (raw Ludwig speed, for the benchmark's "raw" column);
 * ``LUDWIG_MT_SPEEDUPS_OFF=name,name`` turns single ones off (the names are :data:`SPEEDUPS`, the registry's);
-* ``LUDWIG_MT_SPEEDUPS_ON=name`` turns on the ones that trade speed for memory (:data:`OPT_IN`), off otherwise.
 
 The switches are read when a model is loaded / prepared, not when the patch is installed, so one process can
 compare on and off (the tests do). (``LUDWIG_MT_PATCHES_OFF=name`` instead leaves a patch out when patches are
@@ -128,9 +127,6 @@ SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_m
             "bf16_autocast", "liger_kernels", "lean_lora_forward", "fused_lora_mlp", "one_sync_optimizer_step",
             "offload_checkpoints")
 
-#: speed-ups that trade speed for memory: off unless named in ``LUDWIG_MT_SPEEDUPS_ON`` (none now:
-#: ``offload_checkpoints`` was one until it measured at about 1 % of the speed)
-OPT_IN: tuple[str, ...] = ()
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
 #: with ``target_only_logits``, at most this many rows of that step feed the training metrics (full outputs) ...
@@ -147,20 +143,16 @@ def enabled(name: str) -> bool:
     """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run; the
     LoRA layers ask at every call, hence the parsing is cached per value of the three variables)."""
     environ = os.environ
-    return _enabled(name, environ.get("LUDWIG_MT_SPEEDUPS", "1"), environ.get("LUDWIG_MT_SPEEDUPS_ON", ""),
-                    environ.get("LUDWIG_MT_SPEEDUPS_OFF", ""))
+    return _enabled(name, environ.get("LUDWIG_MT_SPEEDUPS", "1"), environ.get("LUDWIG_MT_SPEEDUPS_OFF", ""))
 
 
 @functools.lru_cache(maxsize=256)
-def _enabled(name: str, all_on: str, on: str, off: str) -> bool:
+def _enabled(name: str, all_on: str, off: str) -> bool:
     if name not in SPEEDUPS:
         raise KeyError(f"unknown speed-up {name!r}; known: {', '.join(SPEEDUPS)}")
     if all_on.strip().lower() in ("0", "false", "off", "no"):
         return False
-    switches = {"LUDWIG_MT_SPEEDUPS_ON": on, "LUDWIG_MT_SPEEDUPS_OFF": off}
-    if name in OPT_IN:
-        return name in env_names("LUDWIG_MT_SPEEDUPS_ON", switches)
-    return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF", switches)
+    return name not in env_names("LUDWIG_MT_SPEEDUPS_OFF", {"LUDWIG_MT_SPEEDUPS_OFF": off})
 
 
 def _cuda_bf16() -> bool:

@@ -355,7 +355,7 @@ def test_the_launchers_worker_honours_no_fixes_like_every_other_process() -> Non
         counts[raw] = [line for line in out.stdout.splitlines() if line.startswith("APPLIED")]
     assert counts["1"] == ["APPLIED 0"]
     automatic = [p for p in registry.PATCHES  # opt-in speed-ups are installed too, and used only when asked for
-                 if p.switch.text in (ALWAYS.text, registry.SPEEDUP.text, registry.SPEEDUP_OPT_IN.text)]
+                 if p.switch.text in (ALWAYS.text, registry.SPEEDUP.text)]
     assert counts["0"] == [f"APPLIED {len(automatic)}"]
 
 
