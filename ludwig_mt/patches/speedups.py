@@ -141,7 +141,7 @@ AUTOCAST_DEVICES: tuple[str, ...] = ("cuda",)
 
 def enabled(name: str) -> bool:
     """Whether speed-up ``name`` is on now (read at use time, so tests and benchmarks can flip it per run; the
-    LoRA layers ask at every call, hence the parsing is cached per value of the three variables)."""
+    LoRA layers ask at every call, hence the parsing is cached per value of the two variables)."""
     environ = os.environ
     return _enabled(name, environ.get("LUDWIG_MT_SPEEDUPS", "1"), environ.get("LUDWIG_MT_SPEEDUPS_OFF", ""))
 
