@@ -22,6 +22,16 @@ batches each one built: the project's target positions, the peers' shifted label
 first-step loss (LoRA B = 0: the base model's loss) within :data:`bench.train_speed.LOSS_TOLERANCE` of the
 project's. A path that cannot run gets one line saying why.
 
+Real rows (``--data prepared.csv --task samsum --model DIR``, e.g. SmolLM2-135M and samsum's dialogues): rows
+of unequal length from a prepared task dataset (those that fit the task YAML's sequence limits, in file order),
+the task's YAML, a real model. Each path reads the rows in file order (Ludwig ``should_shuffle: false``, the
+peers a sequential sampler; the peers' best-fit packing still regroups rows within chunks of 1,000), at a constant
+learning rate (the YAML's schedules differ between Ludwig and the Trainer, and 50 steps are too few for them to
+matter), and the peers get as many 2,048-token packs per step as the project's rows fill on average. The check is
+then the loss curve (:func:`loss_curve_check`): the mean loss of every window of :data:`CURVE_WINDOW` steps within
+:data:`CURVE_TOLERANCE` of the project's, and the same tokens and loss tokens per row; tokens per second count
+real tokens (no padding) over all timed steps.
+
 ``--project-variants NAME`` adds the project with one change (:data:`PROJECT_VARIANTS`: a YAML override, or a
 speed-up switched off) to the same run, checked and compared like a peer.
 
@@ -50,6 +60,17 @@ PATHS = ("project", "trl", "unsloth")
 PACK_LENGTH = 2048  # tokens per packed sequence: the issue's setting, what the peers pack to
 
 
+#: real rows: steps per window of the loss-curve check (about 1,000 rows: the chunk the peers' packing regroups)
+CURVE_WINDOW = 16
+#: real rows: largest relative gap allowed between a window's mean loss and the project's
+CURVE_TOLERANCE = 0.03
+#: real rows: largest relative gap in tokens (and loss tokens) per row (the tokenizers split prompt and response
+#: alike; a merge across their boundary moves a token)
+ROW_TOKENS_TOLERANCE = 0.02
+#: real rows: every path reads rows in file order at a constant learning rate (the peers: :func:`worker_peer`)
+REAL_ROWS_YAML: dict[str, Any] = {"trainer": {"should_shuffle": False,
+                                              "learning_rate_scheduler": {"decay": None, "warmup_fraction": 0.0}}}
+
 NEEDS_CUDA = "needs a CUDA GPU (TRL 1.15 takes its loss through a Triton kernel; unsloth's kernels are Triton)"
 
 
@@ -70,7 +91,13 @@ def peer_settings(case: ts.Case, model_dir: Path) -> dict[str, Any]:
             "dropout": float(case.extra_env.get("BENCH_LORA_DROPOUT", adapter["dropout"])),
             "target_modules": list(adapter["target_modules"]),
             "gradient_checkpointing": bool(trainer.get("enable_gradient_checkpointing")),
-            "learning_rate": float(trainer["learning_rate"])}
+            "learning_rate": float(trainer["learning_rate"]),
+            "max_grad_norm": float((trainer.get("gradient_clipping") or {}).get("clipglobalnorm",
+                                                                                LUDWIG_CLIP_GLOBAL_NORM))}
+
+
+#: Ludwig 0.17.10's default ``trainer.gradient_clipping.clipglobalnorm`` (the Trainer's default is 1.0)
+LUDWIG_CLIP_GLOBAL_NORM = 0.5
 
 
 def rows_per_pack(case: ts.Case) -> int:
@@ -78,10 +105,56 @@ def rows_per_pack(case: ts.Case) -> int:
 
 
 def packs_per_step(case: ts.Case) -> int:
-    """Packed sequences per optimizer step that hold the case's rows per step (64 rows of 255 -> 8 packs of 8)."""
+    """Packed sequences per optimizer step that hold the case's rows per step (64 rows of 255 -> 8 packs of 8);
+    with real rows, what the driver computed from their mean length (:func:`real_packs_per_step`)."""
+    if os.environ.get("BENCH_PACKS_PER_STEP"):
+        return int(os.environ["BENCH_PACKS_PER_STEP"])
     if case.batch % rows_per_pack(case):
         raise ValueError(f"{case.batch} rows per step do not fill packs of {rows_per_pack(case)} rows")
     return case.batch // rows_per_pack(case)
+
+
+def real_packs_per_step(rows_per_step: int, row_tokens: list[int], length: int) -> int:
+    """Packs per step that hold as many tokens as ``rows_per_step`` rows of the data's mean length (at least 1)."""
+    return max(1, round(rows_per_step * sum(row_tokens) / len(row_tokens) / length))
+
+
+def fitting_rows(rows: list[dict[str, str]], tokenizer, prompt_limit: int, response_limit: int
+                 ) -> tuple[list[dict[str, str]], list[int]]:
+    """The rows (in order) whose prompt and response + EOS fit the task YAML's limits, so that no path truncates
+    (Ludwig cuts at its limits, the peers at the pack length), and each kept row's token count."""
+    kept, lengths = [], []
+    for row in rows:
+        n_prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        n_response = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 1
+        if n_prompt + 2 <= prompt_limit and n_response + 1 <= response_limit:  # room for BOS and the like
+            kept.append(row)
+            lengths.append(n_prompt + n_response)
+    return kept, lengths
+
+
+def loss_curve_check(reference: list[float], losses: list[float], window: int = CURVE_WINDOW,
+                     tolerance: float = CURVE_TOLERANCE) -> dict[str, Any]:
+    """Window by window (the remainder joins the last), the mean loss of ``losses`` against ``reference``'s over
+    the steps both ran: with rows of unequal length in different groupings per step, single steps are not
+    comparable, windows of about 1,000 rows are."""
+    n = min(len(reference), len(losses))
+    bounds = list(range(0, n - window + 1, window)) or [0]
+    windows = []
+    for i, start in enumerate(bounds):
+        end = n if i == len(bounds) - 1 else start + window
+        ref = sum(reference[start:end]) / (end - start)
+        got = sum(losses[start:end]) / (end - start)
+        windows.append({"steps": [start, end], "reference": ref, "mean": got, "rel_delta": (got - ref) / ref})
+    worst = max(abs(w["rel_delta"]) for w in windows)
+    return {"steps": n, "windows": windows, "max_abs_rel_delta": worst, "tolerance": tolerance,
+            "ok": n >= window and worst <= tolerance}
+
+
+def per_row(result: dict[str, Any], key: str) -> float | None:
+    """``key`` (tokens, loss tokens) per row over all steps of a run that recorded its rows per step."""
+    rows = result.get("rows_per_step")
+    return sum(result[key]) / sum(rows) if rows and result.get(key) else None
 
 
 # ---------------------------------------------------------------------------------------------------- peers
@@ -140,6 +213,7 @@ def sft_config(case: ts.Case, peer: str, settings: dict[str, Any], workdir: Path
     return SFTConfig(
         output_dir=str(workdir), per_device_train_batch_size=packs_per_step(case), gradient_accumulation_steps=1,
         max_steps=case.warmup + case.steps, learning_rate=settings["learning_rate"], lr_scheduler_type="constant",
+        max_grad_norm=settings["max_grad_norm"],
         optim=optim, bf16=cuda, use_cpu=not cuda, packing=True, packing_strategy="bfd", padding_free=True,
         max_length=pack_length(), completion_only_loss=True, use_liger_kernel=cuda and peer == "trl",
         gradient_checkpointing=checkpointing,
@@ -168,6 +242,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
     losses: list[Any] = []
     loss_tokens: list[Any] = []
     tokens: list[Any] = []
+    row_counts: list[Any] = []
 
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", -1))
     profile: list[str] = []
@@ -201,9 +276,18 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
             loss_tokens.append((labels[:, 1:] != -100).sum())
             mask = inputs.get("attention_mask")
             tokens.append(mask.sum() if mask is not None else labels.new_tensor(labels.numel()))
+            positions = inputs.get("position_ids")  # padding-free packs: a row starts at each position 0
+            row_counts.append((positions == 0).sum() if positions is not None else labels.new_tensor(len(labels)))
             loss = super().training_step(model, inputs, num_items_in_batch)
             losses.append(loss.detach())
             return loss
+
+        def _get_train_sampler(self, *args, **kwargs):  # real rows: in file order, as the project reads them
+            if case.real_rows:
+                from torch.utils.data import SequentialSampler
+
+                return SequentialSampler(self.train_dataset)
+            return super()._get_train_sampler(*args, **kwargs)
 
     timer = StepTimer()
     timer.peaks, timer.memory = ts.PeakMemory(), ts.MemoryTrace()
@@ -213,6 +297,7 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
     n = len(times)
     return {"step_times": times, "cycle_times": ts.cycle_times(starts), "losses": [float(x) for x in losses[:n]],
             "tokens_per_step": [int(x) for x in tokens[:n]], "loss_tokens_per_step": [int(x) for x in loss_tokens[:n]],
+            "rows_per_step": [int(x) for x in row_counts[:n]],
             **timer.peaks.result(), "memory_at_peak": timer.memory.result, "settings": settings, "profile": "\n".join(profile),
             "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
             "versions": versions()}
@@ -241,6 +326,7 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "no-lean-lora": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "lean_lora_forward"}),
     "no-fused-mlp": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "fused_lora_mlp"}),
     "no-offload": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "offload_checkpoints"}),
+    "no-pack": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "pack_training_rows"}),  # Ludwig's left-padded batches
 }
 
 
@@ -254,16 +340,18 @@ def merged(*overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan(shape: str, modes: list[str], rows: int, prompt: int, response: int, steps: int, warmup: int,
-         paths: list[str], project_variants: list[str] = ()) -> list[ts.Case]:
+         paths: list[str], project_variants: list[str] = (), real: dict[str, Any] | None = None) -> list[ts.Case]:
     """Per mode: the project as committed (bf16 LoRA: checkpointing off, as NOTES-speed.md compares) and its
     ``project_variants`` (``project+name``), TRL, unsloth at the YAML's dropout and at dropout 0 (its fast path); bf16
-    LoRA also with checkpointing on."""
+    LoRA also with checkpointing on. ``real``: the :class:`ts.Case` fields of real rows (task, arch), every case
+    then with :data:`REAL_ROWS_YAML`."""
     cases = []
-    no_gc = {"trainer": {"enable_gradient_checkpointing": False}}
+    base = REAL_ROWS_YAML if real else {}
+    no_gc = merged(base, {"trainer": {"enable_gradient_checkpointing": False}})
     for mode in modes:
         common = dict(shape=shape, mode=mode, batch=rows, prompt_tokens=prompt, response_tokens=response,
-                      steps=steps, warmup=warmup)
-        variants = [("", {})] if mode == "qlora" else [("", no_gc), ("-gc", {})]
+                      steps=steps, warmup=warmup, **({**real, "real_rows": True} if real else {}))
+        variants = [("", base)] if mode == "qlora" else [("", no_gc), ("-gc", base)]
         for suffix, yaml in variants:
             for path in paths:
                 label = f"{mode}{suffix}-{path}"
@@ -297,10 +385,25 @@ def add_checks(results: list[dict[str, Any]]) -> None:
         r["project_over_this_peak_gib"] = ref["peak_gib"] / r["peak_gib"] if r["peak_gib"] else None
         if r.get("step_peak_gib") and ref.get("step_peak_gib"):
             r["project_over_this_step_peak_gib"] = ref["step_peak_gib"] / r["step_peak_gib"]
+        if r["case"].get("real_rows"):
+            r["check"] = real_rows_check(ref, r)
+            continue
         same_tokens = r.get("loss_tokens_per_step") == ref.get("loss_tokens_per_step")
         delta = abs(r["first_losses"][0] - ref["first_losses"][0]) / abs(ref["first_losses"][0])
         r["check"] = {"loss_tokens_equal": same_tokens, "first_loss_rel_delta": delta,
                       "tolerance": ts.LOSS_TOLERANCE, "ok": same_tokens and delta <= ts.LOSS_TOLERANCE}
+
+
+def real_rows_check(ref: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """Real rows: the loss curve against the project's, and the same tokens and loss tokens per row."""
+    curve = loss_curve_check(ref.get("losses") or [], r.get("losses") or [])
+    gaps = {}
+    for key in ("tokens_per_step", "loss_tokens_per_step"):
+        mine, theirs = per_row(r, key), per_row(ref, key)
+        gaps[key] = None if mine is None or theirs is None else abs(mine - theirs) / theirs
+    tokens_ok = all(g is not None and g <= ROW_TOKENS_TOLERANCE for g in gaps.values())
+    return {"loss_curve": curve, "per_row_rel_gap": gaps, "row_tokens_tolerance": ROW_TOKENS_TOLERANCE,
+            "loss_tokens_equal": tokens_ok, "ok": curve["ok"] and tokens_ok}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -317,9 +420,14 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['name']} | did not run: {r['error'][:200].replace('|', '/')} | | | | | | | |{tail}")
             continue
         check = r.get("check")
-        verdict = "" if check is None else ("ok" if check["ok"] else
-                                            f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
-                                            f"loss delta {100 * check['first_loss_rel_delta']:.2f}%)")
+        if check is not None and "loss_curve" in check:
+            verdict = (f"{'ok' if check['ok'] else 'FAILED'} (loss curve: largest window gap "
+                       f"{100 * check['loss_curve']['max_abs_rel_delta']:.1f}% over {check['loss_curve']['steps']} "
+                       f"steps; tokens per row equal: {check['loss_tokens_equal']})")
+        else:
+            verdict = "" if check is None else ("ok" if check["ok"] else
+                                                f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
+                                                f"loss delta {100 * check['first_loss_rel_delta']:.2f}%)")
         ratio = " / ".join(format(x, ".2f") for x in (r.get("project_over_this_tokens_per_s"),
                                                        r.get("project_over_this_loop_tokens_per_s")) if x)
         loop = f" / {r['loop_tokens_per_s']:.0f}" if r.get("loop_tokens_per_s") else ""
@@ -327,10 +435,22 @@ def table(results: list[dict[str, Any]]) -> str:
         mem = " / ".join("-" if m is None else format(m, ".2f") for m in mems) if mems[1] is not None else ""
         step_peak = "-" if r.get("step_peak_gib") is None else format(r["step_peak_gib"], ".2f")
         per_step = sorted(set(r.get("loss_tokens_per_step") or []))
+        loss_tokens = (f"{per_row(r, 'loss_tokens_per_step'):.1f} per row" if r.get("case", {}).get("real_rows")
+                       and per_row(r, "loss_tokens_per_step") else ",".join(map(str, per_step)))
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f}{loop} | {step_peak} / {r['peak_gib']:.2f} | "
                      f"{100 * r['mfu']:.1f}% | {ratio} | {mem} | "
-                     f"{','.join(map(str, per_step))} | "
+                     f"{loss_tokens} | "
                      f"{r['first_losses'][0]:.4f} | {verdict} |{tail}")
+    curves = [r for r in results if (r.get("check") or {}).get("loss_curve")]
+    if curves:
+        lines += ["", "Loss curves (real rows): mean training loss per window of steps, this path / the project's "
+                  "(relative gap)", "", "| case | " + " | ".join(
+                      f"steps {w['steps'][0]}-{w['steps'][1] - 1}" for w in curves[0]["check"]["loss_curve"]["windows"])
+                  + " |", "|---|" + "---:|" * len(curves[0]["check"]["loss_curve"]["windows"])]
+        for r in curves:
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{w['mean']:.4f} / {w['reference']:.4f} ({100 * w['rel_delta']:+.1f}%)"
+                for w in r["check"]["loss_curve"]["windows"]) + " |")
     return "\n".join(lines)
 
 
@@ -346,6 +466,34 @@ def merge_runs(paths: list[Path], out: Path) -> None:
     results = sorted(rows, key=lambda r: order.get(r["name"], len(order)))
     add_checks(results)
     ts.write_merged(out, "peers", runs, results, table(results))
+
+
+def model_family(model_dir: Path) -> str:
+    """The LoRA target family of a real model folder: Bloom's fused names, else Llama-style projections."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return "bloom" if config.get("model_type") == "bloom" else "llama"
+
+
+def real_dataset(path: Path, tokenizer, limits: list[int], needed: int, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The first ``needed`` training rows of a prepared CSV that fit ``limits`` (+2 validation rows), written for
+    every path; what was kept and dropped, and the rows' token counts."""
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    if "split" in frame:
+        frame = frame[frame["split"] == 0]
+    rows = frame[["prompt", "response"]].astype(str).to_dict("records")
+    kept, lengths = fitting_rows(rows, tokenizer, *limits)
+    if len(kept) < needed + 2:
+        raise SystemExit(f"error: {path}: {len(kept)} rows fit the limits {limits}, {needed + 2} needed "
+                         "(fewer --steps or --rows, or another task)")
+    examined = rows.index(kept[needed + 1]) + 1
+    out = ts.write_dataset(kept[:needed + 2], work / "data.csv", n_val=2)
+    lengths = lengths[:needed]
+    return out, {"data": str(path), "rows": needed, "rows_examined": examined,
+                 "rows_dropped_over_limits": examined - needed - 2, "limits": limits,
+                 "row_tokens_mean": sum(lengths) / needed, "row_tokens_min": min(lengths),
+                 "row_tokens_max": max(lengths), "row_tokens": lengths}
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -376,6 +524,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30,
                    help="timed steps per case (the project's CPU-bound steps jitter with the host: 10 were too few)")
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--data", type=Path, default=None, help="real rows: a prepared task CSV (prompt, response, split)")
+    p.add_argument("--task", default="sql", help="the task YAML (ludwig_configs/<task>.yaml) the project trains with")
+    p.add_argument("--model", type=Path, default=None, help="a real model folder instead of --shape's random "
+                   "weights (its name replaces the shape's in the results)")
     ts.add_worker_arguments(p, "peers.json")
     args = p.parse_args(argv)
     if args.worker or args.merge:  # a case's process, or only merging earlier runs
@@ -384,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         args.shape, args.modes, args.steps, args.warmup = "tiny-llama", ["lora"], 2, 1
         args.paths = [x for x in args.paths if x != "unsloth"]
         args.rows = args.rows or 16
-        os.environ["BENCH_PACK_LENGTH"] = str(4 * (40 + 16 + 1))
+        if not args.data:  # real rows keep the pack length: their rows are as long as the task's
+            os.environ["BENCH_PACK_LENGTH"] = str(4 * (40 + 16 + 1))
 
     import torch
     from transformers import AutoTokenizer
@@ -394,18 +547,31 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = ts.matmul_tflops(device)
-    rows = args.rows or int(ts.task_yaml()["trainer"]["batch_size"])
-    cases = plan(args.shape, args.modes, rows, 190 if not args.smoke else 40, 64 if not args.smoke else 16,
-                 args.steps, args.warmup, args.paths, args.project_variants)
+    yaml = ts.task_yaml(args.task)
+    rows = args.rows or int(yaml["trainer"]["batch_size"])
+    model_dir = args.model or ts.build_model_dir(args.shape, work)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    real_rows: dict[str, Any] = {}
+    if args.data:
+        args.shape = model_dir.name
+        limits = [yaml[f"{side}_features"][0]["preprocessing"]["max_sequence_length"] for side in ("input", "output")]
+        real = {"task": args.task, "arch": model_family(model_dir)}
+        cases = plan(args.shape, args.modes, rows, *limits, args.steps, args.warmup, args.paths, args.project_variants,
+                     real=real)
+        # 20 % spare: the peers' packs per step are rounded to whole packs (a step may hold a few more rows)
+        data, real_rows = real_dataset(args.data, tok, limits, int(1.2 * rows * (args.steps + args.warmup + 1)), work)
+        real_rows["packs_per_step"] = real_packs_per_step(rows, real_rows.pop("row_tokens"), pack_length())
+        os.environ["BENCH_PACKS_PER_STEP"] = str(real_rows["packs_per_step"])
+        print(f"real rows: {real_rows}", flush=True)
+    else:
+        cases = plan(args.shape, args.modes, rows, 190 if not args.smoke else 40, 64 if not args.smoke else 16,
+                     args.steps, args.warmup, args.paths, args.project_variants)
+        data = ts.write_dataset(ts.build_rows(tok, rows * (args.steps + args.warmup + 1) + 2, cases[0].prompt_tokens,
+                                              cases[0].response_tokens), work / "data.csv", n_val=2)
     if args.only:
         cases = [c for c in cases if any(re.search(o, c.label) for o in args.only)]
     cases = [c for c in cases if not any(re.search(o, c.label) for o in args.skip)]
-    model_dir = ts.build_model_dir(args.shape, work)
     n_params = ts.matmul_params(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    case0 = cases[0]
-    data = ts.write_dataset(ts.build_rows(tok, rows * (args.steps + args.warmup + 1) + 2, case0.prompt_tokens,
-                                          case0.response_tokens), work / "data.csv", n_val=2)
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for case in cases:
@@ -414,14 +580,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             out = ts.case_result(case, ts.launch(case, model_dir, data, work, args.timeout, script=Path(__file__)),
                                  n_params, peak, ("loss_tokens_per_step", "tokens_per_step", "cycle_times", "settings",
-                                                  "versions", "profile", "memory_at_peak"))
+                                                  "versions", "profile", "memory_at_peak", "losses", "rows_per_step"))
         results.append(out)
         print(ts.progress_line(out, time.perf_counter() - t_start), flush=True)
         add_checks(results)
         (args.out / "peers.json").write_text(json.dumps(
             {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
              "matmul_tflops": peak, "matmul_params": n_params, "shape": args.shape, "rows_per_step": rows,
-             "pack_length": pack_length(), "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 "
+             "pack_length": pack_length(), "real_rows": real_rows, "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 "
              "matmul FLOP/s", "versions": versions(), "results": results}, indent=1))
         (args.out / "peers.md").write_text(table(results) + "\n")
     print(table(results))

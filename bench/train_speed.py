@@ -88,10 +88,17 @@ class Case:
     extra_env: dict[str, str] = field(default_factory=dict)
     label: str = ""
     yaml: dict[str, Any] = field(default_factory=dict)  # merged into the rendered task YAML
+    task: str = "sql"  # whose YAML (ludwig_configs/<task>.yaml) the tuned and raw paths train with
+    arch: str = ""  # a real model's architecture family ("llama", "bloom"); empty: SHAPES[shape]'s
+    real_rows: bool = False  # rows of unequal length from a prepared dataset (prompt/response: upper bounds)
 
     @property
-    def seq_len(self) -> int:  # prompt + response + eos
+    def seq_len(self) -> int:  # prompt + response + eos (with real rows: the longest a row may be)
         return self.prompt_tokens + self.response_tokens + 1
+
+    @property
+    def family(self) -> str:
+        return self.arch or SHAPES[self.shape]["arch"]
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -163,11 +170,11 @@ def write_dataset(rows: list[dict[str, str]], path: Path, n_val: int) -> Path:
     return path
 
 
-def task_yaml() -> dict[str, Any]:
-    """``ludwig_configs/sql.yaml`` as committed: the tuned path's settings come from it, not from this script."""
+def task_yaml(task: str = "sql") -> dict[str, Any]:
+    """``ludwig_configs/<task>.yaml`` as committed: the tuned path's settings come from it, not from this script."""
     from ludwig_mt.config import load_yaml
 
-    return load_yaml(REPO / "ludwig_configs" / "sql.yaml")
+    return load_yaml(REPO / "ludwig_configs" / f"{task}.yaml")
 
 
 def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
@@ -178,13 +185,14 @@ def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
     """
     from ludwig_mt.config import for_raw_ludwig, render_overrides
 
-    config = render_overrides(task_yaml(), base_model=str(model_dir), cpu=cpu)
-    arch = SHAPES[case.shape]["arch"]
+    config = render_overrides(task_yaml(case.task), base_model=str(model_dir), cpu=cpu)
+    arch = case.family
     config["adapter"]["target_modules"] = LORA_TARGETS[arch]
     if case.mode == "lora":
         config.pop("quantization", None)
-    config["input_features"][0]["preprocessing"]["max_sequence_length"] = case.prompt_tokens
-    config["output_features"][0]["preprocessing"]["max_sequence_length"] = case.response_tokens
+    if not case.real_rows:  # real rows keep the YAML's limits (the rows were chosen to fit them)
+        config["input_features"][0]["preprocessing"]["max_sequence_length"] = case.prompt_tokens
+        config["output_features"][0]["preprocessing"]["max_sequence_length"] = case.response_tokens
     trainer = config["trainer"]
     trainer.update(batch_size=case.batch, eval_batch_size=case.batch, train_steps=case.steps + case.warmup,
                    gradient_accumulation_steps=1)
@@ -195,7 +203,8 @@ def ludwig_config(case: Case, model_dir: Path, cpu: bool) -> dict[str, Any]:
                 config.setdefault(key, {}).update(value)
             else:
                 config[key] = value
-    packed = bool(trainer.get("packing")) and arch == "llama"
+    packed = arch == "llama" and case.path == "tuned" and "pack_training_rows" not in case.extra_env.get(
+        "LUDWIG_MT_SPEEDUPS_OFF", "")  # the speed-up packs to the global length; unpacked: exactly the row length
     pack_length = config["preprocessing"].get("global_max_sequence_length") or 0
     config["preprocessing"]["global_max_sequence_length"] = max(pack_length, case.seq_len) if packed else case.seq_len
     return for_raw_ludwig(config) if case.path == "raw" else config  # raw LocalBackend fails on backend.trainer
@@ -413,7 +422,7 @@ def worker_plain(case: Case, model_dir: Path, rows: list[dict[str, str]]) -> dic
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.to(device)
-    arch = SHAPES[case.shape]["arch"]
+    arch = case.family
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=LORA_TARGETS[arch]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -463,7 +472,7 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
 
     from ludwig_mt.patches import instrumentation, registry, speedups
 
-    loss_tokens = _recording_loss_tokens(speedups)
+    lean = _recording_lean_batches(speedups)
     registry.apply_all()  # the .pth auto-loader is not installed on the GPU machine's Python (same switches)
     registry.apply("record_step_losses")  # after the others: the outermost layer of Trainer.train_step
     cuda = torch.cuda.is_available()
@@ -513,25 +522,29 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     n = len(timer.times)
     return {"step_times": timer.times, "cycle_times": cycle_times(timer.starts), "phases": phases.steps,
-            "losses": losses[:n], "tokens_per_step": [case.batch * case.seq_len] * n,
-            "loss_tokens_per_step": loss_tokens[:n], **timer.peaks.result(), "memory_at_peak": timer.memory.result,
+            "losses": losses[:n],
+            "tokens_per_step": lean["tokens"][:n] if len(lean["tokens"]) >= n else [case.batch * case.seq_len] * n,
+            "loss_tokens_per_step": lean["loss_tokens"][:n], "rows_per_step": lean["rows"][:n], **timer.peaks.result(), "memory_at_peak": timer.memory.result,
             "param_dtypes": dtypes,
             "attn_implementation": attn,
             "config_trainer": config["trainer"], "profile": "\n".join(profile_table), "syncs": syncs}
 
 
-def _recording_loss_tokens(speedups) -> list[int]:
-    """Count, per lean training step, the positions the loss is taken on (``target_positions`` of the batch the
-    step built): the peers' benchmark checks that every path trains on as many tokens. Counted on the CPU."""
-    counts: list[int] = []
-    original = speedups.target_positions
+def _recording_lean_batches(speedups) -> dict[str, list[int]]:
+    """Count, per lean training step, the positions the loss is taken on, the real tokens (no padding) and the rows
+    of the batch the step built: the peers' benchmark checks that every path trains on as many tokens, and with rows
+    of unequal length the tokens per second count real tokens only. Read from shapes and CPU ints: no sync."""
+    counts: dict[str, list[int]] = {"loss_tokens": [], "tokens": [], "rows": []}
+    original = speedups.lean_training_batch
 
-    def counting(labels):
-        out = original(labels)
-        counts.append(int(out["target_index"].numel()))
+    def counting(llm, input_ids, target_ids):
+        out = original(llm, input_ids, target_ids)
+        counts["loss_tokens"].append(int(out["target_index"].numel()))
+        counts["tokens"].append(int(out["n_tokens"]))
+        counts["rows"].append(int(input_ids.shape[0]))
         return out
 
-    speedups.target_positions = counting
+    speedups.lean_training_batch = counting
     return counts
 
 
@@ -617,10 +630,15 @@ def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float
     times = raw["step_times"][case.warmup:]
     toks = raw["tokens_per_step"][case.warmup:]
     step = statistics.median(times) if times else float("nan")
-    tok_s = statistics.mean(toks) / step if times else float("nan")
     cycles = (raw.get("cycle_times") or [])[case.warmup:]
-    loop = {"cycle_s": statistics.median(cycles),
-            "loop_tokens_per_s": statistics.mean(toks) / statistics.median(cycles)} if cycles and toks else {}
+    if len(set(toks)) > 1:  # steps of unequal size (real rows): all tokens over all the time, not a median step
+        tok_s = sum(toks) / sum(times)
+        loop = {"cycle_s": statistics.median(cycles),
+                "loop_tokens_per_s": sum(toks[:len(cycles)]) / sum(cycles)} if cycles else {}
+    else:
+        tok_s = statistics.mean(toks) / step if times else float("nan")
+        loop = {"cycle_s": statistics.median(cycles),
+                "loop_tokens_per_s": statistics.mean(toks) / statistics.median(cycles)} if cycles and toks else {}
     if raw.get("phases"):
         loop["phases_ms"] = median_phases_ms(raw["phases"][case.warmup:])
     return {"case": asdict(case), "step_s": step, "tokens_per_s": tok_s, **loop, "peak_gib": raw.get("peak_gib"),

@@ -120,6 +120,10 @@ PATCHES: tuple[Patch, ...] = (
              (f"{TRAINER}._forward_pass", f"{LLM}.forward", f"{LLM}.train_loss", f"{TRAINER}._update_training_metrics"),
              "training computes the LM head and loss on response tokens only (same loss), and packs correctly",
              speedups.patch_target_only_logits, ("ludwig", "transformers", "torch")),
+    _speedup("pack_training_rows", (f"{LLM}.forward",),
+             "Ludwig pads each batch to its longest row: rows packed into sequences of the global maximum length "
+             "(position ids restart per row; same loss)",
+             speedups.patch_pack_training_rows, ("ludwig", "transformers")),
     _speedup("sampled_train_metrics", (f"{TRAINER}._update_training_metrics",),
              "training-set metrics over the full logits after every step: on one step in 8",
              speedups.patch_sampled_train_metrics, ("ludwig",)),
@@ -139,7 +143,7 @@ PATCHES: tuple[Patch, ...] = (
              speedups.patch_one_sync_optimizer_step, ("bitsandbytes", "torch")),
     _speedup("offload_checkpoints", (speedups.CHECKPOINTING_ENABLE,),
              "gradient checkpointing keeps every layer's input on the GPU: in pinned host memory, copied on a side "
-             "stream (opt-in: memory for speed)",
+             "stream (0.77 GiB less for the 1B shape at 1 % of its speed)",
              speedups.patch_offload_checkpoints, ("transformers", "torch")),
     # -------------------------------------------------------- instrumentation and drills (instrumentation.py)
     Patch("write_training_progress",

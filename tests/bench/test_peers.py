@@ -101,21 +101,65 @@ def test_merge_keeps_each_cases_latest_row_and_rechecks(tmp_path: Path) -> None:
     assert merged[0]["run"] == "b.json" and merged[1]["project_over_this_tokens_per_s"] == 2.5
 
 
-def test_the_project_counts_the_loss_tokens_of_the_batches_it_builds() -> None:
+def test_the_project_counts_loss_tokens_real_tokens_and_rows_of_the_batches_it_builds() -> None:
     import torch
 
     from ludwig_mt.patches import speedups
-    from train_speed import _recording_loss_tokens
+    from train_speed import _recording_lean_batches
 
-    original = speedups.target_positions
+    original = speedups.lean_training_batch
     try:
-        counts = _recording_loss_tokens(speedups)
-        labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
-        speedups.target_positions(labels)
-        speedups.target_positions(labels[:1])
-        assert counts == [5, 3]  # the labels a position predicts (shifted by one): 5, 6, 7 and 8, 9
+        speedups.lean_training_batch = lambda llm, input_ids, target_ids: {
+            "target_index": torch.arange(int(target_ids.sum())), "n_tokens": int(input_ids.sum())}
+        counts = _recording_lean_batches(speedups)
+        speedups.lean_training_batch(None, torch.ones(4, 3, dtype=torch.long), torch.ones(4, 2, dtype=torch.long))
+        speedups.lean_training_batch(None, torch.ones(2, 5, dtype=torch.long), torch.ones(2, 1, dtype=torch.long))
+        assert counts == {"loss_tokens": [8, 2], "tokens": [12, 10], "rows": [4, 2]}
     finally:
-        speedups.target_positions = original
+        speedups.lean_training_batch = original
+
+
+def test_loss_curves_agree_window_by_window_and_a_drift_fails() -> None:
+    reference = [3.0 - 0.02 * i for i in range(50)]
+    same = [x * (1 + (0.01 if i % 2 else -0.01)) for i, x in enumerate(reference)]  # step noise, windows agree
+    check = peers.loss_curve_check(reference, same)
+    assert check["ok"] and [w["steps"] for w in check["windows"]] == [[0, 16], [16, 32], [32, 50]]
+    drifting = reference[:32] + [x * 1.05 for x in reference[32:]]  # learns less in the last third
+    bad = peers.loss_curve_check(reference, drifting)
+    assert not bad["ok"] and abs(bad["windows"][-1]["rel_delta"] - 0.05) < 1e-9
+    assert not peers.loss_curve_check(reference[:10], reference[:10])["ok"]  # fewer steps than one window
+
+
+def test_real_rows_keep_only_rows_within_the_yamls_limits_in_order() -> None:
+    class Words:  # one token per word
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    rows = [{"prompt": "a " * 8, "response": "b " * 2}, {"prompt": "a " * 9, "response": "b"},
+            {"prompt": "a", "response": "b " * 3}, {"prompt": "a a", "response": "b b"}]
+    kept, lengths = peers.fitting_rows(rows, Words(), prompt_limit=10, response_limit=4)
+    assert kept == [rows[0], rows[3]] and lengths == [8 + 3, 2 + 3]  # prompt + 2 and response + EOS + 1 must fit
+    assert peers.real_packs_per_step(64, [300, 340], 2048) == 10 and peers.real_packs_per_step(2, [10], 2048) == 1
+
+
+def test_real_rows_are_checked_by_their_loss_curve_and_tokens_per_row() -> None:
+    real = {"task": "samsum", "arch": "llama", "real_rows": True}
+    cases = peers.plan("smollm2", ["qlora"], 64, 640, 128, 50, 4, ["project", "trl"], real=real)
+    assert all(c.real_rows and c.task == "samsum" and c.yaml["trainer"]["should_shuffle"] is False for c in cases)
+
+    def run(name, path, losses, tokens, rows):
+        return {**result(name, path, 1.0, 1.0, losses[0], [r * 20 for r in rows]), "losses": losses,
+                "tokens_per_step": tokens, "rows_per_step": rows,
+                "case": asdict(case(path, name, **real))}
+
+    project = run("qlora-project", "tuned", [2.0] * 50, [20_000] * 50, [64] * 50)
+    trl = run("qlora-trl", "trl", [2.01] * 50, [19_000] * 50, [61] * 50)
+    fewer = run("qlora-unsloth", "unsloth", [2.0] * 50, [18_000] * 50, [64] * 50)  # 10 % fewer tokens per row
+    peers.add_checks([project, trl, fewer])
+    assert trl["check"]["ok"] and trl["check"]["loss_curve"]["max_abs_rel_delta"] < 0.006
+    assert not fewer["check"]["ok"] and fewer["check"]["loss_curve"]["ok"]
+    text = peers.table([project, trl, fewer])
+    assert "Loss curves (real rows)" in text and "| qlora-trl | 2.0100 / 2.0000 (+0.5%) |" in text
 
 
 @pytest.mark.slow

@@ -234,6 +234,42 @@ def test_packing_puts_several_rows_in_one_row_of_the_model(llm) -> None:
     assert int((packed["labels"] != speedups.IGNORE).sum()) == 5 + 9 + 3 + 11 + 4  # responses + EOS
 
 
+@pytest.fixture
+def trainer_without_packing_key(llm):
+    """The trainer config as Ludwig's finetune trainer builds it: no ``packing`` attribute at all."""
+    trainer = llm.config_obj.trainer
+    saved = getattr(trainer, "packing", None)
+    if hasattr(trainer, "packing"):
+        delattr(trainer, "packing")
+    assert not hasattr(trainer, "packing")
+    yield llm
+    trainer.packing = saved if saved is not None else False
+
+
+@pytest.mark.parametrize("off", ["", "pack_training_rows"])
+def test_rows_are_packed_by_default_when_the_trainer_declares_no_packing(trainer_without_packing_key, monkeypatch,
+                                                                          off) -> None:
+    """``pack_training_rows``: a finetune trainer (no ``packing`` key) trains packed rows, the same loss as each
+    row alone; switched off, Ludwig's left-padded batch (4 rows as wide as the longest)."""
+    llm = trainer_without_packing_key
+    monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", off)
+    seen = []
+    original = speedups.lean_training_batch
+    monkeypatch.setattr(speedups, "lean_training_batch",
+                        lambda *args: seen.append(original(*args)) or seen[-1])
+    batch = ludwig_batch(llm.tokenizer, [12, 20, 7, 15], [5, 9, 3, 11])
+    llm._ludwig_mt_lean = True
+    try:
+        outputs = llm((batch[0], {k: v.clone() for k, v in batch[1].items()}))
+        loss, _ = llm.train_loss({k: v.clone() for k, v in batch[1].items()}, outputs)
+    finally:
+        llm._ludwig_mt_lean = False
+    (built,) = seen
+    assert built["input_ids"].shape[0] == (4 if off else 2)  # rows of 30, 27, 18, 11 tokens, packs of 64
+    assert ("position_ids" in built) == (not off)
+    assert abs(float(loss) - per_row_loss(llm, batch)) < TOLERANCE
+
+
 def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
     rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1), (torch.arange(30, 35), 2)]  # 6, 3, 5 tokens
     packed = speedups.pack_rows(rows, pack_length=9, pad_id=0)
