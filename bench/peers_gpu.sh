@@ -35,7 +35,7 @@ case "$PHASE" in
     ;;
   gguf)
     mkdir -p /tmp/gg && for d in .gg2 .gg3; do [ -d "$d" ] && cp "$d"/part* /tmp/gg/; done
-    [ -d .gg3/gguf ] && rm -rf /tmp/gguf-site && mkdir -p /tmp/gguf-site && cp -r .gg3/gguf /tmp/gguf-site/
+    [ -d .gg3/gguf ] && rm -rf /tmp/gguf-site && mkdir -p /tmp/gguf-site && cp -r .gg3/gguf .gg3/gguf-*.dist-info /tmp/gguf-site/
     ls -la /tmp/gg
     if [ -f /tmp/gg/part00 ] && [ -f /tmp/gg/part01 ] && [ -f /tmp/gg/part02 ]; then
       cat /tmp/gg/part00 /tmp/gg/part01 /tmp/gg/part02 > /tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf

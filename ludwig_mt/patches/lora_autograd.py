@@ -97,14 +97,36 @@ def dense_absmax(state: Any) -> torch.Tensor:
     return cached[1]
 
 
+#: optimizer steps taken in this process (any ``torch.optim.Optimizer``: :func:`_count_optimizer_steps`)
+_OPTIMIZER_STEPS = [0]
+
+
+@functools.cache
+def _count_optimizer_steps() -> None:
+    """Count every optimizer step of the process (torch's global step hook runs for every ``Optimizer`` subclass,
+    bitsandbytes' included): the cast cache below must renew after each, and the version counter alone does not
+    say so: bitsandbytes' update kernels (``torch.ops.bitsandbytes.optimizer_update_32bit`` / ``_8bit_blockwise``)
+    write the weights in place without bumping it, nor does DeepSpeed's ``param.data.copy_``."""
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def count(optimizer, args, kwargs) -> None:
+        _OPTIMIZER_STEPS[0] += 1
+
+    register_optimizer_step_post_hook(count)
+
+
 def adapter_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` (an fp32 LoRA matrix) in ``dtype``, cast once per update instead of once per call: the forward,
-    gradient checkpointing's recompute of it and the backward share the copy. The copy is keyed by the weight's
-    version counter (every in-place update, the optimizer's included, bumps it) and its storage (``.data = ...``
-    replaces it), so it is never stale."""
+    gradient checkpointing's recompute of it and the backward share the copy. The copy is keyed by the number of
+    optimizer steps taken (bitsandbytes' optimizers update in place without bumping the version counter: with the
+    counter alone the YAMLs' ``paged_adam`` trained nothing after its first step, the bf16 copy of the initial
+    weights being reused), the weight's version counter (other in-place writes) and its storage (``.data = ...``),
+    so it is never stale."""
     if weight.dtype == dtype:
         return weight
-    key = (weight._version, weight.data_ptr(), dtype)
+    _count_optimizer_steps()
+    key = (_OPTIMIZER_STEPS[0], weight._version, weight.data_ptr(), dtype)
     cached = getattr(weight, "_ludwig_mt_cast", None)
     if cached is None or cached[0] != key:
         cached = (key, weight.detach().to(dtype))

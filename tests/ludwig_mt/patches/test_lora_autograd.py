@@ -298,6 +298,33 @@ def test_adapter_weight_is_cast_once_per_update_and_never_stale() -> None:
     assert torch.equal(lora_autograd.adapter_weight(weight, torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "Adam8bit", "PagedAdam"])
+def test_layers_learn_under_bitsandbytes_optimizers_that_update_without_bumping_the_version(optimizer: str,
+                                                                                          monkeypatch) -> None:
+    """The YAMLs' ``paged_adam`` (bitsandbytes) writes the LoRA weights in place without bumping their version
+    counter: the layer's bf16 copy must still follow every step, so the forward after a step is peft's on the
+    updated weights (on the CPU, paged means plain memory)."""
+    import bitsandbytes as bnb
+
+    layer = one_layer(dropout=0.0)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = getattr(bnb.optim, optimizer)(params, lr=0.05)
+    x = torch.randn(6, 32)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lean = layer(x)
+        versions = [p._version for p in params]
+        lean.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert [p._version for p in params] == versions  # the premise: bitsandbytes leaves the counters as they were
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean = layer(x)
+        monkeypatch.setenv("LUDWIG_MT_SPEEDUPS_OFF", "lean_lora_forward")
+        peft_forward = layer(x)
+    torch.testing.assert_close(lean, peft_forward, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------------ fused_lora_mlp
 def test_fused_mlp_gives_peft_loss_and_gradients_exactly_in_fp32(tiny_model: Path, monkeypatch) -> None:
     model = lora_model(tiny_model)
