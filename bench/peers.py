@@ -475,7 +475,7 @@ def model_family(model_dir: Path) -> str:
 
 
 def real_dataset(path: Path, tokenizer, limits: list[int], needed: int, work: Path) -> tuple[Path, dict[str, Any]]:
-    """The first ``needed`` training rows of a prepared CSV that fit ``limits`` (+2 validation rows), written for
+    """The first ``needed`` training rows of a prepared CSV that fit ``limits`` (+8 validation rows), written for
     every path; what was kept and dropped, and the rows' token counts."""
     import pandas as pd
 
@@ -484,14 +484,15 @@ def real_dataset(path: Path, tokenizer, limits: list[int], needed: int, work: Pa
         frame = frame[frame["split"] == 0]
     rows = frame[["prompt", "response"]].astype(str).to_dict("records")
     kept, lengths = fitting_rows(rows, tokenizer, *limits)
-    if len(kept) < needed + 2:
-        raise SystemExit(f"error: {path}: {len(kept)} rows fit the limits {limits}, {needed + 2} needed "
+    n_val = 8  # with fewer than 3 Ludwig skips validation, and then its end-of-training report can crash
+    if len(kept) < needed + n_val:
+        raise SystemExit(f"error: {path}: {len(kept)} rows fit the limits {limits}, {needed + n_val} needed "
                          "(fewer --steps or --rows, or another task)")
-    examined = rows.index(kept[needed + 1]) + 1
-    out = ts.write_dataset(kept[:needed + 2], work / "data.csv", n_val=2)
+    examined = rows.index(kept[needed + n_val - 1]) + 1
+    out = ts.write_dataset(kept[:needed + n_val], work / "data.csv", n_val=n_val)
     lengths = lengths[:needed]
     return out, {"data": str(path), "rows": needed, "rows_examined": examined,
-                 "rows_dropped_over_limits": examined - needed - 2, "limits": limits,
+                 "rows_dropped_over_limits": examined - needed - n_val, "limits": limits,
                  "row_tokens_mean": sum(lengths) / needed, "row_tokens_min": min(lengths),
                  "row_tokens_max": max(lengths), "row_tokens": lengths}
 
