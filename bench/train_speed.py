@@ -685,9 +685,21 @@ def launch(case: Case, model_dir: Path, dataset: Path, work: Path, timeout: int,
             rc = "timeout"
     wall = time.perf_counter() - t0
     if rc != 0 or not result.exists():
-        tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
-        return {"name": name, "case": asdict(case), "error": f"exit {rc}: {' | '.join(tail)}", "wall_s": wall}
+        return {"name": name, "case": asdict(case), "error": f"exit {rc}: {failure_cause(work / f'{name}.log')}",
+                "wall_s": wall}
     return {"name": name, "raw": json.loads(result.read_text()), "wall_s": wall}
+
+
+#: lines a failed case's log may hold that say more than its last lines (Ludwig stops on NaN, then its
+#: end-of-training report fails on the missing validation metrics: the traceback's tail hides the cause)
+FAILURE_CAUSES = ("NaN or inf tensors found in the model", "CUDA out of memory", "OutOfMemoryError")
+
+
+def failure_cause(log: Path) -> str:
+    """The first line of ``log`` naming a known cause (:data:`FAILURE_CAUSES`), then its last three lines."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    cause = next((line.strip() for line in lines if any(c in line for c in FAILURE_CAUSES)), None)
+    return " | ".join(([cause] if cause else []) + lines[-3:])
 
 
 def add_comparisons(results: list[dict[str, Any]]) -> None:

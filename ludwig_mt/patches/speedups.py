@@ -102,11 +102,16 @@ What Ludwig does without them, and why each change is safe:
     Ludwig merges each batch's rows into one left-padded tensor as wide as its longest row: on real data, where a
     64-row batch of samsum dialogues spans 80 to 700 tokens, most of each step's tokens can be padding that the
     GPU computes and the benchmark's peers (TRL, unsloth: ``padding_free`` packing) do not. On lean steps we pack
-    whole rows (prompt + response + EOS) first-fit into rows of at most ``preprocessing.global_max_sequence_length``
-    tokens, restart ``position_ids`` at 0 for each row and pass no attention mask, so transformers builds the
+    whole rows (prompt + response + EOS) first-fit-decreasing into packs as wide as the batch's longest row,
+    restart ``position_ids`` at 0 for each row and pass no attention mask, so transformers builds the
     block-diagonal causal mask itself (its packed-sequence support): rows never attend to each other, and the loss is
-    the same mean over the same response tokens (test: the packed loss equals each row's own loss). Models without
-    ``position_ids`` (ALiBi models such as Bloom) stay unpacked (logged once). Ludwig 0.17.10's own
+    the same mean over the same response tokens (test: the packed loss equals each row's own loss). Packs no wider
+    than the longest row never hold more tokens or attention than Ludwig's batch: rows of equal length give exactly
+    its shape (pure causal attention; 2,048-token packs cost 23-25 % there on the H200, attention with a mask over
+    every pack), samsum's dialogues on SmolLM2 (47-680 tokens, mean 206) fill about 3 rows a pack. Without left
+    padding no query row is fully masked either: unpacked, SmolLM2 on samsum stopped at NaN on the GPU (twice),
+    packed it trained (``bench/NOTES-speed.md``). Models without ``position_ids`` (ALiBi models such as Bloom) stay
+    unpacked (logged once). Ludwig 0.17.10's own
     ``trainer.packing`` key exists only on its zero-shot trainer (the finetune trainer drops it unread); where a
     trainer does declare it, its value decides. Ludwig's own packed forward would crash on this stack (3-D mask;
     the correctness fix in :mod:`ludwig_mt.patches.fixes` runs every step off the lean path unpacked).
@@ -473,9 +478,8 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids) -> dict[str, Any]:
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
     if packing_wanted(llm):
         if packing_supported(llm.model):
-            pad = pad_token_id(llm.tokenizer)
-            longest = max(ids.shape[0] for ids, _ in rows)
-            return {**pack_rows(rows, max(max_length or 0, longest), pad), "n_tokens": n_tokens}
+            longest = max(ids.shape[0] for ids, _ in rows)  # packs as wide as the longest row: see the docstring
+            return {**pack_rows(rows, longest, pad_token_id(llm.tokenizer)), "n_tokens": n_tokens}
         _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")
     merged, mask = left_pad_rows([ids for ids, _ in rows], pad_token_id(llm.tokenizer))
     return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),

@@ -156,3 +156,14 @@ def test_loop_time_runs_from_step_start_to_step_start() -> None:
            "losses": [1.0]}
     out = summarize(case, raw, n_params=1, peak_tflops=1.0)
     assert out["tokens_per_s"] == pytest.approx(1000) and out["loop_tokens_per_s"] == pytest.approx(500)
+
+
+def test_a_failed_case_says_ludwigs_nan_stop_before_the_traceback_it_caused(tmp_path: Path) -> None:
+    from train_speed import failure_cause
+
+    log = tmp_path / "case.log"
+    log.write_text("loading\nNaN or inf tensors found in the model. Stopping training.\nTraceback\n  best_function(\n"
+                   "ValueError: min() iterable argument is empty\n")
+    assert failure_cause(log).startswith("NaN or inf tensors found in the model. Stopping training. | Traceback")
+    log.write_text("a\nb\nc\nd\n")
+    assert failure_cause(log) == "b | c | d"

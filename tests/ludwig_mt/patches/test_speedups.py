@@ -230,7 +230,7 @@ def test_packing_puts_several_rows_in_one_row_of_the_model(llm) -> None:
         packed = speedups.lean_training_batch(llm, inputs["prompt"], targets["response"])
     finally:
         llm.config_obj.trainer.packing = False
-    assert packed["input_ids"].shape[0] == 2  # rows of 30, 27, 18, 11 tokens into packs of at most 64
+    assert packed["input_ids"].shape == (3, 30)  # rows of 30, 27, 18, 11 tokens: packs as wide as the longest
     assert int((packed["labels"] != speedups.IGNORE).sum()) == 5 + 9 + 3 + 11 + 4  # responses + EOS
 
 
@@ -265,7 +265,7 @@ def test_rows_are_packed_by_default_when_the_trainer_declares_no_packing(trainer
     finally:
         llm._ludwig_mt_lean = False
     (built,) = seen
-    assert built["input_ids"].shape[0] == (4 if off else 2)  # rows of 30, 27, 18, 11 tokens, packs of 64
+    assert built["input_ids"].shape == ((4, 30) if off else (3, 30))  # rows of 30, 27, 18, 11 tokens: 18 + 11
     assert ("position_ids" in built) == (not off)
     assert abs(float(loss) - per_row_loss(llm, batch)) < TOLERANCE
 
