@@ -36,6 +36,9 @@ real tokens (no padding) over all timed steps.
 speed-up switched off) to the same run, checked and compared like a peer.
 
 Run (GPU): bash bench/peers_gpu.sh install, then at once bash bench/peers_gpu.sh run [ARGS] (its header: the carries)
+Real rows as run 13 (after install and the two ``gguf`` calls): bash bench/peers_gpu.sh run --data
+    .bench-data/samsum-5k.csv --task samsum --model /tmp/models/smollm2-135m --modes qlora --project-variants no-pack
+    --skip fast --steps 50 --warmup 4   (the CSV: the first 5,000 training rows of ``./run.sh prep samsum``'s train.csv)
 Run (CPU smoke test of the project path; TRL 1.15 and unsloth need CUDA, their rows say so):
     python bench/peers.py --smoke --out /tmp/peers
 """
