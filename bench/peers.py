@@ -491,7 +491,8 @@ def real_dataset(path: Path, tokenizer, limits: list[int], needed: int, work: Pa
     if len(kept) < needed + n_val:
         raise SystemExit(f"error: {path}: {len(kept)} rows fit the limits {limits}, {needed + n_val} needed "
                          "(fewer --steps or --rows, or another task)")
-    examined = rows.index(kept[needed + n_val - 1]) + 1
+    last = kept[needed + n_val - 1]
+    examined = next(i for i, row in enumerate(rows) if row is last) + 1  # identity: equal rows may repeat
     out = ts.write_dataset(kept[:needed + n_val], work / "data.csv", n_val=n_val)
     lengths = lengths[:needed]
     return out, {"data": str(path), "rows": needed, "rows_examined": examined,
@@ -591,7 +592,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "peers.json").write_text(json.dumps(
             {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
              "matmul_tflops": peak, "matmul_params": n_params, "shape": args.shape, "rows_per_step": rows,
-             "pack_length": pack_length(), "real_rows": real_rows, "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 "
+             "pack_length": pack_length(), "real_rows": real_rows,
+             "mfu_definition": "4 * N_matmul_params * tokens_per_s / measured bf16 "
              "matmul FLOP/s", "versions": versions(), "results": results}, indent=1))
         (args.out / "peers.md").write_text(table(results) + "\n")
     print(table(results))

@@ -524,7 +524,8 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     return {"step_times": timer.times, "cycle_times": cycle_times(timer.starts), "phases": phases.steps,
             "losses": losses[:n],
             "tokens_per_step": lean["tokens"][:n] if len(lean["tokens"]) >= n else [case.batch * case.seq_len] * n,
-            "loss_tokens_per_step": lean["loss_tokens"][:n], "rows_per_step": lean["rows"][:n], **timer.peaks.result(), "memory_at_peak": timer.memory.result,
+            "loss_tokens_per_step": lean["loss_tokens"][:n], "rows_per_step": lean["rows"][:n],
+            **timer.peaks.result(), "memory_at_peak": timer.memory.result,
             "param_dtypes": dtypes,
             "attn_implementation": attn,
             "config_trainer": config["trainer"], "profile": "\n".join(profile_table), "syncs": syncs}
