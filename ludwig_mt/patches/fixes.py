@@ -66,6 +66,13 @@ Known problems (one line each in the registry's table: README, section "Ludwig 0
     pad_token_id``, so wherever the pad token is not id 0 (SmolLM2: pad = EOS = 2, Qwen2.5: 151643, the tiny test
     Llama) the padding is attended, and a real token equal to the pad token (an EOS inside a row) is masked. We pad
     with the pad token and mask by position: every real token attended, the padding never.
+14. A run that diverges (NaN or inf in the weights, found at a checkpoint) before its first evaluation fails late
+    and hides why: with ``skip_save_model`` Ludwig returns and ``LudwigModel.train`` dies in its training report
+    (``ValueError: min() iterable argument is empty``, the bench's SmolLM2 runs), otherwise rank 0 alone raises.
+    And the NaN check answers on local rank 0 only, so on several GPUs the other ranks never stop (a hang). The
+    check's answer is now shared by every rank, and a NaN stop before any evaluation raises one line on every
+    rank, naming the step and the fix. A NaN after an evaluation keeps Ludwig's behaviour: stop, keep the best
+    model.
 """
 
 from __future__ import annotations
@@ -795,3 +802,56 @@ def pad_merged_rows_with_the_pad_token() -> None:
     # ``LLM.forward`` calls the name that ``ludwig.models.llm`` imported; other callers look it up in llm_utils
     rebind("ludwig.utils.llm_utils:generate_merged_ids", padding)
     rebind("ludwig.models.llm:generate_merged_ids", padding)
+
+
+# ------------------------------------------------------------------------ NaN stops: every rank, one clear error
+
+
+def on_any_rank(distributed: Any, found: bool, device: Any) -> bool:
+    """True on every rank when ``found`` is True on any (one all-reduce): Ludwig's NaN check answers on local
+    rank 0 only (None elsewhere), so the other ranks train on alone and wait for rank 0 forever."""
+    import torch
+
+    count = torch.tensor(int(found), device=device)
+    distributed.allreduce(count)
+    return bool(count.item() > 0)
+
+
+def evaluated(progress_tracker: Any) -> bool:
+    """Whether any evaluation has run: Ludwig appends training (and validation) metrics only when it evaluates, so
+    a run without them has no best model to keep."""
+    logs = (progress_tracker.train_metrics, progress_tracker.validation_metrics)
+    return any(values for log in logs for by_metric in log.values() for values in by_metric.values())
+
+
+def diverged_message(save_path: str, steps: int, learning_rate: Any) -> str:
+    return (f"{save_path}: training diverged: NaN or inf in the model's weights at step {steps} (its first "
+            f"checkpoint), before any evaluation, so there is no model to keep. Fix: lower trainer.learning_rate "
+            f"({learning_rate}) or keep trainer.gradient_clipping on; on a GPU keep the project's packing on "
+            "(left-padded rows can make SDPA return NaN)")
+
+
+def stop_on_nan_on_every_rank_with_its_cause() -> None:
+    """Make Ludwig's NaN stop agree on every rank and, before any evaluation, raise one clear error (item 14)."""
+
+    def agreeing(original):
+        @functools.wraps(original)
+        def _has_nan_or_inf_weights(self, model):
+            return on_any_rank(self.distributed, bool(original(self, model)), self.device)
+
+        return _has_nan_or_inf_weights
+
+    def raising(original):
+        @functools.wraps(original)
+        def _eval_and_checkpoint(self, *args, **kwargs):
+            should_break, has_nan_or_inf = original(self, *args, **kwargs)
+            tracker = kwargs["progress_tracker"]  # Ludwig passes every argument by name
+            if has_nan_or_inf and not evaluated(tracker):
+                raise WorkflowError(diverged_message(kwargs["save_path"], tracker.steps,
+                                                     getattr(self.config, "learning_rate", None)))
+            return should_break, has_nan_or_inf
+
+        return _eval_and_checkpoint
+
+    rebind("ludwig.trainers.trainer:Trainer._has_nan_or_inf_weights", agreeing)
+    rebind("ludwig.trainers.trainer:Trainer._eval_and_checkpoint", raising)

@@ -98,6 +98,11 @@ PATCHES: tuple[Patch, ...] = (
          "training rows attend to their id-0 left padding when the pad token is not id 0 (SmolLM2, Qwen): padded "
          "with the pad token, masked by position",
          fixes.pad_merged_rows_with_the_pad_token, ("ludwig", "torch")),
+    _fix("stop_on_nan_on_every_rank_with_its_cause",
+         (f"{TRAINER}._has_nan_or_inf_weights", f"{TRAINER}._eval_and_checkpoint"),
+         "a run that diverges before its first evaluation dies in the training report (`min() iterable argument is "
+         "empty`) or on rank 0 alone: every rank stops together, with one line naming the step and the fix",
+         fixes.stop_on_nan_on_every_rank_with_its_cause, ("ludwig", "torch")),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"

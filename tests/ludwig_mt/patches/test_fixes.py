@@ -764,3 +764,98 @@ def test_padding_and_packing_of_merged_rows_are_the_per_row_ones() -> None:
         reference = per_row_pack_rows(rows, pack_length, tokenizer.pad_token_id)
         assert packed.keys() == reference.keys()
         assert_same_tensors(packed.values(), reference.values())
+
+
+# ---------------------------------------------------------------------------- stop_on_nan_on_every_rank_with_its_cause
+
+
+class OtherRankFoundNaN:
+    """Ludwig's distributed strategy as seen from local rank 1 when rank 0 found NaN: every all-reduce adds 1."""
+
+    def __init__(self, others: int) -> None:
+        self.others = others
+
+    def local_rank(self) -> int:
+        return 1
+
+    def allreduce(self, tensor: torch.Tensor) -> None:
+        tensor += self.others
+
+
+def trainer_stub(**fields):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device="cpu", config=SimpleNamespace(learning_rate=3e-4), dist_model=None, **fields)
+
+
+@pytest.mark.parametrize("others", [0, 1])
+def test_the_nan_check_gives_every_rank_the_same_answer(others: int) -> None:
+    """Raw Ludwig answers on local rank 0 only (None on rank 1: it trains on while rank 0 stops, and waits)."""
+    import ludwig.api  # noqa: F401  (applies the patches)
+    from ludwig.trainers.trainer import Trainer
+
+    stub = trainer_stub(distributed=OtherRankFoundNaN(others))
+    assert Trainer._has_nan_or_inf_weights(stub, torch.nn.Linear(2, 2)) is bool(others)
+
+
+def eval_and_checkpoint_kwargs(tracker) -> dict:
+    names = ("loss", "all_losses", "training_set", "validation_set", "test_set", "train_summary_writer",
+             "validation_summary_writer", "test_summary_writer", "model_hyperparameters_path", "output_features",
+             "metrics_names", "early_stopping_steps", "checkpoint_manager")
+    return {**dict.fromkeys(names), "progress_tracker": tracker, "save_path": "results/run/model"}
+
+
+def test_a_nan_stop_before_any_evaluation_raises_one_line_and_after_one_keeps_ludwigs_stop() -> None:
+    import ludwig.api  # noqa: F401  (applies the patches)
+    from types import SimpleNamespace
+
+    from ludwig.trainers.trainer import Trainer
+
+    stub = trainer_stub(_has_nan_or_inf_weights=lambda model: True)
+    fresh = SimpleNamespace(steps=8, train_metrics={"combined": {"loss": []}}, validation_metrics={})
+    with pytest.raises(WorkflowError, match=r"^results/run/model: training diverged: .* at step 8 .*learning_rate "
+                       r"\(0.0003\)"):
+        Trainer._eval_and_checkpoint(stub, **eval_and_checkpoint_kwargs(fresh))
+    evaluated = SimpleNamespace(steps=16, train_metrics={"combined": {"loss": [(0, 8, 2.5)]}}, validation_metrics={})
+    assert Trainer._eval_and_checkpoint(stub, **eval_and_checkpoint_kwargs(evaluated)) == (False, True)
+
+
+DIVERGING_TRAINING = textwrap.dedent(
+    """
+    import logging, sys
+    from pathlib import Path
+    import pandas as pd
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from ludwig.api import LudwigModel
+    from ludwig_mt.errors import WorkflowError
+    from workflow.samples import sql_rows
+    from ludwig_mt.tiny_model import build_tiny_llama
+    work = Path(sys.argv[1])
+    build_tiny_llama(work / "base")
+    register_optimizer_step_post_hook(  # the run diverges at its first step
+        lambda optimizer, args, kwargs: optimizer.param_groups[0]["params"][0].data.fill_(float("nan")))
+    rows = pd.DataFrame(sql_rows(24))
+    frame = pd.DataFrame({"prompt": rows["question"], "response": rows["answer"], "split": [0] * 20 + [1] * 4})
+    config = {"model_type": "llm", "base_model": str(work / "base"),
+              "input_features": [{"name": "prompt", "type": "text"}],
+              "output_features": [{"name": "response", "type": "text"}],
+              "adapter": {"type": "lora"}, "generation": {"max_new_tokens": 4},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 4, "steps_per_checkpoint": 2},
+              "preprocessing": {"split": {"type": "fixed", "column": "split"}}}
+    try:  # skip_save_model, as the benchmarks train
+        LudwigModel(config, logging_level=logging.WARNING).train(
+            dataset=frame, output_directory=str(work / "results"), skip_save_processed_input=True,
+            skip_save_model=True, skip_save_log=True)
+    except WorkflowError as error:
+        print("ERROR", error)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_before_evaluating_says_so_not_min_of_an_empty_iterable(tmp_path) -> None:
+    run = run_python_script(DIVERGING_TRAINING, tmp_path, fixes=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [line] = [x for x in run.stdout.splitlines() if x.startswith("ERROR ")]
+    assert "training diverged: NaN or inf in the model's weights at step 2" in line
+    assert "min() iterable argument is empty" not in run.stderr
