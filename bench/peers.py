@@ -555,6 +555,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="sql", help="the task YAML (ludwig_configs/<task>.yaml) the project trains with")
     p.add_argument("--model", type=Path, default=None, help="a real model folder instead of --shape's random "
                    "weights (its name replaces the shape's in the results)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="random weights of --shape with this model folder's "
+                   "tokenizer (real rows at the shape's cost, e.g. the 1B shape with SmolLM2's tokenizer)")
     ts.add_worker_arguments(p, "peers.json")
     args = p.parse_args(argv)
     if args.worker or args.merge:  # a case's process, or only merging earlier runs
@@ -576,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = ts.matmul_tflops(device)
     yaml = ts.task_yaml(args.task)
     rows = args.rows or int(yaml["trainer"]["batch_size"])
-    model_dir = args.model or ts.build_model_dir(args.shape, work)
+    model_dir = args.model or ts.build_model_dir(args.shape, work, args.tokenizer)
     tok = AutoTokenizer.from_pretrained(model_dir)
     real_rows: dict[str, Any] = {}
     if args.data:

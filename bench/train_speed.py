@@ -104,19 +104,24 @@ class Case:
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-def build_model_dir(shape: str, out: Path) -> Path:
-    """Random-weight model of ``shape`` saved in bf16 with the tiny byte-level tokenizer (ids < 512 < vocab)."""
+def build_model_dir(shape: str, out: Path, tokenizer: Path | None = None) -> Path:
+    """Random-weight model of ``shape`` saved in bf16 with the tiny byte-level tokenizer (ids < 512 < vocab), or
+    with a real model's ``tokenizer`` (its ids within the shape's vocabulary): real text then tokenizes as that
+    model's does, at the shape's cost."""
     import torch
-    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from ludwig_mt.tiny_model import build_tokenizer
 
-    path = out / f"model-{shape}"
+    path = out / (f"model-{shape}" if tokenizer is None else f"model-{shape}-{tokenizer.name}-tokenizer")
     if (path / "config.json").exists():
         return path
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
-    tok = build_tokenizer()
+    tok = build_tokenizer() if tokenizer is None else AutoTokenizer.from_pretrained(tokenizer)
+    if len(tok) > spec["vocab_size"]:
+        raise SystemExit(f"error: {tokenizer}: {len(tok)} tokens do not fit {shape}'s vocabulary of "
+                         f"{spec['vocab_size']} (fix: a smaller tokenizer or another shape)")
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = LlamaConfig(**spec, **ids) if arch == "llama" else BloomConfig(**spec, **ids)
     cls = LlamaForCausalLM if arch == "llama" else BloomForCausalLM

@@ -167,3 +167,26 @@ def test_a_failed_case_says_ludwigs_nan_stop_before_the_traceback_it_caused(tmp_
     assert failure_cause(log).startswith("NaN or inf tensors found in the model. Stopping training. | Traceback")
     log.write_text("a\nb\nc\nd\n")
     assert failure_cause(log) == "b | c | d"
+
+
+def test_a_random_shape_takes_a_real_models_tokenizer_that_fits_its_vocabulary(tmp_path: Path) -> None:
+    """Real rows at the 1B shape's cost (``bench/peers.py --tokenizer``): the model's ids are the tokenizer's; a
+    tokenizer larger than the shape's vocabulary is refused with one line."""
+    from train_speed import SHAPES, build_model_dir
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ludwig_mt.tiny_model import build_tokenizer
+
+    real = tmp_path / "real-tok"
+    build_tokenizer(vocab_size=300).save_pretrained(real)
+    model = build_model_dir("tiny-llama", tmp_path, real)
+    tok, config = AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
+    assert model.name == "model-tiny-llama-real-tok-tokenizer" and len(tok) == len(AutoTokenizer.from_pretrained(real))
+    assert (config.eos_token_id, config.pad_token_id, config.vocab_size) == (
+        tok.eos_token_id, tok.pad_token_id, SHAPES["tiny-llama"]["vocab_size"])
+    big = tmp_path / "big-tok"
+    wide = build_tokenizer()
+    wide.add_tokens([f"word{i}" for i in range(SHAPES["tiny-llama"]["vocab_size"])])
+    wide.save_pretrained(big)
+    with pytest.raises(SystemExit, match="do not fit tiny-llama's vocabulary of 1024"):
+        build_model_dir("tiny-llama", tmp_path, big)
