@@ -352,6 +352,8 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "no-fused-mlp": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "fused_lora_mlp"}),
     "no-offload": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "offload_checkpoints"}),
     "no-pack": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "pack_training_rows"}),  # Ludwig's left-padded batches
+    "pack-2048": ({}, {"LUDWIG_MT_PACK_LENGTH": "2048"}),  # packs of 2,048 tokens (the peers' length)
+    "pack-pow2": ({}, {"LUDWIG_MT_PACK_LENGTH": "pow2"}),  # the longest row rounded up to a power of two
 }
 
 

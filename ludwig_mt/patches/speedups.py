@@ -125,6 +125,7 @@ import logging
 import os
 from typing import Any
 
+from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches.model_loading import add_load_rule
 from ludwig_mt.patches.core import rebind
 from ludwig_mt.patches.fixes import left_pad_rows, merged_rows, pad_token_id
@@ -348,12 +349,12 @@ def padded_labels(rows: list[tuple[Any, int]], width: int):
     return labels
 
 
-def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int) -> dict[str, Any]:
+def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to: int = 0) -> dict[str, Any]:
     """First-fit-decreasing packing of whole rows into packs of at most ``pack_length`` tokens.
 
     Returns ``input_ids``, ``position_ids`` (restarting at 0 for every row, and for the tail padding, which thus
     forms its own segment that no real token attends to) and ``labels`` (-100 on prompts and padding), all of
-    shape ``[packs, longest pack]``. The packing is decided on Python ints, the tensors filled by whole-batch ops
+    shape ``[packs, longest pack]`` (at least ``pad_to`` wide: fewer distinct shapes for the GPU's kernels). The packing is decided on Python ints, the tensors filled by whole-batch ops
     (this runs on the CPU every training step).
     """
     import torch
@@ -376,7 +377,7 @@ def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int) -> dic
     total = seqs.shape[0]
     row_pos = torch.arange(total, device=device) - torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
     is_label = row_pos >= torch.repeat_interleave(n_prompt, n, output_size=total)
-    cols = torch.arange(max(used), device=device)
+    cols = torch.arange(max(*used, pad_to), device=device)
     pos = cols - torch.tensor(used, dtype=torch.long, device=device)[:, None]  # the tail padding's own positions
     filled = pos < 0
     pos[filled] = row_pos
@@ -450,6 +451,25 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
+#: tokens per pack of ``pack_training_rows``: unset, the batch's longest row; ``pow2``, that rounded up to a power of
+#: two (fewer distinct shapes); a number, packs that long (the benchmark's comparisons)
+ENV_PACK_LENGTH = "LUDWIG_MT_PACK_LENGTH"
+
+
+def pack_length(lengths: list[int], setting: str) -> int:
+    """The pack length for rows of ``lengths`` under :data:`ENV_PACK_LENGTH`'s ``setting``; a bad value is one
+    line naming the variable."""
+    longest = max(lengths)
+    if not setting.strip():
+        return longest
+    if setting.strip() == "pow2":
+        return 1 << (longest - 1).bit_length()
+    if setting.strip().isdigit() and int(setting) > 0:
+        return int(setting)
+    raise WorkflowError(f"{ENV_PACK_LENGTH}={setting!r}: not a pack length. Fix: leave it unset (the batch's longest "
+                        "row), pow2, or a positive number of tokens")
+
+
 def packing_wanted(llm) -> bool:
     """A trainer that declares ``packing`` (Ludwig's zero-shot one; tests) decides; else ``pack_training_rows``
     (its patch marks the model for the call, :func:`patch_pack_training_rows`)."""
@@ -478,8 +498,10 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids) -> dict[str, Any]:
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
     if packing_wanted(llm):
         if packing_supported(llm.model):
-            longest = max(ids.shape[0] for ids, _ in rows)  # packs as wide as the longest row: see the docstring
-            return {**pack_rows(rows, longest, pad_token_id(llm.tokenizer)), "n_tokens": n_tokens}
+            setting = os.environ.get(ENV_PACK_LENGTH, "")
+            length = pack_length([ids.shape[0] for ids, _ in rows], setting)
+            pad_to = length if setting else 0  # a set length is the packs' width: one shape per pack count
+            return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), pad_to), "n_tokens": n_tokens}
         _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")
     merged, mask = left_pad_rows([ids for ids, _ in rows], pad_token_id(llm.tokenizer))
     return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),

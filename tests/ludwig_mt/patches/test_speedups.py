@@ -279,6 +279,18 @@ def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
                                          [-100, -100, 32, 33, 34, -100, -100, -100, -100]]
 
 
+def test_pack_length_is_the_longest_row_unless_set_and_a_set_length_is_the_packs_width() -> None:
+    from ludwig_mt.errors import WorkflowError
+
+    assert speedups.pack_length([3, 9, 5], "") == 9 and speedups.pack_length([3, 9, 5], "pow2") == 16
+    assert speedups.pack_length([256, 255], "pow2") == 256 and speedups.pack_length([3, 9], "2048") == 2048
+    with pytest.raises(WorkflowError, match="LUDWIG_MT_PACK_LENGTH='long': not a pack length"):
+        speedups.pack_length([3], "long")
+    rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1)]
+    assert speedups.pack_rows(rows, pack_length=16, pad_id=0, pad_to=16)["input_ids"].shape == (1, 16)
+    assert speedups.pack_rows(rows, pack_length=16, pad_id=0)["input_ids"].shape == (1, 9)
+
+
 def test_rows_of_equal_length_pack_into_ludwigs_own_shape_with_plain_causal_attention() -> None:
     """Packs as wide as the longest row: equal rows stay one per pack, so transformers sees no packed sequences and
     runs plain causal attention (packs of 2,048 tokens cost 23-25 % there on the H200: a mask over every pack)."""
