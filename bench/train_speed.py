@@ -59,6 +59,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
                         rope_theta=500000.0, max_position_embeddings=4096),  # bench/scaling.py's larger point
     "bloom-1b1": dict(arch="bloom", hidden_size=1536, n_layer=24, n_head=16, vocab_size=250880),
+    # HuggingFaceTB/SmolLM2-135M-Instruct's config.json: the real model's speed without carrying its weights
+    "smollm2-135m": dict(arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                         rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
     # CPU smoke-test shapes (same code paths, seconds per step)
     "tiny-llama": dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=128, vocab_size=1024, tie_word_embeddings=True,
