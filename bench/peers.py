@@ -29,8 +29,9 @@ sequences, loss on the same tokens). Each path reads the rows in file order (Lud
 peers a sequential sampler; the peers' best-fit packing still regroups rows within chunks of 1,000), at a constant
 learning rate (the YAML's schedules differ between Ludwig and the Trainer, and 50 steps are too few for them to
 matter), and the peers get as many 2,048-token packs per step as the project's rows fill on average. The check is
-then the loss curve (:func:`loss_curve_check`): the mean loss of every window of :data:`CURVE_WINDOW` steps within
-:data:`CURVE_TOLERANCE` of the project's, and the same tokens and loss tokens per row; tokens per second count
+then the loss curve (:func:`loss_curve_check`): the mean loss per loss token over every window of
+:data:`CURVE_WINDOW_ROWS` rows (the same rows on every path) within :data:`CURVE_TOLERANCE` of the project's, and the
+same tokens and loss tokens per row over those windows; tokens per second count
 real tokens (no padding) over all timed steps.
 
 ``--project-variants NAME`` adds the project with one change (:data:`PROJECT_VARIANTS`: a YAML override, or a
@@ -64,8 +65,11 @@ PATHS = ("project", "trl", "unsloth")
 PACK_LENGTH = 2048  # tokens per packed sequence: the issue's setting, what the peers pack to
 
 
-#: real rows: steps per window of the loss-curve check (about 1,000 rows: the chunk the peers' packing regroups)
-CURVE_WINDOW = 16
+#: real rows: rows per window of the loss-curve check: the chunk the peers' best-fit packing regroups (TRL packs with
+#: ``datasets.Dataset.map``, batches of 1,000 rows), so a window holds the same rows on every path
+CURVE_WINDOW_ROWS = 1000
+#: real rows: complete windows a path must have read for its curve to count
+CURVE_MIN_WINDOWS = 3
 #: real rows: largest relative gap allowed between a window's mean loss and the project's
 CURVE_TOLERANCE = 0.03
 #: real rows: largest relative gap in tokens (and loss tokens) per row (the tokenizers split prompt and response
@@ -157,28 +161,58 @@ def peer_examples(rows: list[dict[str, str]], tokenizer) -> list[dict[str, list[
     return examples
 
 
-def loss_curve_check(reference: list[float], losses: list[float], window: int = CURVE_WINDOW,
+def row_windows(rows_per_step: list[int], window_rows: int) -> list[list[int]]:
+    """The steps of each complete window of ``window_rows`` rows, in file order: a step belongs to the window its
+    first row lies in, and a window counts once the run has read all of its rows."""
+    total, windows, start = sum(rows_per_step), [], 0
+    for step, n in enumerate(rows_per_step):
+        window = start // window_rows
+        if (window + 1) * window_rows <= total:
+            windows += [[] for _ in range(window + 1 - len(windows))]
+            windows[window].append(step)
+        start += n
+    return windows
+
+
+def window_loss(result: dict[str, Any], steps: list[int]) -> float:
+    """Mean loss per loss token over ``steps`` (each step's loss is already its own loss tokens' mean)."""
+    losses, weights = result["losses"], result.get("loss_tokens_per_step") or [1] * len(result["losses"])
+    return sum(losses[i] * weights[i] for i in steps) / sum(weights[i] for i in steps)
+
+
+def loss_curve_check(reference: dict[str, Any], result: dict[str, Any], window_rows: int = CURVE_WINDOW_ROWS,
                      tolerance: float = CURVE_TOLERANCE) -> dict[str, Any]:
-    """Window by window (the remainder joins the last), the mean loss of ``losses`` against ``reference``'s over
-    the steps both ran: with rows of unequal length in different groupings per step, single steps are not
-    comparable, windows of about 1,000 rows are."""
-    n = min(len(reference), len(losses))
-    bounds = list(range(0, n - window + 1, window)) or [0]
+    """Window by window of rows in file order, the mean loss per loss token of ``result`` against ``reference``'s:
+    with rows of unequal length grouped differently per step (the peers' best-fit packs put each chunk's longest
+    rows first), single steps hold different rows, windows of the same rows do. Needs ``losses`` and
+    ``rows_per_step`` (and weighs by ``loss_tokens_per_step`` where recorded)."""
+    mine = row_windows(result.get("rows_per_step") or [], window_rows)
+    theirs = row_windows(reference.get("rows_per_step") or [], window_rows)
     windows = []
-    for i, start in enumerate(bounds):
-        end = n if i == len(bounds) - 1 else start + window
-        ref = sum(reference[start:end]) / (end - start)
-        got = sum(losses[start:end]) / (end - start)
-        windows.append({"steps": [start, end], "reference": ref, "mean": got, "rel_delta": (got - ref) / ref})
-    worst = max(abs(w["rel_delta"]) for w in windows)
-    return {"steps": n, "windows": windows, "max_abs_rel_delta": worst, "tolerance": tolerance,
-            "ok": n >= window and worst <= tolerance}
+    for i, (ref_steps, steps) in enumerate(zip(theirs, mine)):
+        if not ref_steps or not steps or max(steps) >= len(result.get("losses") or []):
+            break
+        ref, got = window_loss(reference, ref_steps), window_loss(result, steps)
+        windows.append({"rows": [i * window_rows, (i + 1) * window_rows], "steps": [steps[0], steps[-1] + 1],
+                        "reference_steps": [ref_steps[0], ref_steps[-1] + 1], "reference": ref, "mean": got,
+                        "rel_delta": (got - ref) / ref})
+    worst = max((abs(w["rel_delta"]) for w in windows), default=float("inf"))
+    return {"windows": windows, "window_rows": window_rows, "max_abs_rel_delta": worst, "tolerance": tolerance,
+            "ok": len(windows) >= CURVE_MIN_WINDOWS and worst <= tolerance}
 
 
-def per_row(result: dict[str, Any], key: str) -> float | None:
-    """``key`` (tokens, loss tokens) per row over all steps of a run that recorded its rows per step."""
-    rows = result.get("rows_per_step")
-    return sum(result[key]) / sum(rows) if rows and result.get(key) else None
+def per_row(result: dict[str, Any], key: str, steps: list[int] | None = None) -> float | None:
+    """``key`` (tokens, loss tokens) per row over ``steps`` (default all) of a run that recorded its rows per step."""
+    rows, values = result.get("rows_per_step"), result.get(key)
+    if not rows or not values:
+        return None
+    steps = range(min(len(rows), len(values))) if steps is None else steps
+    return sum(values[i] for i in steps) / sum(rows[i] for i in steps) if steps else None
+
+
+def window_steps(windows: list[dict[str, Any]], span: str) -> list[int]:
+    """Every step of the compared windows (``span``: ``steps`` for the path, ``reference_steps`` for the project)."""
+    return [i for w in windows for i in range(*w[span])]
 
 
 # ---------------------------------------------------------------------------------------------------- peers
@@ -422,11 +456,13 @@ def add_checks(results: list[dict[str, Any]]) -> None:
 
 
 def real_rows_check(ref: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
-    """Real rows: the loss curve against the project's, and the same tokens and loss tokens per row."""
-    curve = loss_curve_check(ref.get("losses") or [], r.get("losses") or [])
+    """Real rows: the loss curve against the project's, and the same tokens and loss tokens per row over the rows
+    both read in the compared windows."""
+    curve = loss_curve_check(ref, r)
     gaps = {}
     for key in ("tokens_per_step", "loss_tokens_per_step"):
-        mine, theirs = per_row(r, key), per_row(ref, key)
+        mine = per_row(r, key, window_steps(curve["windows"], "steps"))
+        theirs = per_row(ref, key, window_steps(curve["windows"], "reference_steps"))
         gaps[key] = None if mine is None or theirs is None else abs(mine - theirs) / theirs
     tokens_ok = all(g is not None and g <= ROW_TOKENS_TOLERANCE for g in gaps.values())
     return {"loss_curve": curve, "per_row_rel_gap": gaps, "row_tokens_tolerance": ROW_TOKENS_TOLERANCE,
@@ -448,9 +484,10 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         check = r.get("check")
         if check is not None and "loss_curve" in check:
-            verdict = (f"{'ok' if check['ok'] else 'FAILED'} (loss curve: largest window gap "
-                       f"{100 * check['loss_curve']['max_abs_rel_delta']:.1f}% over {check['loss_curve']['steps']} "
-                       f"steps; tokens per row equal: {check['loss_tokens_equal']})")
+            curve = check["loss_curve"]
+            verdict = (f"{'ok' if check['ok'] else 'FAILED'} (loss curve: largest gap "
+                       f"{100 * curve['max_abs_rel_delta']:.1f}% over {len(curve['windows'])} windows of "
+                       f"{curve['window_rows']} rows; tokens per row equal: {check['loss_tokens_equal']})")
         else:
             verdict = "" if check is None else ("ok" if check["ok"] else
                                                 f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
@@ -470,14 +507,14 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r['first_losses'][0]:.4f} | {verdict} |{tail}")
     curves = [r for r in results if (r.get("check") or {}).get("loss_curve")]
     if curves:
-        lines += ["", "Loss curves (real rows): mean training loss per window of steps, this path / the project's "
-                  "(relative gap)", "", "| case | " + " | ".join(
-                      f"steps {w['steps'][0]}-{w['steps'][1] - 1}" for w in curves[0]["check"]["loss_curve"]["windows"])
-                  + " |", "|---|" + "---:|" * len(curves[0]["check"]["loss_curve"]["windows"])]
+        spans = max((r["check"]["loss_curve"]["windows"] for r in curves), key=len)
+        lines += ["", "Loss curves (real rows): mean loss per loss token over the same rows in file order, this path / "
+                  "the project's (relative gap)", "", "| case | " + " | ".join(
+                      f"rows {w['rows'][0]}-{w['rows'][1] - 1}" for w in spans) + " |", "|---|" + "---:|" * len(spans)]
         for r in curves:
-            lines.append(f"| {r['name']} | " + " | ".join(
-                f"{w['mean']:.4f} / {w['reference']:.4f} ({100 * w['rel_delta']:+.1f}%)"
-                for w in r["check"]["loss_curve"]["windows"]) + " |")
+            cells = [f"{w['mean']:.4f} / {w['reference']:.4f} ({100 * w['rel_delta']:+.1f}%)"
+                     for w in r["check"]["loss_curve"]["windows"]]
+            lines.append(f"| {r['name']} | " + " | ".join(cells + [""] * (len(spans) - len(cells))) + " |")
     return "\n".join(lines)
 
 

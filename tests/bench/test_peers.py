@@ -4,6 +4,7 @@ first-step loss; the project's loss tokens are counted from the batches it reall
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,15 +120,35 @@ def test_the_project_counts_loss_tokens_real_tokens_and_rows_of_the_batches_it_b
         speedups.lean_training_batch = original
 
 
-def test_loss_curves_agree_window_by_window_and_a_drift_fails() -> None:
-    reference = [3.0 - 0.02 * i for i in range(50)]
-    same = [x * (1 + (0.01 if i % 2 else -0.01)) for i, x in enumerate(reference)]  # step noise, windows agree
-    check = peers.loss_curve_check(reference, same)
-    assert check["ok"] and [w["steps"] for w in check["windows"]] == [[0, 16], [16, 32], [32, 50]]
-    drifting = reference[:32] + [x * 1.05 for x in reference[32:]]  # learns less in the last third
-    bad = peers.loss_curve_check(reference, drifting)
-    assert not bad["ok"] and abs(bad["windows"][-1]["rel_delta"] - 0.05) < 1e-9
-    assert not peers.loss_curve_check(reference[:10], reference[:10])["ok"]  # fewer steps than one window
+def curve_run(losses: list[float], rows: list[int], loss_tokens: list[int] | None = None) -> dict:
+    return {"losses": losses, "rows_per_step": rows, "loss_tokens_per_step": loss_tokens or [1] * len(rows)}
+
+
+def test_steps_fall_in_the_window_of_their_first_row_and_only_complete_windows_count() -> None:
+    assert peers.row_windows([400] * 7, 1000) == [[0, 1, 2], [3, 4]]  # rows 2400-2799 read, 2000-2999 not all
+    assert peers.row_windows([64] * 54, 1000)[0] == list(range(16)) and peers.row_windows([10], 1000) == []
+
+
+def test_loss_curves_compare_the_same_rows_though_the_peers_group_them_otherwise() -> None:
+    """Run 16's trap: the peers' best-fit packs put each 1,000-row chunk's longest rows first and hold fewer rows per
+    step, so step windows compared other rows (TRL and unsloth both 3.0 % above the project in steps 16-31)."""
+    row_loss = [2.5 + 0.4 * math.sin(2 * math.pi * i / 1000) - 0.1 * i / 1000 for i in range(4000)]
+
+    def steps(groups: list[list[int]]) -> dict:  # a step's loss: its rows' mean (one loss token per row)
+        return curve_run([sum(row_loss[i] for i in g) / len(g) for g in groups], [len(g) for g in groups],
+                         [len(g) for g in groups])
+
+    project = steps([list(range(i, i + 64)) for i in range(0, 3456, 64)])
+    chunks = [list(range(c, c + 1000))[::-1] for c in range(0, 4000, 1000)]  # each chunk's "longest" rows first
+    order = [i for chunk in chunks for i in chunk][:3100]
+    peer = steps([order[i:i + 57] for i in range(0, 3100, 57)])
+    check = peers.loss_curve_check(project, peer)
+    assert check["ok"] and len(check["windows"]) == 3 and check["max_abs_rel_delta"] < 0.01
+    drifting = dict(peer, losses=[x * (1.05 if i >= 36 else 1.0) for i, x in enumerate(peer["losses"])])
+    bad = peers.loss_curve_check(project, drifting)  # learns less in the third window
+    assert not bad["ok"] and abs(bad["windows"][-1]["rel_delta"]) > 0.03 > abs(bad["windows"][0]["rel_delta"])
+    short = curve_run(project["losses"][:20], project["rows_per_step"][:20])
+    assert not peers.loss_curve_check(project, short)["ok"]  # one complete window is too few
 
 
 def test_real_rows_keep_only_rows_within_the_yamls_limits_in_order() -> None:
@@ -171,13 +192,14 @@ def test_real_rows_are_checked_by_their_loss_curve_and_tokens_per_row() -> None:
                 "case": asdict(case(path, name, **real))}
 
     project = run("qlora-project", "tuned", [2.0] * 50, [20_000] * 50, [64] * 50)
-    trl = run("qlora-trl", "trl", [2.01] * 50, [19_000] * 50, [61] * 50)
+    trl = run("qlora-trl", "trl", [2.01] * 53, [19_000] * 53, [61] * 53)
     fewer = run("qlora-unsloth", "unsloth", [2.0] * 50, [18_000] * 50, [64] * 50)  # 10 % fewer tokens per row
     peers.add_checks([project, trl, fewer])
     assert trl["check"]["ok"] and trl["check"]["loss_curve"]["max_abs_rel_delta"] < 0.006
     assert not fewer["check"]["ok"] and fewer["check"]["loss_curve"]["ok"]
     text = peers.table([project, trl, fewer])
     assert "Loss curves (real rows)" in text and "| qlora-trl | 2.0100 / 2.0000 (+0.5%) |" in text
+    assert "| rows 0-999 | rows 1000-1999 | rows 2000-2999 |" in text
 
 
 @pytest.mark.slow
