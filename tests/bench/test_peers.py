@@ -166,8 +166,7 @@ def test_real_rows_keep_only_rows_within_the_yamls_limits_in_order() -> None:
 
 
 def test_the_peers_get_real_rows_as_the_projects_token_ids_with_loss_on_response_and_eos() -> None:
-    """Pre-tokenized rows (``input_ids`` + ``completion_mask``): TRL tokenizing prompt + completion as one text made
-    3.2 % more tokens per row than the project on samsum (run 13), so the paths trained on different sequences."""
+    """Pre-tokenized rows (``input_ids`` + ``completion_mask``): every path trains on the project's token ids."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
