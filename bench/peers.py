@@ -387,7 +387,7 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "no-offload": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "offload_checkpoints"}),
     "no-pack": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "pack_training_rows"}),  # Ludwig's left-padded batches
     "pack-2048": ({}, {"LUDWIG_MT_PACK_LENGTH": "2048"}),  # packs of 2,048 tokens (the peers' length)
-    "pack-pow2": ({}, {"LUDWIG_MT_PACK_LENGTH": "pow2"}),  # the longest row rounded up to a power of two
+    "pack-longest": ({}, {"LUDWIG_MT_PACK_LENGTH": "longest"}),  # packs as wide as the batch's longest row
 }
 
 

@@ -102,13 +102,16 @@ What Ludwig does without them, and why each change is safe:
     Ludwig merges each batch's rows into one left-padded tensor as wide as its longest row: on real data, where a
     64-row batch of samsum dialogues spans 80 to 700 tokens, most of each step's tokens can be padding that the
     GPU computes and the benchmark's peers (TRL, unsloth: ``padding_free`` packing) do not. On lean steps we pack
-    whole rows (prompt + response + EOS) first-fit-decreasing into packs as wide as the batch's longest row,
-    restart ``position_ids`` at 0 for each row and pass no attention mask, so transformers builds the
-    block-diagonal causal mask itself (its packed-sequence support): rows never attend to each other, and the loss is
-    the same mean over the same response tokens (test: the packed loss equals each row's own loss). Packs no wider
-    than the longest row never hold more tokens or attention than Ludwig's batch: rows of equal length give exactly
-    its shape (pure causal attention; 2,048-token packs cost 23-25 % there on the H200, attention with a mask over
-    every pack), samsum's dialogues on SmolLM2 (47-680 tokens, mean 206) fill about 3 rows a pack. Without left
+    whole rows (prompt + response + EOS) first-fit-decreasing into packs as wide as the batch's longest row rounded
+    up to a power of two (:func:`pack_length`), restart ``position_ids`` at 0 for each row and pass no attention
+    mask, so transformers builds the block-diagonal causal mask itself (its packed-sequence support): rows never
+    attend to each other, and the loss is the same mean over the same response tokens (test: the packed loss equals
+    each row's own loss). Why that width (H200, samsum's dialogues, SmolLM2's shape, QLoRA, run 17): SDPA with a
+    mask runs cuDNN's attention, which builds a graph for every new shape, about 200 ms of CPU per step when every
+    batch brings a new width (packs as wide as the longest row: 17.4k tokens/s; powers of two: 22.3k; a fixed
+    2,048: 24.8k). But a mask over a wide pack computes attention over all of it: on equal rows of 255 tokens
+    (the 1B shape) packs of 2,048 cost 23-25 % against Ludwig's own batch, which a power of two (256) keeps. samsum's
+    dialogues (47-680 tokens, mean 206) fill about 5 rows a pack of 1,024. Without left
     padding no query row is fully masked either: unpacked, SmolLM2 on samsum stopped at NaN on the GPU (twice),
     packed it trained (``bench/NOTES-speed.md``). Models without ``position_ids`` (ALiBi models such as Bloom) stay
     unpacked (logged once). Ludwig 0.17.10's own
@@ -451,23 +454,25 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-#: tokens per pack of ``pack_training_rows``: unset, the batch's longest row; ``pow2``, that rounded up to a power of
-#: two (fewer distinct shapes); a number, packs that long (the benchmark's comparisons)
+#: tokens per pack of ``pack_training_rows``: unset (or ``pow2``), the batch's longest row rounded up to a power of
+#: two; ``longest``, the longest row itself; a number, packs that long (the benchmark's comparisons)
 ENV_PACK_LENGTH = "LUDWIG_MT_PACK_LENGTH"
 
 
 def pack_length(lengths: list[int], setting: str) -> int:
-    """The pack length for rows of ``lengths`` under :data:`ENV_PACK_LENGTH`'s ``setting``; a bad value is one
+    """The pack length (and width) for rows of ``lengths`` under :data:`ENV_PACK_LENGTH`'s ``setting``: by default
+    the longest row rounded up to a power of two, so that a run meets few distinct shapes (cuDNN's attention builds
+    a graph for every new one: about 200 ms of CPU per step when each step brings one, run 17). A bad value is one
     line naming the variable."""
-    longest = max(lengths)
-    if not setting.strip():
-        return longest
-    if setting.strip() == "pow2":
+    longest, value = max(lengths), setting.strip()
+    if value in ("", "pow2"):
         return 1 << (longest - 1).bit_length()
-    if setting.strip().isdigit() and int(setting) > 0:
-        return int(setting)
-    raise WorkflowError(f"{ENV_PACK_LENGTH}={setting!r}: not a pack length. Fix: leave it unset (the batch's longest "
-                        "row), pow2, or a positive number of tokens")
+    if value == "longest":
+        return longest
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise WorkflowError(f"{ENV_PACK_LENGTH}={setting!r}: not a pack length. Fix: leave it unset (the longest row "
+                        "rounded up to a power of two), longest, or a positive number of tokens")
 
 
 def packing_wanted(llm) -> bool:
@@ -498,10 +503,9 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids) -> dict[str, Any]:
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
     if packing_wanted(llm):
         if packing_supported(llm.model):
-            setting = os.environ.get(ENV_PACK_LENGTH, "")
-            length = pack_length([ids.shape[0] for ids, _ in rows], setting)
-            pad_to = length if setting else 0  # a set length is the packs' width: one shape per pack count
-            return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), pad_to), "n_tokens": n_tokens}
+            length = pack_length([ids.shape[0] for ids, _ in rows], os.environ.get(ENV_PACK_LENGTH, ""))
+            # the pack length is also the packs' width: one shape per pack count (see pack_length)
+            return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), length), "n_tokens": n_tokens}
         _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")
     merged, mask = left_pad_rows([ids for ids, _ in rows], pad_token_id(llm.tokenizer))
     return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),

@@ -230,7 +230,7 @@ def test_packing_puts_several_rows_in_one_row_of_the_model(llm) -> None:
         packed = speedups.lean_training_batch(llm, inputs["prompt"], targets["response"])
     finally:
         llm.config_obj.trainer.packing = False
-    assert packed["input_ids"].shape == (3, 30)  # rows of 30, 27, 18, 11 tokens: packs as wide as the longest
+    assert packed["input_ids"].shape == (3, 32)  # rows of 30, 27, 18, 11 tokens: packs of 32 (30 up to a power of 2)
     assert int((packed["labels"] != speedups.IGNORE).sum()) == 5 + 9 + 3 + 11 + 4  # responses + EOS
 
 
@@ -265,7 +265,7 @@ def test_rows_are_packed_by_default_when_the_trainer_declares_no_packing(trainer
     finally:
         llm._ludwig_mt_lean = False
     (built,) = seen
-    assert built["input_ids"].shape == ((4, 30) if off else (3, 30))  # rows of 30, 27, 18, 11 tokens: 18 + 11
+    assert built["input_ids"].shape == ((4, 30) if off else (3, 32))  # rows of 30, 27, 18, 11 tokens: 18 + 11
     assert ("position_ids" in built) == (not off)
     assert abs(float(loss) - per_row_loss(llm, batch)) < TOLERANCE
 
@@ -279,11 +279,12 @@ def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
                                          [-100, -100, 32, 33, 34, -100, -100, -100, -100]]
 
 
-def test_pack_length_is_the_longest_row_unless_set_and_a_set_length_is_the_packs_width() -> None:
+def test_pack_length_is_the_longest_row_rounded_up_to_a_power_of_two_unless_set() -> None:
     from ludwig_mt.errors import WorkflowError
 
-    assert speedups.pack_length([3, 9, 5], "") == 9 and speedups.pack_length([3, 9, 5], "pow2") == 16
-    assert speedups.pack_length([256, 255], "pow2") == 256 and speedups.pack_length([3, 9], "2048") == 2048
+    assert speedups.pack_length([3, 9, 5], "") == 16 == speedups.pack_length([3, 9, 5], "pow2")
+    assert speedups.pack_length([3, 9, 5], "longest") == 9 and speedups.pack_length([256, 255], "") == 256
+    assert speedups.pack_length([3, 9], "2048") == 2048
     with pytest.raises(WorkflowError, match="LUDWIG_MT_PACK_LENGTH='long': not a pack length"):
         speedups.pack_length([3], "long")
     rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1)]
@@ -292,12 +293,14 @@ def test_pack_length_is_the_longest_row_unless_set_and_a_set_length_is_the_packs
 
 
 def test_rows_of_equal_length_pack_into_ludwigs_own_shape_with_plain_causal_attention() -> None:
-    """Packs as wide as the longest row: equal rows stay one per pack, so transformers sees no packed sequences and
-    runs plain causal attention (packs of 2,048 tokens cost 23-25 % there on the H200: a mask over every pack)."""
+    """Packs no wider than the longest row rounded up to a power of two: equal rows of a power-of-two length stay one
+    per pack, so transformers sees no packed sequences and runs plain causal attention (packs of 2,048 tokens cost
+    23-25 % on the H200 for rows of 255: a mask over every pack)."""
     from transformers.masking_utils import find_packed_sequence_indices
 
     rows = [(torch.arange(100, 108) + i, 3) for i in range(5)]
-    packed = speedups.pack_rows(rows, pack_length=max(ids.shape[0] for ids, _ in rows), pad_id=0)
+    length = speedups.pack_length([ids.shape[0] for ids, _ in rows], "")
+    packed = speedups.pack_rows(rows, pack_length=length, pad_id=0, pad_to=length)
     assert packed["input_ids"].shape == (5, 8)
     assert find_packed_sequence_indices(packed["position_ids"]) is None
 
