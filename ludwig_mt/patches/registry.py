@@ -126,8 +126,8 @@ PATCHES: tuple[Patch, ...] = (
              "training computes the LM head and loss on response tokens only (same loss), and packs correctly",
              speedups.patch_target_only_logits, ("ludwig", "transformers", "torch")),
     _speedup("pack_training_rows", (f"{LLM}.forward",),
-             "Ludwig left-pads each batch to its longest row: rows packed into sequences that long (position ids "
-             "restart per row; same loss)",
+             "Ludwig left-pads each batch to its longest row: rows packed into sequences that long rounded up to a "
+             "power of two (position ids restart per row; same loss)",
              speedups.patch_pack_training_rows, ("ludwig", "transformers")),
     _speedup("sampled_train_metrics", (f"{TRAINER}._update_training_metrics",),
              "training-set metrics over the full logits after every step: on one step in 8",
