@@ -110,8 +110,9 @@ What Ludwig does without them, and why each change is safe:
     mask runs cuDNN's attention, which builds a graph for every new shape, about 200 ms of CPU per step when every
     batch brings a new width (packs as wide as the longest row: 17.4k tokens/s; powers of two: 22.3k; a fixed
     2,048: 24.8k). But a mask over a wide pack computes attention over all of it: on equal rows of 255 tokens
-    (the 1B shape) packs of 2,048 cost 23-25 % against Ludwig's own batch, which a power of two (256) keeps. samsum's
-    dialogues (47-680 tokens, mean 206) fill about 5 rows a pack of 1,024. Without left
+    (the 1B shape) packs of 2,048 cost 23-25 % against Ludwig's own batch, which a power of two (256) keeps; and
+    where rounding up would pad much more (rows just over a power of two), the longest row's width is kept. samsum's
+    dialogues (47-680 tokens, mean 206) fill about 5 rows a pack of 1,024 (96 % real tokens; every batch of run 17). Without left
     padding no query row is fully masked either: unpacked, SmolLM2 on samsum stopped at NaN on the GPU (twice),
     packed it trained (``bench/NOTES-speed.md``). Models without ``position_ids`` (ALiBi models such as Bloom) stay
     unpacked (logged once). Ludwig 0.17.10's own
@@ -352,26 +353,34 @@ def padded_labels(rows: list[tuple[Any, int]], width: int):
     return labels
 
 
-def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to: int = 0) -> dict[str, Any]:
-    """First-fit-decreasing packing of whole rows into packs of at most ``pack_length`` tokens.
-
-    Returns ``input_ids``, ``position_ids`` (restarting at 0 for every row, and for the tail padding, which thus
-    forms its own segment that no real token attends to) and ``labels`` (-100 on prompts and padding), all of
-    shape ``[packs, longest pack]`` (at least ``pad_to`` wide: fewer distinct shapes for the GPU's kernels). The packing is decided on Python ints, the tensors filled by whole-batch ops
-    (this runs on the CPU every training step).
-    """
-    import torch
-
-    lengths = [ids.shape[0] for ids, _ in rows]
+def first_fit_decreasing(lengths: list[int], pack_length: int) -> list[list[int]]:
+    """The rows (indices into ``lengths``) of each pack when whole rows go, longest first, into the first pack with
+    room for them (at most ``pack_length`` tokens; a longer row gets a pack alone)."""
     packs: list[list[int]] = []
-    used: list[int] = []  # tokens in each pack; a row longer than pack_length gets a pack alone
-    for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         slot = next((p for p, size in enumerate(used) if size + lengths[i] <= pack_length), None)
         if slot is None:
             packs.append([]), used.append(0)
             slot = len(packs) - 1
         packs[slot].append(i)
         used[slot] += lengths[i]
+    return packs
+
+
+def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to: int = 0) -> dict[str, Any]:
+    """First-fit-decreasing packing of whole rows into packs of at most ``pack_length`` tokens.
+
+    Returns ``input_ids``, ``position_ids`` (restarting at 0 for every row, and for the tail padding, which thus
+    forms its own segment that no real token attends to) and ``labels`` (-100 on prompts and padding), all of
+    shape ``[packs, longest pack]``, at least ``pad_to`` wide (fewer distinct shapes for the GPU's kernels). The
+    packing is decided on Python ints, the tensors filled by whole-batch ops (this runs on the CPU every step).
+    """
+    import torch
+
+    lengths = [ids.shape[0] for ids, _ in rows]
+    packs = first_fit_decreasing(lengths, pack_length)
+    used = [sum(lengths[i] for i in members) for members in packs]
     order = [i for members in packs for i in members]  # the rows as they lie in the packs, pack after pack
     device = rows[0][0].device
     seqs = torch.cat([rows[i][0] for i in order]).to(torch.long)
@@ -455,18 +464,31 @@ def _warn_once(message: str) -> None:
 
 
 #: tokens per pack of ``pack_training_rows``: unset (or ``pow2``), the batch's longest row rounded up to a power of
-#: two; ``longest``, the longest row itself; a number, packs that long (the benchmark's comparisons)
+#: two unless that pads much more (:data:`POW2_MAX_GROWTH`); ``longest``, the longest row itself; a number, packs
+#: that long (the benchmark's comparisons)
 ENV_PACK_LENGTH = "LUDWIG_MT_PACK_LENGTH"
+#: the power-of-two width is kept while its packs hold at most this many times the positions (tokens + padding)
+#: of packs as wide as the longest row: rows just over a power of two (all of 520-600 tokens: one row per pack of
+#: 1,024) would otherwise nearly double the step's work
+POW2_MAX_GROWTH = 1.25
+
+
+def positions(lengths: list[int], width: int) -> int:
+    """Token positions (real and padding) the GPU computes for rows of ``lengths`` in packs ``width`` wide."""
+    return len(first_fit_decreasing(lengths, width)) * max(width, max(lengths))
 
 
 def pack_length(lengths: list[int], setting: str) -> int:
     """The pack length (and width) for rows of ``lengths`` under :data:`ENV_PACK_LENGTH`'s ``setting``: by default
     the longest row rounded up to a power of two, so that a run meets few distinct shapes (cuDNN's attention builds
-    a graph for every new one: about 200 ms of CPU per step when each step brings one, run 17). A bad value is one
-    line naming the variable."""
+    a graph for every new one: about 200 ms of CPU per step when each step brings one, run 17), unless that costs
+    more than :data:`POW2_MAX_GROWTH` times the positions of the longest row's width. A bad value is one line
+    naming the variable."""
     longest, value = max(lengths), setting.strip()
     if value in ("", "pow2"):
-        return 1 << (longest - 1).bit_length()
+        pow2 = 1 << (longest - 1).bit_length()
+        fits = positions(lengths, pow2) <= POW2_MAX_GROWTH * positions(lengths, longest)
+        return pow2 if fits else longest
     if value == "longest":
         return longest
     if value.isdigit() and int(value) > 0:

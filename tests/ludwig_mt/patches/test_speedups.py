@@ -282,11 +282,16 @@ def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
 def test_pack_length_is_the_longest_row_rounded_up_to_a_power_of_two_unless_set() -> None:
     from ludwig_mt.errors import WorkflowError
 
-    assert speedups.pack_length([3, 9, 5], "") == 16 == speedups.pack_length([3, 9, 5], "pow2")
+    assert speedups.pack_length([3, 9, 5, 7], "") == 16 == speedups.pack_length([3, 9, 5, 7], "pow2")  # 32 vs 27
     assert speedups.pack_length([3, 9, 5], "longest") == 9 and speedups.pack_length([256, 255], "") == 256
     assert speedups.pack_length([3, 9], "2048") == 2048
     with pytest.raises(WorkflowError, match="LUDWIG_MT_PACK_LENGTH='long': not a pack length"):
         speedups.pack_length([3], "long")
+    # rows just over a power of two would get a pack of 1,024 each: the longest row's width instead
+    assert speedups.pack_length([600, 580, 560, 540, 520], "") == 600
+    assert speedups.positions([600, 580, 560, 540, 520], 1024) == 5 * 1024 > 1.25 * speedups.positions(
+        [600, 580, 560, 540, 520], 600)
+    assert speedups.first_fit_decreasing([300, 700, 500, 200], 1024) == [[1, 0], [2, 3]]  # longest first
     rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1)]
     assert speedups.pack_rows(rows, pack_length=16, pad_id=0, pad_to=16)["input_ids"].shape == (1, 16)
     assert speedups.pack_rows(rows, pack_length=16, pad_id=0)["input_ids"].shape == (1, 9)
