@@ -368,8 +368,10 @@ def first_fit_decreasing(lengths: list[int], pack_length: int) -> list[list[int]
     return packs
 
 
-def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to: int = 0) -> dict[str, Any]:
-    """First-fit-decreasing packing of whole rows into packs of at most ``pack_length`` tokens.
+def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to: int = 0,
+              packs: list[list[int]] | None = None) -> dict[str, Any]:
+    """First-fit-decreasing packing of whole rows into packs of at most ``pack_length`` tokens (or ``packs``, the
+    rows of each pack as :func:`pack_plan` already decided them: the step then packs once).
 
     Returns ``input_ids``, ``position_ids`` (restarting at 0 for every row, and for the tail padding, which thus
     forms its own segment that no real token attends to) and ``labels`` (-100 on prompts and padding), all of
@@ -379,7 +381,7 @@ def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to
     import torch
 
     lengths = [ids.shape[0] for ids, _ in rows]
-    packs = first_fit_decreasing(lengths, pack_length)
+    packs = first_fit_decreasing(lengths, pack_length) if packs is None else packs
     used = [sum(lengths[i] for i in members) for members in packs]
     order = [i for members in packs for i in members]  # the rows as they lie in the packs, pack after pack
     device = rows[0][0].device
@@ -473,28 +475,34 @@ ENV_PACK_LENGTH = "LUDWIG_MT_PACK_LENGTH"
 POW2_MAX_GROWTH = 1.25
 
 
-def positions(lengths: list[int], width: int) -> int:
-    """Token positions (real and padding) the GPU computes for rows of ``lengths`` in packs ``width`` wide."""
-    return len(first_fit_decreasing(lengths, width)) * max(width, max(lengths))
-
-
-def pack_length(lengths: list[int], setting: str) -> int:
-    """The pack length (and width) for rows of ``lengths`` under :data:`ENV_PACK_LENGTH`'s ``setting``: by default
-    the longest row rounded up to a power of two, so that a run meets few distinct shapes (cuDNN's attention builds
-    a graph for every new one: about 200 ms of CPU per step when each step brings one, run 17), unless that costs
-    more than :data:`POW2_MAX_GROWTH` times the positions of the longest row's width. A bad value is one line
-    naming the variable."""
+def pack_plan(lengths: list[int], setting: str) -> tuple[int, list[list[int]]]:
+    """The pack length (and width) for rows of ``lengths`` under :data:`ENV_PACK_LENGTH`'s ``setting``, and the rows
+    of each pack (:func:`first_fit_decreasing`, handed on to :func:`pack_rows`). By default the longest row rounded
+    up to a power of two, so that a run meets few distinct shapes (cuDNN's attention builds a graph for every new
+    one: about 200 ms of CPU per step when each step brings one, run 17), unless those packs hold more than
+    :data:`POW2_MAX_GROWTH` times the positions (tokens and padding) of packs as wide as the longest row. A bad value
+    is one line naming the variable."""
     longest, value = max(lengths), setting.strip()
     if value in ("", "pow2"):
         pow2 = 1 << (longest - 1).bit_length()
-        fits = positions(lengths, pow2) <= POW2_MAX_GROWTH * positions(lengths, longest)
-        return pow2 if fits else longest
+        packs = first_fit_decreasing(lengths, pow2)
+        # no packing at the longest row's width holds fewer positions than the tokens themselves: below that bound
+        # the power of two fits without packing a second time (the usual case: run 17's rows were 96 % tokens)
+        if pow2 == longest or len(packs) * pow2 <= POW2_MAX_GROWTH * sum(lengths):
+            return pow2, packs
+        narrow = first_fit_decreasing(lengths, longest)
+        return (pow2, packs) if len(packs) * pow2 <= POW2_MAX_GROWTH * len(narrow) * longest else (longest, narrow)
     if value == "longest":
-        return longest
+        return longest, first_fit_decreasing(lengths, longest)
     if value.isdigit() and int(value) > 0:
-        return int(value)
+        return int(value), first_fit_decreasing(lengths, int(value))
     raise WorkflowError(f"{ENV_PACK_LENGTH}={setting!r}: not a pack length. Fix: leave it unset (the longest row "
                         "rounded up to a power of two), longest, or a positive number of tokens")
+
+
+def pack_length(lengths: list[int], setting: str) -> int:
+    """The pack length alone (:func:`pack_plan`)."""
+    return pack_plan(lengths, setting)[0]
 
 
 def packing_wanted(llm) -> bool:
@@ -525,9 +533,9 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids) -> dict[str, Any]:
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
     if packing_wanted(llm):
         if packing_supported(llm.model):
-            length = pack_length([ids.shape[0] for ids, _ in rows], os.environ.get(ENV_PACK_LENGTH, ""))
-            # the pack length is also the packs' width: one shape per pack count (see pack_length)
-            return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), length), "n_tokens": n_tokens}
+            length, packs = pack_plan([ids.shape[0] for ids, _ in rows], os.environ.get(ENV_PACK_LENGTH, ""))
+            # the pack length is also the packs' width: one shape per pack count (see pack_plan)
+            return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), length, packs), "n_tokens": n_tokens}
         _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")
     merged, mask = left_pad_rows([ids for ids, _ in rows], pad_token_id(llm.tokenizer))
     return {"input_ids": merged, "attention_mask": mask, "labels": padded_labels(rows, merged.shape[1]),

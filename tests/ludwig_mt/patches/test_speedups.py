@@ -289,12 +289,25 @@ def test_pack_length_is_the_longest_row_rounded_up_to_a_power_of_two_unless_set(
         speedups.pack_length([3], "long")
     # rows just over a power of two would get a pack of 1,024 each: the longest row's width instead
     assert speedups.pack_length([600, 580, 560, 540, 520], "") == 600
-    assert speedups.positions([600, 580, 560, 540, 520], 1024) == 5 * 1024 > 1.25 * speedups.positions(
-        [600, 580, 560, 540, 520], 600)
+    width, packs = speedups.pack_plan([600, 580, 560, 540, 520], "")
+    assert (width, len(packs)) == (600, 5) and 5 * 1024 > 1.25 * 5 * 600  # packs of 1,024 would hold 1.7x the positions
     assert speedups.first_fit_decreasing([300, 700, 500, 200], 1024) == [[1, 0], [2, 3]]  # longest first
     rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1)]
     assert speedups.pack_rows(rows, pack_length=16, pad_id=0, pad_to=16)["input_ids"].shape == (1, 16)
     assert speedups.pack_rows(rows, pack_length=16, pad_id=0)["input_ids"].shape == (1, 9)
+
+
+def test_a_step_packs_its_rows_once_where_the_power_of_two_is_clearly_tight(monkeypatch) -> None:
+    """The width's guard and the packing share one first-fit-decreasing run: packs that hold at most 1.25x the
+    tokens cannot hold 1.25x the positions of any narrower packing, so the usual step packs once, not three times."""
+    calls = []
+    real = speedups.first_fit_decreasing
+    monkeypatch.setattr(speedups, "first_fit_decreasing", lambda lengths, n: calls.append(n) or real(lengths, n))
+    rows = [(torch.arange(n), 2) for n in (120, 100, 60, 30, 20)]  # 330 tokens in 3 packs of 128: 384 positions
+    width, packs = speedups.pack_plan([ids.shape[0] for ids, _ in rows], "")
+    packed = speedups.pack_rows(rows, width, pad_id=0, pad_to=width, packs=packs)
+    assert calls == [128] and packed["input_ids"].shape == (3, 128)
+    assert torch.equal(packed["input_ids"], speedups.pack_rows(rows, width, pad_id=0, pad_to=width)["input_ids"])
 
 
 def test_rows_of_equal_length_pack_into_ludwigs_own_shape_with_plain_causal_attention() -> None:
