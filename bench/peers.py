@@ -349,10 +349,11 @@ def worker_peer(case: ts.Case, model_dir: Path, rows: list[dict[str, str]]) -> d
             return super()._get_train_sampler(*args, **kwargs)
 
     timer = StepTimer()
-    timer.peaks, timer.memory = ts.PeakMemory(), ts.MemoryTrace()
+    timer.peaks, timer.memory = ts.PeakMemory(), ts.MemoryTrace(last_step=case.steps + case.warmup - 1)
     trainer = Recording(model=model, args=sft_config(case, peer, settings, Path(tempfile.mkdtemp())),
                         train_dataset=data, processing_class=tok, peft_config=peft_config, callbacks=[timer])
     trainer.train()
+    timer.memory.finish()
     n = len(times)
     return {"step_times": times, "cycle_times": ts.cycle_times(starts), "losses": [float(x) for x in losses[:n]],
             "tokens_per_step": [int(x) for x in tokens[:n]], "loss_tokens_per_step": [int(x) for x in loss_tokens[:n]],
@@ -469,11 +470,21 @@ def real_rows_check(ref: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
             "loss_tokens_equal": tokens_ok, "ok": curve["ok"] and tokens_ok}
 
 
+def placed_peak(r: dict[str, Any]) -> str:
+    """The process peak, and where it lies when above the steps' (before them: loading; after: Ludwig's
+    end-of-training evaluation), so a process peak the peers do not have reads as what it is."""
+    peak, places = r["peak_gib"], {"load": r.get("load_peak_gib"), "between": r.get("between_steps_peak_gib"),
+                                   "after": r.get("after_steps_peak_gib")}
+    if r.get("step_peak_gib") is None or peak <= r["step_peak_gib"] or None in places.values():
+        return f"{peak:.2f}"
+    return f"{peak:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in places.items() if v > r['step_peak_gib'])})"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """One row per case; the ratios are the project's (same mode and checkpointing) over this row's: tokens/s
     above 1 means the project is faster, GiB below 1 that it needs less memory. ``run`` when merged."""
     runs = any("run" in r for r in results)
-    lines = ["| case | tokens/s: step / loop | peak GiB: steps / process | MFU | project tok/s ÷ this: step / loop "
+    lines = ["| case | tokens/s: step / loop | peak GiB: steps / process (where, if above the steps) | MFU | project tok/s ÷ this: step / loop "
              "| project GiB ÷ this: steps / process | loss tokens/step | first loss | check |"
              + (" run |" if runs else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
@@ -501,7 +512,7 @@ def table(results: list[dict[str, Any]]) -> str:
         per_step = sorted(set(r.get("loss_tokens_per_step") or []))
         loss_tokens = (f"{per_row(r, 'loss_tokens_per_step'):.1f} per row" if r.get("case", {}).get("real_rows")
                        and per_row(r, "loss_tokens_per_step") else ",".join(map(str, per_step)))
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f}{loop} | {step_peak} / {r['peak_gib']:.2f} | "
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f}{loop} | {step_peak} / {placed_peak(r)} | "
                      f"{100 * r['mfu']:.1f}% | {ratio} | {mem} | "
                      f"{loss_tokens} | "
                      f"{r['first_losses'][0]:.4f} | {verdict} |{tail}")

@@ -264,28 +264,40 @@ def _peak_gib() -> float:
 
 
 class PeakMemory:
-    """CUDA peak memory of each training step (``step_peaks_gib``: the counter restarts at every step's start) and
-    of the whole process (``peak_gib``: loading, quantizing and Ludwig's end-of-epoch evaluation included, the
-    readings between steps too), so a peak can be placed: in the steps or around them, and at which step."""
+    """CUDA peak memory of each training step (``step_peaks_gib``: the counter restarts at every step's start and
+    end) and of the whole process (``peak_gib``), placed: before the first step (``load_peak_gib``: loading and
+    quantizing), between steps (``between_steps_peak_gib``: Ludwig's evaluations and checkpoints inside the run) and
+    after the last (``after_steps_peak_gib``: the end-of-training evaluation), so a process peak above the steps'
+    says where it lies. Between and after are read at the next step's start and at :meth:`result`."""
 
     def __init__(self) -> None:
-        self.process = 0.0
+        self.load: float | None = None
+        self.between = 0.0
         self.steps: list[float] = []
 
     def step_begin(self) -> None:
         import torch
 
-        self.process = max(self.process, _peak_gib())
+        if self.load is None:
+            self.load = _peak_gib()
+        else:
+            self.between = max(self.between, _peak_gib())
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def step_end(self) -> None:
+        import torch
+
         self.steps.append(_peak_gib())
-        self.process = max(self.process, self.steps[-1])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def result(self) -> dict[str, Any]:
-        return {"peak_gib": max(self.process, _peak_gib()), "step_peak_gib": max(self.steps, default=None),
-                "step_peaks_gib": self.steps}
+        after = _peak_gib() if self.steps else 0.0
+        load = self.load if self.load is not None else _peak_gib()
+        return {"peak_gib": max(load, self.between, after, *self.steps),
+                "step_peak_gib": max(self.steps, default=None), "step_peaks_gib": self.steps,
+                "load_peak_gib": load, "between_steps_peak_gib": self.between, "after_steps_peak_gib": after}
 
 
 def live_at_peak(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
@@ -319,28 +331,43 @@ def _first_outside_torch(frames: list[dict[str, Any]]) -> str:
 
 
 class MemoryTrace:
-    """Records the CUDA allocator's events of one training step (``BENCH_MEMORY_STEP=N``, counted from 0) and keeps
-    what :func:`live_at_peak` reads from them, with the bytes already allocated when the step began."""
+    """Records the CUDA allocator's events of one training step (``BENCH_MEMORY_STEP=N``, counted from 0), or of
+    everything after the last step (``BENCH_MEMORY_STEP=after``: the end-of-training evaluation; ``last_step``, the
+    index of the run's last step, tells when that begins), and keeps what :func:`live_at_peak` reads from them, with
+    the bytes already allocated when the recording began."""
 
-    def __init__(self) -> None:
-        self.step = int(os.environ.get("BENCH_MEMORY_STEP", -1))
+    def __init__(self, last_step: int = -1) -> None:
+        setting = os.environ.get("BENCH_MEMORY_STEP", "-1")
+        self.after = setting == "after"
+        self.step = last_step + 1 if self.after else int(setting)
         self.result: dict[str, Any] = {}
 
     def begin(self, steps_done: int) -> None:
-        import torch
-
-        if steps_done == self.step and torch.cuda.is_available():
-            self.result["start_gib"] = torch.cuda.memory_allocated() / 2**30
-            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+        if steps_done == self.step and not self.after:
+            self._record()
 
     def end(self, steps_done: int) -> None:
+        if self.after and steps_done == self.step:
+            self._record()
+        elif steps_done == self.step + 1:
+            self.finish()
+
+    def finish(self) -> None:
+        """Stop a recording that is running and keep its reading (``after``: called once training returned)."""
         import torch
 
-        if steps_done == self.step + 1 and torch.cuda.is_available():
+        if "start_gib" in self.result and "peak_gib_above_start" not in self.result:
             snapshot = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
             traces = snapshot.get("device_traces") or [[]]
             self.result.update(live_at_peak(traces[torch.cuda.current_device()]))
+
+    def _record(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.result["start_gib"] = torch.cuda.memory_allocated() / 2**30
+            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
 
 
 #: the parts of a Ludwig training step whose CPU time :class:`PhaseClock` records: (owner, attribute, phase)
@@ -495,7 +522,7 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
             self.starts: list[float] = []
             self._t0 = 0.0
             self.peaks = PeakMemory()
-            self.memory = MemoryTrace()
+            self.memory = MemoryTrace(last_step=case.steps + case.warmup - 1)
 
         def on_batch_start(self, trainer, progress_tracker, save_path, **kwargs):
             self.peaks.step_begin()
@@ -526,6 +553,7 @@ def worker_ludwig(case: Case, model_dir: Path, dataset: Path, workdir: Path) -> 
     inner = None
     model.train(dataset=str(dataset), output_directory=str(workdir / "results"), skip_save_processed_input=True,
                 skip_save_model=True, skip_save_progress=True, skip_save_log=True)
+    timer.memory.finish()
     inner = model.model.model
     dtypes = sorted({str(p.dtype) for p in inner.parameters()})
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
@@ -653,6 +681,7 @@ def summarize(case: Case, raw: dict[str, Any], n_params: int, peak_tflops: float
         loop["phases_ms"] = median_phases_ms(raw["phases"][case.warmup:])
     return {"case": asdict(case), "step_s": step, "tokens_per_s": tok_s, **loop, "peak_gib": raw.get("peak_gib"),
             "step_peak_gib": raw.get("step_peak_gib"), "step_peaks_gib": raw.get("step_peaks_gib"),
+            **{k: raw.get(k) for k in ("load_peak_gib", "between_steps_peak_gib", "after_steps_peak_gib")},
             "mfu": 4 * n_params * tok_s / (peak_tflops * 1e12), "first_losses": raw["losses"][:5],
             **{k: raw[k] for k in ("param_dtypes", "attn_implementation") if k in raw}}
 

@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from train_speed import (LOSS_TOLERANCE, Case, PhaseClock, add_comparisons, build_rows, cycle_times,  # noqa: E402
-                         live_at_peak, median_phases_ms, merge_runs, plan, summarize)
+from train_speed import (LOSS_TOLERANCE, Case, PeakMemory, PhaseClock, add_comparisons, build_rows,  # noqa: E402
+                         cycle_times, live_at_peak, median_phases_ms, merge_runs, plan, summarize)
 
 
 def row(name: str, path: str, tok_s: float, peak: float, loss: float, batch: int = 8, mode: str = "qlora") -> dict:
@@ -108,6 +108,47 @@ def test_live_at_peak_replays_the_allocator_trace_to_the_peak() -> None:
     result = live_at_peak(events)
     assert result["peak_gib_above_start"] == 1.5
     assert result["largest"] == [{"gib": 1.0, "where": "a.py:7 forward"}, {"gib": 0.5, "where": "b.py:7 forward"}]
+
+
+class FakeAllocator:
+    """CUDA's peak counter: ``use`` allocates to a level, a reset starts the peak from the current level."""
+
+    def __init__(self) -> None:
+        self.level = self.peak = 0.0
+
+    def use(self, gib: float, then: float) -> None:
+        self.peak, self.level = max(self.peak, gib), then
+
+    def reset(self) -> None:
+        self.peak = self.level
+
+
+def test_a_process_peak_above_the_steps_is_placed_before_between_or_after_them(monkeypatch) -> None:
+    import torch
+
+    import train_speed
+
+    gpu = FakeAllocator()
+    monkeypatch.setattr(train_speed, "_peak_gib", lambda: gpu.peak)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", gpu.reset)
+    peaks = PeakMemory()
+    gpu.use(0.5, then=0.3)  # loading and quantizing
+    for step_peak, between in ((0.8, 0.3), (0.7, 1.1)):  # a mid-run evaluation after the second step
+        peaks.step_begin()
+        gpu.use(step_peak, then=0.3)
+        peaks.step_end()
+        gpu.use(between, then=0.3)
+    result = peaks.result()
+    assert result["step_peaks_gib"] == [0.8, 0.7] and result["load_peak_gib"] == 0.5
+    assert result["between_steps_peak_gib"] == 0.3 and result["after_steps_peak_gib"] == 1.1 == result["peak_gib"]
+
+    import peers
+
+    row = {"peak_gib": 1.1, "step_peak_gib": 0.8, **{k: result[k] for k in (
+        "load_peak_gib", "between_steps_peak_gib", "after_steps_peak_gib")}}
+    assert peers.placed_peak(row) == "1.10 (after 1.10)"
+    assert peers.placed_peak({"peak_gib": 0.8, "step_peak_gib": 0.8}) == "0.80"
 
 
 class Stepper:
