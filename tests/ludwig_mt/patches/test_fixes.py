@@ -675,7 +675,7 @@ def per_row_pack_rows(rows, pack_length, pad_id):
             pos[p, at:at + n] = torch.arange(n, device=device)
             labels[p, at + n_prompt:at + n] = seq[n_prompt:]
             at += n
-        pos[p, at:] = torch.arange(width - at, device=device)
+        pos[p, at:] = torch.arange(n, n + width - at, device=device)  # the tail padding continues the last row
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 

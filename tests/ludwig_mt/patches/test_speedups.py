@@ -274,7 +274,7 @@ def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
     rows = [(torch.arange(10, 16), 4), (torch.arange(20, 23), 1), (torch.arange(30, 35), 2)]  # 6, 3, 5 tokens
     packed = speedups.pack_rows(rows, pack_length=9, pad_id=0)
     assert packed["input_ids"].tolist() == [[10, 11, 12, 13, 14, 15, 20, 21, 22], [30, 31, 32, 33, 34, 0, 0, 0, 0]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
     assert packed["labels"].tolist() == [[-100, -100, -100, -100, 14, 15, -100, 21, 22],
                                          [-100, -100, 32, 33, 34, -100, -100, -100, -100]]
 
@@ -311,16 +311,18 @@ def test_a_step_packs_its_rows_once_where_the_power_of_two_is_clearly_tight(monk
 
 
 def test_rows_of_equal_length_pack_into_ludwigs_own_shape_with_plain_causal_attention() -> None:
-    """Packs no wider than the longest row rounded up to a power of two: equal rows of a power-of-two length stay one
-    per pack, so transformers sees no packed sequences and runs plain causal attention (packs of 2,048 tokens cost
-    23-25 % on the H200 for rows of 255: a mask over every pack)."""
+    """Packs no wider than the longest row rounded up to a power of two: equal rows stay one per pack, and the tail
+    padding continues the row, so transformers sees no packed sequences and runs plain causal attention (packs of
+    2,048 tokens cost 23-25 % on the H200 for rows of 255: a mask over every pack; a padding column of its own
+    segment, 12 %: run 20)."""
     from transformers.masking_utils import find_packed_sequence_indices
 
-    rows = [(torch.arange(100, 108) + i, 3) for i in range(5)]
-    length = speedups.pack_length([ids.shape[0] for ids, _ in rows], "")
-    packed = speedups.pack_rows(rows, pack_length=length, pad_id=0, pad_to=length)
-    assert packed["input_ids"].shape == (5, 8)
-    assert find_packed_sequence_indices(packed["position_ids"]) is None
+    for n in (8, 7):  # rows of 7: one padding column per pack, which continues the row (run 20: 255-token rows)
+        rows = [(torch.arange(100, 100 + n) + i, 3) for i in range(5)]
+        length = speedups.pack_length([ids.shape[0] for ids, _ in rows], "")
+        packed = speedups.pack_rows(rows, pack_length=length, pad_id=0, pad_to=length)
+        assert packed["input_ids"].shape == (5, 8)
+        assert find_packed_sequence_indices(packed["position_ids"]) is None
 
 
 def test_raw_ludwig_packing_crashes_on_this_stack(llm) -> None:
