@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ludwig_mt.errors import WorkflowError
-from ludwig_mt.patches import distributed, fixes, instrumentation, speedups
+from ludwig_mt.patches import distributed, fixes, instrumentation, lean_evaluation, speedups
 from ludwig_mt.patches.core import ALWAYS, EXPLICIT, KNOWN_VERSIONS, Patch, Switch, apply_patch, env_set
 from ludwig_mt.patches.env import ENV_ALLOW_UNTESTED, ENV_NO_FIXES, ENV_PATCHES_OFF, env_flag, env_names
 from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_PROGRESS_FILE, ENV_RANK_REPORT
@@ -129,6 +129,11 @@ PATCHES: tuple[Patch, ...] = (
              "Ludwig left-pads each batch to its longest row: rows packed into sequences that long rounded up to a "
              "power of two (position ids restart per row; same loss)",
              speedups.patch_pack_training_rows, ("ludwig", "transformers")),
+    _speedup("response_only_eval_logits", lean_evaluation.TARGETS,
+             "the evaluation in `ludwig train` kept float32 logits and probabilities of every position over the whole "
+             "vocabulary (3.25 GiB for 8 rows of SmolLM2, 3.9x a training step): the positions its loss and "
+             "perplexities read only (same metrics)",
+             speedups.patch_response_only_eval_logits, ("ludwig", "transformers", "torch")),
     _speedup("sampled_train_metrics", (f"{TRAINER}._update_training_metrics",),
              "training-set metrics over the full logits after every step: on one step in 8",
              speedups.patch_sampled_train_metrics, ("ludwig",)),

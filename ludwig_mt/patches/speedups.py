@@ -131,6 +131,7 @@ from typing import Any
 
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches.model_loading import add_load_rule
+from ludwig_mt.patches import lean_evaluation
 from ludwig_mt.patches.core import rebind
 from ludwig_mt.patches.fixes import left_pad_rows, merged_rows, pad_token_id
 from ludwig_mt.patches.env import env_names
@@ -139,7 +140,7 @@ logger = logging.getLogger(__name__)
 
 SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits",
             "bf16_autocast", "liger_kernels", "lean_lora_forward", "fused_lora_mlp", "one_sync_optimizer_step",
-            "offload_checkpoints", "pack_training_rows")
+            "offload_checkpoints", "pack_training_rows", "response_only_eval_logits")
 
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
@@ -339,7 +340,7 @@ def patch_sampled_train_metrics() -> None:
 
 #: key of the precomputed loss in the outputs of a lean training forward (read by the patched ``train_loss``)
 LEAN_LOSS = "ludwig_mt_target_only_loss"
-IGNORE = -100  # ludwig.constants.IGNORE_INDEX_TOKEN_ID, torch's cross-entropy default
+IGNORE = lean_evaluation.IGNORE  # ludwig.constants.IGNORE_INDEX_TOKEN_ID, torch's cross-entropy default
 
 
 def padded_labels(rows: list[tuple[Any, int]], width: int):
@@ -950,3 +951,30 @@ def apply_fused_lora_mlp(model) -> int:
 def patch_fused_lora_mlp() -> None:
     """Ludwig's loaded LLMs get ``fused_lora_mlp`` (an after-load hook of the one stand-in loader)."""
     add_load_rule(after_load=apply_fused_lora_mlp)
+
+
+# ---------------------------------------------------------------------------------- response_only_eval_logits
+
+
+def marking_evaluation(original):
+    """``FineTuneTrainer.evaluation`` that marks its model for :mod:`~ludwig_mt.patches.lean_evaluation`'s path while
+    it runs (the speed-up on and the model one :func:`lean_forward_supported` covers)."""
+
+    @functools.wraps(original)
+    def evaluation(self, *args, **kwargs):
+        model = self.model
+        model._ludwig_mt_lean_eval = enabled("response_only_eval_logits") and lean_forward_supported(model)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            model._ludwig_mt_lean_eval = False
+
+    return evaluation
+
+
+def patch_response_only_eval_logits() -> None:
+    """The evaluation inside ``ludwig train`` marks the model; the forward and the metric update act on the mark
+    (:mod:`ludwig_mt.patches.lean_evaluation`: logits of the scored window only, the same metrics)."""
+    rebind(lean_evaluation.EVALUATION, marking_evaluation)
+    rebind(lean_evaluation.FORWARD, lean_evaluation.lean_forward)
+    rebind(lean_evaluation.UPDATE_METRICS, lean_evaluation.windowed_update)

@@ -79,7 +79,8 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
     assert registry.stacking() == {
         "ludwig.api:LudwigModel.train": ["refuse_quantized_training_without_cuda", "accept_declared_backend_section",
                                          "refuse_incompatible_strategy"],
-        f"{llm}.forward": ["unpacked_forward_instead_of_broken_packing", "target_only_logits", "pack_training_rows"],
+        f"{llm}.forward": ["unpacked_forward_instead_of_broken_packing", "target_only_logits", "pack_training_rows",
+                           "response_only_eval_logits"],
         f"{trainer}._train_loop": ["resume_mid_epoch_where_it_stopped", "write_training_progress", "write_rank_report"],
         f"{trainer}.save_checkpoint": ["resume_mid_epoch_where_it_stopped", "write_training_progress",
                                        "crash_drill_after_checkpoint"],
