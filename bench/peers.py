@@ -389,6 +389,7 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "no-pack": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "pack_training_rows"}),  # Ludwig's left-padded batches
     "pack-2048": ({}, {"LUDWIG_MT_PACK_LENGTH": "2048"}),  # packs of 2,048 tokens (the peers' length)
     "pack-longest": ({}, {"LUDWIG_MT_PACK_LENGTH": "longest"}),  # packs as wide as the batch's longest row
+    "ludwig-eval": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "response_only_eval_logits"}),  # Ludwig's own evaluation
 }
 
 
