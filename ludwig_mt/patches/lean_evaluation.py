@@ -67,10 +67,10 @@ def lean_eval_outputs(llm, input_ids, target_ids) -> tuple[dict[str, Any], int]:
     import torch
     from ludwig.accounting.used_tokens import get_used_tokens_for_llm
     from ludwig.constants import LOGITS, PREDICTIONS, PROBABILITIES, USED_TOKENS
-    from ludwig.utils.llm_utils import generate_merged_ids
+    from ludwig.models import llm as llm_module  # the name LLM.forward calls (and the project's fixes rebind)
 
-    llm.model_inputs, llm.attention_masks = generate_merged_ids(input_ids, target_ids, llm.tokenizer,
-                                                                llm.global_max_sequence_length)
+    llm.model_inputs, llm.attention_masks = llm_module.generate_merged_ids(input_ids, target_ids, llm.tokenizer,
+                                                                           llm.global_max_sequence_length)
     (name,) = llm.output_features.keys()
     aligned = llm._update_target_tensor_for_finetuning({name: target_ids.clone()},
                                                        {name: {PREDICTIONS: llm.model_inputs}}, name)[name]
