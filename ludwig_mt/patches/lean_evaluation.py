@@ -29,7 +29,10 @@ marking of the evaluation live with the other speed-ups (:func:`ludwig_mt.patche
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: ludwig.constants.IGNORE_INDEX_TOKEN_ID: the targets no metric scores
 IGNORE = -100
@@ -106,7 +109,10 @@ def update_with_window(llm, targets: dict[str, Any], predictions: dict[str, Any]
     outputs = predictions[name]
     for metric_name, fn in windowed.items():
         key = get_metric_tensor_input(metric_name)
-        fn.to(outputs[key].device).update(outputs[key].detach(), tail)
+        try:  # as Ludwig's loop (TextOutputFeature.update_metrics): a metric that fails is logged and skipped
+            fn.to(outputs[key].device).update(outputs[key].detach(), tail)
+        except Exception:
+            logger.warning(f"Ran into error when calculating metric {metric_name}. Skipping.", exc_info=True)
     feature._metric_functions = {k: fn for k, fn in metrics.items() if k not in windowed}
     try:
         feature.update_metrics(aligned, outputs, llm.tokenizer)
