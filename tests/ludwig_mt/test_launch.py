@@ -132,3 +132,32 @@ def test_plain_ludwig_train_of_a_multi_process_yaml_says_how_to_launch_it() -> N
 def test_raw_ludwig_copy_has_no_backend_trainer() -> None:
     sql = load_yaml(config_file("sql"))
     assert for_raw_ludwig(sql)["backend"] == {"type": "local"} and "trainer" in sql["backend"]
+
+
+@pytest.mark.parametrize("code", [None, 0, 2])
+def test_a_worker_destroys_its_process_group_after_a_successful_run_only(code, tmp_path: Path, monkeypatch) -> None:
+    """Left to the interpreter's exit, Gloo's threads can abort a finished rank (exit -6); after a failed run the
+    group is left alone (a collective teardown would wait for ranks that went on)."""
+    import ludwig.cli
+    import torch.distributed as dist
+
+    from ludwig_mt.patches import registry
+
+    def main() -> None:
+        if code is not None:
+            raise SystemExit(code)
+
+    monkeypatch.setattr(ludwig.cli, "main", main)
+    monkeypatch.setattr(registry, "apply_all", lambda *args, **kwargs: None)
+    monkeypatch.setattr(launch.sys, "argv", list(launch.sys.argv))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if code == 2:
+            with pytest.raises(SystemExit):
+                launch.worker(["train"])
+        else:
+            launch.worker(["train"])
+        assert dist.is_initialized() == (code == 2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
