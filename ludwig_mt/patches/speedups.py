@@ -513,11 +513,6 @@ def pack_plan(lengths: list[int], setting: str) -> tuple[int, list[list[int]]]:
                         "rounded up to a power of two), longest, or a positive number of tokens")
 
 
-def pack_length(lengths: list[int], setting: str) -> int:
-    """The pack length alone (:func:`pack_plan`)."""
-    return pack_plan(lengths, setting)[0]
-
-
 def packing_wanted(llm) -> bool:
     """A trainer that declares ``packing`` (Ludwig's zero-shot one; tests) decides; else ``pack_training_rows``
     (its patch marks the model for the call, :func:`patch_pack_training_rows`)."""

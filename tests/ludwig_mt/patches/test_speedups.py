@@ -279,16 +279,16 @@ def test_pack_rows_restarts_positions_and_never_splits_a_row() -> None:
                                          [-100, -100, 32, 33, 34, -100, -100, -100, -100]]
 
 
-def test_pack_length_is_the_longest_row_rounded_up_to_a_power_of_two_unless_set() -> None:
+def test_the_pack_width_is_the_longest_row_rounded_up_to_a_power_of_two_unless_set() -> None:
     from ludwig_mt.errors import WorkflowError
 
-    assert speedups.pack_length([3, 9, 5, 7], "") == 16 == speedups.pack_length([3, 9, 5, 7], "pow2")  # 32 vs 27
-    assert speedups.pack_length([3, 9, 5], "longest") == 9 and speedups.pack_length([256, 255], "") == 256
-    assert speedups.pack_length([3, 9], "2048") == 2048
+    assert speedups.pack_plan([3, 9, 5, 7], "")[0] == 16 == speedups.pack_plan([3, 9, 5, 7], "pow2")[0]  # 32 vs 27
+    assert speedups.pack_plan([3, 9, 5], "longest")[0] == 9 and speedups.pack_plan([256, 255], "")[0] == 256
+    assert speedups.pack_plan([3, 9], "2048")[0] == 2048
     with pytest.raises(WorkflowError, match="LUDWIG_MT_PACK_LENGTH='long': not a pack length"):
-        speedups.pack_length([3], "long")
+        speedups.pack_plan([3], "long")
     # rows just over a power of two would get a pack of 1,024 each: the longest row's width instead
-    assert speedups.pack_length([600, 580, 560, 540, 520], "") == 600
+    assert speedups.pack_plan([600, 580, 560, 540, 520], "")[0] == 600
     width, packs = speedups.pack_plan([600, 580, 560, 540, 520], "")
     assert (width, len(packs)) == (600, 5) and 5 * 1024 > 1.25 * 5 * 600  # packs of 1,024 would hold 1.7x the positions
     assert speedups.first_fit_decreasing([300, 700, 500, 200], 1024) == [[1, 0], [2, 3]]  # longest first
@@ -319,7 +319,7 @@ def test_rows_of_equal_length_pack_into_ludwigs_own_shape_with_plain_causal_atte
 
     for n in (8, 7):  # rows of 7: one padding column per pack, which continues the row (run 20: 255-token rows)
         rows = [(torch.arange(100, 100 + n) + i, 3) for i in range(5)]
-        length = speedups.pack_length([ids.shape[0] for ids, _ in rows], "")
+        length = speedups.pack_plan([ids.shape[0] for ids, _ in rows], "")[0]
         packed = speedups.pack_rows(rows, pack_length=length, pad_id=0, pad_to=length)
         assert packed["input_ids"].shape == (5, 8)
         assert find_packed_sequence_indices(packed["position_ids"]) is None
