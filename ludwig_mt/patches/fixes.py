@@ -608,10 +608,16 @@ _TRAIN_TOKENS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar
                                                                                   default=None)
 
 
+def base_causal_lm(causal_lm):
+    """The ``*ForCausalLM`` itself: peft's model unwrapped when there is one (its inner ``base_model`` then runs the
+    adapted layers, and ``get_output_embeddings`` is the LM head)."""
+    return causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+
+
 def final_norm_weight(causal_lm) -> torch.Tensor | None:
     """The scale of the norm just before the LM head (``model.norm`` in Llama/Qwen/Mistral, ``transformer.ln_f`` in
     GPT-2/Bloom), which bounds what a hidden state can look like; None if the model has none we know."""
-    inner = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    inner = base_causal_lm(causal_lm)
     inner = getattr(inner, "base_model", inner)
     for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
         weight = getattr(getattr(inner, name, None), "weight", None)

@@ -32,6 +32,8 @@ import functools
 import logging
 from typing import Any
 
+from ludwig_mt.patches.fixes import base_causal_lm
+
 logger = logging.getLogger(__name__)
 
 #: ludwig.constants.IGNORE_INDEX_TOKEN_ID: the targets no metric scores
@@ -78,8 +80,7 @@ def lean_eval_outputs(llm, input_ids, target_ids) -> tuple[dict[str, Any], int]:
     aligned = llm._update_target_tensor_for_finetuning({name: target_ids.clone()},
                                                        {name: {PREDICTIONS: llm.model_inputs}}, name)[name]
     window = scored_window(aligned)
-    causal_lm = llm.model
-    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    base = base_causal_lm(llm.model)
     hidden = base.base_model(input_ids=llm.model_inputs, attention_mask=llm.attention_masks, use_cache=False)[0]
     head = base.get_output_embeddings()
     cut = hidden.shape[1] - window

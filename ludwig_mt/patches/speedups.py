@@ -141,7 +141,7 @@ from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches.model_loading import add_load_rule
 from ludwig_mt.patches import lean_evaluation
 from ludwig_mt.patches.core import rebind
-from ludwig_mt.patches.fixes import left_pad_rows, merged_rows, pad_token_id
+from ludwig_mt.patches.fixes import base_causal_lm, left_pad_rows, merged_rows, pad_token_id
 from ludwig_mt.patches.env import env_names
 
 logger = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ def target_only_loss(causal_lm, batch: dict[str, Any]):
     import torch
     import torch.nn.functional as F
 
-    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    base = base_causal_lm(causal_lm)
     model_kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     hidden = base.base_model(**model_kwargs, use_cache=False)[0]
     if "target_index" not in batch:
@@ -469,7 +469,7 @@ def packing_supported(causal_lm) -> bool:
     """Packing needs per-row ``position_ids`` (rotary models); ALiBi models (Bloom) take none."""
     import inspect
 
-    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    base = base_causal_lm(causal_lm)
     return "position_ids" in inspect.signature(base.base_model.forward).parameters
 
 
