@@ -26,9 +26,11 @@ Real rows (``--data prepared.csv --task samsum --model DIR``, e.g. SmolLM2-135M 
 of unequal length from a prepared task dataset (those that fit the task YAML's sequence limits, in file order),
 the task's YAML, a real model. The peers get the rows as the project's token ids (:func:`peer_examples`: the same
 sequences, loss on the same tokens). Each path reads the rows in file order (Ludwig ``should_shuffle: false``, the
-peers a sequential sampler; the peers' best-fit packing still regroups rows within chunks of 1,000), at a constant
+peers a sequential sampler; with packs, the peers' best-fit packing regroups rows within chunks of 1,000), at a constant
 learning rate (the YAML's schedules differ between Ludwig and the Trainer, and 50 steps are too few for them to
-matter), and the peers get as many 2,048-token packs per step as the project's rows fill on average. The check is
+matter). A peer's step holds the project's rows (``--peer-steps rows``, the default: padding-free batches of the
+YAML's rows per step, so steps hold the same rows, losses compare step by step and memory at equal work), or
+(``--peer-steps packs``) as many 2,048-token packs as the project's rows fill on average. The check is
 then the loss curve (:func:`loss_curve_check`): the mean loss per loss token over every window of
 :data:`CURVE_WINDOW_ROWS` rows (the same rows on every path) within :data:`CURVE_TOLERANCE` of the project's, and the
 same tokens and loss tokens per row over those windows; tokens per second count
@@ -106,6 +108,32 @@ def peer_settings(case: ts.Case, model_dir: Path) -> dict[str, Any]:
 
 #: Ludwig 0.17.10's default ``trainer.gradient_clipping.clipglobalnorm`` (the Trainer's default is 1.0)
 LUDWIG_CLIP_GLOBAL_NORM = 0.5
+
+
+#: real rows, how a peer's optimizer step is made (``--peer-steps``): ``rows`` (default) - the project's rows per step,
+#: in file order, padding-free without packing (the collator joins a step's rows into one sequence whose positions
+#: restart at each row: unsloth's default, TRL's ``padding_free``), so every path's step holds the same rows: losses
+#: compare step by step, and memory and speed at equal work; ``packs`` - ``packing=True`` (best-fit decreasing) into
+#: as many 2,048-token packs per step as the project's rows fill on average (:func:`real_packs_per_step`): the peers'
+#: recommended packing, with steps of other rows (and fewer tokens at most) than the project's
+PEER_STEPS = ("rows", "packs")
+
+
+def same_rows(case: ts.Case) -> bool:
+    """Whether a peer's step holds exactly the project's rows (real rows with ``--peer-steps rows``; the driver sets
+    ``BENCH_PEER_STEPS`` for its workers). Equal rows always pack: 8 rows of 255 tokens fill a 2,048-token pack, the
+    same work either way."""
+    return bool(case.real_rows) and os.environ.get("BENCH_PEER_STEPS", PEER_STEPS[0]) == "rows"
+
+
+def peer_batching(case: ts.Case) -> dict[str, Any]:
+    """The ``SFTConfig`` fields that make a peer's step (padding-free in both: one sequence per step whose positions
+    restart at each row). Same rows: the project's rows per step, no packing and no ``max_length`` (every row fits
+    the YAML's limits already, :func:`fitting_rows`, and TRL refuses a ``max_length`` it would not enforce); else
+    best-fit packs of :func:`pack_length` tokens."""
+    if same_rows(case):
+        return {"per_device_train_batch_size": case.batch, "packing": False, "max_length": None}
+    return {"per_device_train_batch_size": packs_per_step(case), "packing": True, "max_length": pack_length()}
 
 
 def rows_per_pack(case: ts.Case) -> int:
@@ -269,11 +297,11 @@ def sft_config(case: ts.Case, peer: str, settings: dict[str, Any], workdir: Path
         optim = "paged_adamw_32bit" if case.mode == "qlora" and cuda else "adamw_torch"
     checkpointing = settings["gradient_checkpointing"] and peer == "trl"  # unsloth set its own on the model
     return SFTConfig(
-        output_dir=str(workdir), per_device_train_batch_size=packs_per_step(case), gradient_accumulation_steps=1,
+        output_dir=str(workdir), **peer_batching(case), gradient_accumulation_steps=1,
         max_steps=case.warmup + case.steps, learning_rate=settings["learning_rate"], lr_scheduler_type="constant",
         max_grad_norm=settings["max_grad_norm"],
-        optim=optim, bf16=cuda, use_cpu=not cuda, packing=True, packing_strategy="bfd", padding_free=True,
-        max_length=pack_length(), completion_only_loss=True, use_liger_kernel=cuda and peer == "trl",
+        optim=optim, bf16=cuda, use_cpu=not cuda, packing_strategy="bfd", padding_free=True,
+        completion_only_loss=True, use_liger_kernel=cuda and peer == "trl",
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         logging_steps=10**6, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
@@ -467,8 +495,21 @@ def real_rows_check(ref: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
         theirs = per_row(ref, key, window_steps(curve["windows"], "reference_steps"))
         gaps[key] = None if mine is None or theirs is None else abs(mine - theirs) / theirs
     tokens_ok = all(g is not None and g <= ROW_TOKENS_TOLERANCE for g in gaps.values())
-    return {"loss_curve": curve, "per_row_rel_gap": gaps, "row_tokens_tolerance": ROW_TOKENS_TOLERANCE,
-            "loss_tokens_equal": tokens_ok, "ok": curve["ok"] and tokens_ok}
+    check = {"loss_curve": curve, "per_row_rel_gap": gaps, "row_tokens_tolerance": ROW_TOKENS_TOLERANCE,
+             "loss_tokens_equal": tokens_ok, "same_steps": same_steps(ref, r), "ok": curve["ok"] and tokens_ok}
+    if check["same_steps"]:  # the first step's rows are the same: its loss is the base model's on both paths
+        delta = abs(r["first_losses"][0] - ref["first_losses"][0]) / abs(ref["first_losses"][0])
+        check.update(first_loss_rel_delta=delta, tolerance=ts.LOSS_TOLERANCE,
+                     ok=check["ok"] and delta <= ts.LOSS_TOLERANCE)
+    return check
+
+
+def same_steps(ref: dict[str, Any], r: dict[str, Any]) -> bool:
+    """Whether every step both runs took held the same rows: as many rows and the same loss tokens, step by step
+    (``--peer-steps rows``; best-fit packs regroup the rows)."""
+    keys = ("rows_per_step", "loss_tokens_per_step")
+    n = min(len(x.get(k) or []) for x in (ref, r) for k in keys)
+    return n > 0 and all(ref[k][:n] == r[k][:n] for k in keys)
 
 
 def placed_peak(r: dict[str, Any]) -> str:
@@ -499,7 +540,9 @@ def table(results: list[dict[str, Any]]) -> str:
             curve = check["loss_curve"]
             verdict = (f"{'ok' if check['ok'] else 'FAILED'} (loss curve: largest gap "
                        f"{100 * curve['max_abs_rel_delta']:.1f}% over {len(curve['windows'])} windows of "
-                       f"{curve['window_rows']} rows; tokens per row equal: {check['loss_tokens_equal']})")
+                       f"{curve['window_rows']} rows; tokens per row equal: {check['loss_tokens_equal']}"
+                       + (f"; same rows per step, first loss delta {100 * check['first_loss_rel_delta']:.2f}%"
+                          if check.get("same_steps") else "") + ")")
         else:
             verdict = "" if check is None else ("ok" if check["ok"] else
                                                 f"FAILED (tokens equal: {check['loss_tokens_equal']}, "
@@ -604,6 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--data", type=Path, default=None, help="real rows: a prepared task CSV (prompt, response, split)")
     p.add_argument("--task", default="sql", help="the task YAML (ludwig_configs/<task>.yaml) the project trains with")
+    p.add_argument("--peer-steps", choices=PEER_STEPS, default=PEER_STEPS[0], help="real rows: a peer's step holds "
+                   "the project's rows (rows, padding-free) or as many 2,048-token packs as they fill (packs)")
     p.add_argument("--model", type=Path, default=None, help="a real model folder instead of --shape's random "
                    "weights (its name replaces the shape's in the results)")
     p.add_argument("--tokenizer", type=Path, default=None, help="random weights of --shape with this model folder's "
@@ -640,8 +685,11 @@ def main(argv: list[str] | None = None) -> None:
                      real=real)
         # 20 % spare: the peers' packs per step are rounded to whole packs (a step may hold a few more rows)
         data, real_rows = real_dataset(args.data, tok, limits, int(1.2 * rows * (args.steps + args.warmup + 1)), work)
-        real_rows["packs_per_step"] = real_packs_per_step(rows, real_rows.pop("row_tokens"), pack_length())
-        os.environ["BENCH_PACKS_PER_STEP"] = str(real_rows["packs_per_step"])
+        real_rows["peer_steps"] = os.environ["BENCH_PEER_STEPS"] = args.peer_steps
+        if args.peer_steps == "packs":
+            real_rows["packs_per_step"] = real_packs_per_step(rows, real_rows["row_tokens"], pack_length())
+            os.environ["BENCH_PACKS_PER_STEP"] = str(real_rows["packs_per_step"])
+        real_rows.pop("row_tokens")
         print(f"real rows: {real_rows}", flush=True)
     else:
         cases = plan(args.shape, args.modes, rows, 190 if not args.smoke else 40, 64 if not args.smoke else 16,

@@ -53,6 +53,18 @@ def test_the_peers_pack_the_same_rows_per_step() -> None:
         peers.packs_per_step(case(batch=60))
 
 
+def test_real_rows_give_each_peer_step_the_projects_rows_unless_packs_are_asked_for(monkeypatch) -> None:
+    real = case("trl", batch=64, real_rows=True, task="samsum")
+    monkeypatch.delenv("BENCH_PEER_STEPS", raising=False)
+    assert peers.peer_batching(real) == {"per_device_train_batch_size": 64, "packing": False, "max_length": None}
+    monkeypatch.setenv("BENCH_PEER_STEPS", "packs")
+    monkeypatch.setenv("BENCH_PACKS_PER_STEP", "6")
+    assert peers.peer_batching(real) == {"per_device_train_batch_size": 6, "packing": True, "max_length": 2048}
+    monkeypatch.setenv("BENCH_PEER_STEPS", "rows")  # equal rows pack whatever is asked: 8 rows fill a pack
+    monkeypatch.delenv("BENCH_PACKS_PER_STEP")
+    assert peers.peer_batching(case("trl", batch=64))["per_device_train_batch_size"] == 8
+
+
 def test_plan_pairs_each_peer_with_the_project_of_the_same_mode_and_checkpointing() -> None:
     cases = peers.plan("llama3.2-1b", ["qlora", "lora"], 64, 190, 64, 10, 4, list(peers.PATHS), ["adamw"])
     by = {c.label: c for c in cases}
@@ -199,6 +211,14 @@ def test_real_rows_are_checked_by_their_loss_curve_and_tokens_per_row() -> None:
     text = peers.table([project, trl, fewer])
     assert "Loss curves (real rows)" in text and "| qlora-trl | 2.0100 / 2.0000 (+0.5%) |" in text
     assert "| rows 0-999 | rows 1000-1999 | rows 2000-2999 |" in text
+    assert not trl["check"]["same_steps"] and "first_loss_rel_delta" not in trl["check"]
+
+    same = run("qlora-unsloth", "unsloth", [2.0] * 50, [20_000] * 50, [64] * 50)  # the project's rows, step by step
+    off = run("qlora-trl", "trl", [2.1] + [2.0] * 49, [20_000] * 50, [64] * 50)  # its first loss 5 % off
+    peers.add_checks([project, same, off])
+    assert same["check"]["same_steps"] and same["check"]["ok"] and same["check"]["first_loss_rel_delta"] == 0
+    assert off["check"]["same_steps"] and off["check"]["loss_curve"]["ok"] and not off["check"]["ok"]
+    assert "same rows per step, first loss delta 5.00%" in peers.table([project, off])
 
 
 @pytest.mark.slow
