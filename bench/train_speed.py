@@ -317,8 +317,53 @@ def live_at_peak(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
         elif action == "free_requested" and addr in live:
             total -= live.pop(addr)[0]
     largest = sorted(at_peak.values(), key=lambda item: -item[0])[:top]
+    by_where: dict[str, list[int]] = {}
+    for size, where in at_peak.values():
+        by_where.setdefault(where, [0, 0])
+        by_where[where][0] += size
+        by_where[where][1] += 1
+    places = sorted(by_where.items(), key=lambda item: -item[1][0])[:top]
     return {"peak_gib_above_start": peak / 2**30,
-            "largest": [{"gib": size / 2**30, "where": where} for size, where in largest]}
+            "largest": [{"gib": size / 2**30, "where": where} for size, where in largest],
+            "by_where": [{"gib": size / 2**30, "count": count, "where": where} for where, (size, count) in places]}
+
+
+def live_tensor_census(device_type: str = "cuda", top: int = 15) -> dict[str, Any]:
+    """What the tensors alive now on ``device_type`` hold (the start of a traced step: weights, adapter, gradients, optimizer
+    state, whatever a trainer keeps between steps), grouped by kind (frozen or trainable parameter, gradient, other),
+    dtype and shape, each storage counted once: the allocator trace starts after them, so without this the bytes a
+    path holds before its step are one number."""
+    import gc
+
+    import torch
+
+    kinds: dict[int, str] = {}
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == device_type]
+    grads = []  # a gradient has no Python object (so none gc lists) until something reads .grad
+    for t in tensors:
+        if isinstance(t, torch.nn.Parameter):
+            kinds.setdefault(id(t), "trainable" if t.requires_grad else "frozen")
+            if t.grad is not None:
+                grads.append(t.grad)
+                kinds[id(t.grad)] = "grad"
+    tensors += grads
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    seen: set[int] = set()
+    for t in sorted(tensors, key=lambda t: kinds.get(id(t), "other") == "other"):  # parameters claim first
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        key = (kinds.get(id(t), "other"), str(t.dtype).replace("torch.", ""), "x".join(map(str, t.shape)))
+        groups.setdefault(key, [0, 0])
+        groups[key][0] += storage.nbytes()
+        groups[key][1] += 1
+    by_kind: dict[str, float] = {}
+    for (kind, _, _), (size, _) in groups.items():
+        by_kind[kind] = by_kind.get(kind, 0.0) + size / 2**30
+    largest = sorted(groups.items(), key=lambda item: -item[1][0])[:top]
+    return {"gib_by_kind": by_kind, "largest": [{"kind": k, "dtype": d, "shape": shape, "count": n, "gib": size / 2**30}
+                                                 for (k, d, shape), (size, n) in largest]}
 
 
 def _first_outside_torch(frames: list[dict[str, Any]]) -> str:
@@ -334,7 +379,7 @@ class MemoryTrace:
     """Records the CUDA allocator's events of one training step (``BENCH_MEMORY_STEP=N``, counted from 0), or of
     everything after the last step (``BENCH_MEMORY_STEP=after``: the end-of-training evaluation; ``last_step``, the
     index of the run's last step, tells when that begins), and keeps what :func:`live_at_peak` reads from them, with
-    the bytes already allocated when the recording began."""
+    the bytes already allocated when the recording began and, for a step, what they hold (:func:`live_tensor_census`)."""
 
     def __init__(self, last_step: int = -1) -> None:
         setting = os.environ.get("BENCH_MEMORY_STEP", "-1")
@@ -367,6 +412,8 @@ class MemoryTrace:
 
         if torch.cuda.is_available():
             self.result["start_gib"] = torch.cuda.memory_allocated() / 2**30
+            if not self.after:
+                self.result["start_census"] = live_tensor_census()
             torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
 
 

@@ -108,6 +108,28 @@ def test_live_at_peak_replays_the_allocator_trace_to_the_peak() -> None:
     result = live_at_peak(events)
     assert result["peak_gib_above_start"] == 1.5
     assert result["largest"] == [{"gib": 1.0, "where": "a.py:7 forward"}, {"gib": 0.5, "where": "b.py:7 forward"}]
+    many = [{"action": "alloc", "addr": i, "size": 2**28, "frames": frames("a" if i < 3 else "b")} for i in range(5)]
+    assert live_at_peak(many)["by_where"] == [{"gib": 0.75, "count": 3, "where": "a.py:7 forward"},
+                                              {"gib": 0.5, "count": 2, "where": "b.py:7 forward"}]
+
+
+def test_the_census_counts_each_storage_once_and_names_parameters_and_gradients() -> None:
+    import torch
+
+    from train_speed import live_tensor_census
+
+    layer = torch.nn.Linear(256, 256, bias=False)
+    frozen = torch.nn.Parameter(torch.zeros(1024, 256, dtype=torch.bfloat16), requires_grad=False)
+    layer(torch.ones(4, 256)).sum().backward()
+    views = [layer.weight[:10], frozen[:3]]  # views hold no bytes of their own
+    census = live_tensor_census("cpu", top=10**6)
+    rows = census["largest"]
+    assert {"kind": "frozen", "dtype": "bfloat16", "shape": "1024x256", "count": 1, "gib": 1024 * 256 * 2 / 2**30} in rows
+    assert any(r["kind"] == "trainable" and r["shape"] == "256x256" for r in rows)
+    assert any(r["kind"] == "grad" and r["shape"] == "256x256" for r in rows)
+    assert not any(r["shape"] in ("10x256", "3x256") for r in rows)
+    assert census["gib_by_kind"]["frozen"] >= 1024 * 256 * 2 / 2**30
+    del views
 
 
 class FakeAllocator:
