@@ -418,6 +418,9 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "pack-2048": ({}, {"LUDWIG_MT_PACK_LENGTH": "2048"}),  # packs of 2,048 tokens (the peers' length)
     "pack-longest": ({}, {"LUDWIG_MT_PACK_LENGTH": "longest"}),  # packs as wide as the batch's longest row
     "ludwig-eval": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "response_only_eval_logits"}),  # Ludwig's own evaluation
+    # Ludwig's loop keeping each step's graph through the next step (the fix off)
+    "held-graph": ({}, {"LUDWIG_MT_PATCHES_OFF": "release_each_steps_graph_when_it_returns"}),
+    "adam8bit": ({"trainer": {"optimizer": {"type": "paged_adam_8bit"}}}, {}),  # 8-bit Adam states (unsloth: adamw_8bit)
 }
 
 

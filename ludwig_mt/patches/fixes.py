@@ -861,3 +861,33 @@ def stop_on_nan_on_every_rank_with_its_cause() -> None:
 
     rebind("ludwig.trainers.trainer:Trainer._has_nan_or_inf_weights", agreeing)
     rebind("ludwig.trainers.trainer:Trainer._eval_and_checkpoint", raising)
+
+
+def detached_step_result(result: tuple) -> tuple:
+    """``Trainer.train_step``'s ``(loss, all_losses, used_tokens)`` with every loss cut from its autograd graph (the
+    values are the same tensors' data; nothing after the step's backward needs the graph)."""
+    import torch
+
+    loss, all_losses, *rest = result
+    losses = ({name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in all_losses.items()}
+              if isinstance(all_losses, dict) else all_losses)
+    return (loss.detach() if isinstance(loss, torch.Tensor) else loss, losses, *rest)
+
+
+def release_each_steps_graph_when_it_returns() -> None:
+    """Ludwig's training loop keeps ``train_step``'s loss in a local (``loss, all_losses, used_tokens = ...``) until
+    the next step returns, so the previous step's autograd graph lives through the whole next step: its backward
+    freed what was saved for it, but not what its nodes hold otherwise. Reentrant gradient checkpointing (what Ludwig
+    enables) keeps each layer's call with its keyword tensors (the attention mask, the rotary tables) and the
+    detached layer inputs: measured on the H200 (``bench/NOTES-speed.md``, run 26), a 14x1024x576 hidden state and a
+    14x1x1024x1024 attention mask of the previous step still allocated when a QLoRA step of SmolLM2-135M began, 4 %
+    of its peak. The loop only logs the losses (``.detach()``, ``.item()``), so they come back detached and the graph
+    goes when the step returns."""
+    def detaching(original_step):
+        @functools.wraps(original_step)
+        def train_step(self, *args, **kwargs):
+            return detached_step_result(original_step(self, *args, **kwargs))
+
+        return train_step
+
+    rebind("ludwig.trainers.trainer:Trainer.train_step", detaching)

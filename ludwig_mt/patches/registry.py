@@ -103,6 +103,12 @@ PATCHES: tuple[Patch, ...] = (
          "a run that diverges before its first evaluation dies in the training report (`min() iterable argument is "
          "empty`) or on rank 0 alone: every rank stops together, with one line naming the step and the fix",
          fixes.stop_on_nan_on_every_rank_with_its_cause, ("ludwig", "torch")),
+    _fix("release_each_steps_graph_when_it_returns",
+         (f"{TRAINER}.train_step",),
+         "the training loop keeps each step's loss, and with it the step's autograd graph (the attention mask, "
+         "rotary tables and inputs that reentrant checkpointing holds), alive through the next step: the losses "
+         "come back detached",
+         fixes.release_each_steps_graph_when_it_returns, ("ludwig", "torch")),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"

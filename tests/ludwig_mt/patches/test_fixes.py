@@ -859,3 +859,82 @@ def test_a_run_that_diverges_before_evaluating_says_so_not_min_of_an_empty_itera
     [line] = [x for x in run.stdout.splitlines() if x.startswith("ERROR ")]
     assert "training diverged: NaN or inf in the model's weights at step 2" in line
     assert "min() iterable argument is empty" not in run.stderr
+
+
+def test_a_detached_step_result_lets_go_of_what_a_checkpointed_step_held() -> None:
+    """Reentrant checkpointing keeps a layer's call (here its keyword mask) in the graph after the backward: kept
+    attached, the step's loss keeps the mask; detached, the result holds the values alone."""
+    import functools
+    import gc
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    layer = torch.nn.Linear(4, 4)
+    mask = torch.ones(2, 4)
+    mask_alive = weakref.ref(mask)
+    loss = checkpoint(functools.partial(lambda x, mask: layer(x) * mask, mask=mask), torch.randn(2, 4, requires_grad=True),
+                      use_reentrant=True).sum()
+    del mask
+    loss.backward()
+    result = (loss, {"response": loss * 1.0}, 8)
+    del loss
+    gc.collect()
+    assert mask_alive() is not None  # the backward is done, the graph still holds the mask
+    kept = fixes.detached_step_result(result)
+    del result
+    gc.collect()
+    assert mask_alive() is None
+    assert kept[0].grad_fn is None and kept[1]["response"].grad_fn is None and kept[2] == 8
+    assert kept[0].item() == pytest.approx(kept[1]["response"].item())
+
+
+GRAPH_SPY = textwrap.dedent(
+    """
+    import json, logging, sys, weakref
+    from pathlib import Path
+    import pandas as pd
+    import torch
+    from ludwig.api import LudwigModel
+    from ludwig.trainers.trainer import Trainer
+    from workflow.samples import sql_rows
+    from ludwig_mt.tiny_model import build_tiny_llama
+    work = Path(sys.argv[1])
+    build_tiny_llama(work / "base")
+    held, previous = [], []  # per step: is an attached loss of the step before still alive when it begins
+    forward_pass = Trainer._forward_pass
+    def spying(self, *args, **kwargs):
+        held.append(any(alive() is not None for alive in previous))
+        outputs, loss, all_losses = forward_pass(self, *args, **kwargs)
+        previous[:] = [weakref.ref(t) for t in (loss, *all_losses.values()) if getattr(t, "grad_fn", None) is not None]
+        return outputs, loss, all_losses
+    Trainer._forward_pass = spying
+    rows = pd.DataFrame(sql_rows(20))
+    frame = pd.DataFrame({"prompt": rows["question"], "response": rows["answer"], "split": [0] * 16 + [1] * 4})
+    config = {"model_type": "llm", "base_model": str(work / "base"),
+              "input_features": [{"name": "prompt", "type": "text"}],
+              "output_features": [{"name": "response", "type": "text"}],
+              "adapter": {"type": "lora"}, "generation": {"max_new_tokens": 4},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 4, "enable_gradient_checkpointing": True},
+              "preprocessing": {"split": {"type": "fixed", "column": "split"}}}
+    LudwigModel(config, logging_level=logging.WARNING).train(
+        dataset=frame, output_directory=str(work / "results"), skip_save_processed_input=True, skip_save_model=True,
+        skip_save_log=True, skip_save_progress=True)
+    print("HELD", json.dumps(held))
+    """
+)
+
+
+@pytest.mark.slow  # two fresh interpreters training the tiny model
+def test_a_training_step_begins_without_the_previous_steps_graph_only_with_the_fix(tmp_path) -> None:
+    off = {"LUDWIG_MT_PATCHES_OFF": "release_each_steps_graph_when_it_returns"}
+    runs = {fixed: run_python_script(GRAPH_SPY, tmp_path / str(fixed), fixes=True, env=None if fixed else off)
+            for fixed in (False, True)}
+    held = {}
+    for fixed, run in runs.items():
+        assert run.returncode == 0, run.stderr[-3000:]
+        [line] = [x for x in run.stdout.splitlines() if x.startswith("HELD ")]
+        held[fixed] = json.loads(line.split(" ", 1)[1])
+    assert len(held[True]) == len(held[False]) == 4  # 16 rows in batches of 4
+    assert held[False] == [False, True, True, True]  # Ludwig's loop: each step starts with the last one's graph
+    assert held[True] == [False] * 4

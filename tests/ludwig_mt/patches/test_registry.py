@@ -89,7 +89,8 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
                                "place_quantized_model_on_local_rank"],
         f"{trainer}._forward_pass": ["target_only_logits", "bf16_autocast"],
         f"{trainer}._update_training_metrics": ["target_only_logits", "sampled_train_metrics"],
-        f"{trainer}.train_step": ["bf16_autocast", "write_training_progress", "write_rank_report", "record_step_losses"],
+        f"{trainer}.train_step": ["release_each_steps_graph_when_it_returns", "bf16_autocast", "write_training_progress",
+                                  "write_rank_report", "record_step_losses"],
         f"{trainer}.train": ["write_rank_report", "gather_weights_after_sharded_training"],
     }
 
