@@ -420,6 +420,7 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "ludwig-eval": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "response_only_eval_logits"}),  # Ludwig's own evaluation
     # Ludwig's loop keeping each step's graph through the next step (the fix off)
     "held-graph": ({}, {"LUDWIG_MT_PATCHES_OFF": "release_each_steps_graph_when_it_returns"}),
+    "varlen": ({}, {"LUDWIG_MT_PACK_LENGTH": "varlen"}),  # padding-free steps, flash varlen attention (opt-in)
     "adam8bit": ({"trainer": {"optimizer": {"type": "paged_adam_8bit"}}}, {}),  # 8-bit Adam states (unsloth: adamw_8bit)
 }
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ludwig_mt.errors import WorkflowError
-from ludwig_mt.patches import distributed, fixes, instrumentation, lean_evaluation, speedups
+from ludwig_mt.patches import distributed, fixes, instrumentation, lean_evaluation, speedups, varlen_attention
 from ludwig_mt.patches.core import ALWAYS, EXPLICIT, KNOWN_VERSIONS, Patch, Switch, apply_patch, env_set
 from ludwig_mt.patches.env import ENV_ALLOW_UNTESTED, ENV_NO_FIXES, ENV_PATCHES_OFF, env_flag, env_names
 from ludwig_mt.patches.instrumentation import ENV_CRASH_AFTER_CHECKPOINT, ENV_PROGRESS_FILE, ENV_RANK_REPORT
@@ -124,6 +124,12 @@ PATCHES: tuple[Patch, ...] = (
     _speedup("liger_kernels", (MODEL_LOADER,),
              "Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when liger-kernel is installed",
              speedups.patch_liger_kernels, ("ludwig", "transformers")),
+    _speedup("varlen_attention", (MODEL_LOADER,),
+             "packs pad each step to a rectangle and need a block mask, with which SDPA copies the key/value heads "
+             f"for grouped-query attention: with `{speedups.ENV_PACK_LENGTH}=varlen` (opt-in, not yet measured) the "
+             f"loaded model attends with `{varlen_attention.NAME}` (SDPA, or PyTorch's variable-length flash kernel "
+             "for padding-free batches)",
+             speedups.patch_varlen_attention, ("transformers", "torch")),
     _speedup("lean_kbit_prep", (f"{LLM}.prepare_for_quantized_training",),
              "peft's k-bit preparation casts the embedding and LM head to fp32: the loaded dtypes are kept",
              speedups.patch_lean_kbit_prep, ("ludwig", "peft")),

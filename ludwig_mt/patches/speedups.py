@@ -139,7 +139,7 @@ from typing import Any
 
 from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches.model_loading import add_load_rule
-from ludwig_mt.patches import lean_evaluation
+from ludwig_mt.patches import lean_evaluation, varlen_attention
 from ludwig_mt.patches.core import rebind
 from ludwig_mt.patches.fixes import base_causal_lm, left_pad_rows, merged_rows, pad_token_id
 from ludwig_mt.patches.env import env_names
@@ -148,7 +148,7 @@ logger = logging.getLogger(__name__)
 
 SPEEDUPS = ("bf16_weights", "sdpa_attention", "lean_kbit_prep", "sampled_train_metrics", "target_only_logits",
             "bf16_autocast", "liger_kernels", "lean_lora_forward", "fused_lora_mlp", "one_sync_optimizer_step",
-            "offload_checkpoints", "pack_training_rows", "response_only_eval_logits")
+            "offload_checkpoints", "pack_training_rows", "response_only_eval_logits", "varlen_attention")
 
 #: with ``sampled_train_metrics``, training-set metrics are updated on one optimizer step in this many
 TRAIN_METRICS_EVERY = 8
@@ -269,6 +269,19 @@ def lean_prepare_for_kbit_training(model):
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
+
+
+def use_varlen_attention(model) -> bool:
+    """The after-load hook of ``varlen_attention`` (:func:`varlen_attention.use_varlen_attention`), when on and
+    :data:`ENV_PACK_LENGTH` asks for padding-free batches (opt-in until measured on the GPU: issue #17)."""
+    wanted = os.environ.get(ENV_PACK_LENGTH, "").strip() == VARLEN
+    return enabled("varlen_attention") and wanted and varlen_attention.use_varlen_attention(model)
+
+
+def patch_varlen_attention() -> None:
+    """Ludwig's loaded LLMs attend with :data:`varlen_attention.NAME` (an after-load hook of the one stand-in
+    loader): SDPA, and padding-free training batches when :data:`ENV_PACK_LENGTH` asks for them."""
+    add_load_rule(after_load=use_varlen_attention)
 
 
 def patch_lean_kbit_prep() -> None:
@@ -415,6 +428,28 @@ def pack_rows(rows: list[tuple[Any, int]], pack_length: int, pad_id: int, pad_to
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 
+def padding_free_batch(rows: list[tuple[Any, int]], pad_id: int) -> dict[str, Any]:
+    """The step's rows as one sequence (:func:`pack_rows` with one pack as long as all of them: no padding) and
+    where each row starts (``cu_seq_lens``) and the longest row (``max_length``), for :mod:`varlen_attention`."""
+    lengths = [ids.shape[0] for ids, _ in rows]
+    batch = pack_rows(rows, sum(lengths), pad_id, 0, [list(range(len(rows)))])
+    return {**batch, "cu_seq_lens": varlen_attention.row_offsets(lengths), "max_length": max(lengths)}
+
+
+def padding_free_kwargs(base, batch: dict[str, Any]) -> dict[str, Any]:
+    """The model keyword arguments of a :func:`padding_free_batch`: the row offsets under the names transformers'
+    attention functions take them by, and :func:`varlen_attention.no_mask`. Refused (one line) unless the model
+    attends with :data:`varlen_attention.NAME`: any other attention would attend across the rows."""
+    if not varlen_attention.supported(base):
+        raise WorkflowError(f"a padding-free training batch needs the {varlen_attention.NAME} attention; "
+                            f"{type(base).__name__} attends with "
+                            f"{getattr(base.config, '_attn_implementation', None)!r}. Fix: unset {ENV_PACK_LENGTH} "
+                            "or turn the varlen_attention speed-up on")
+    offsets, longest = batch["cu_seq_lens"], batch["max_length"]
+    return {"attention_mask": varlen_attention.no_mask(batch["input_ids"].device), "cu_seq_lens_q": offsets,
+            "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
+
+
 def target_only_loss(causal_lm, batch: dict[str, Any]):
     """Mean next-token cross-entropy over the response tokens, with the LM head applied only where it counts.
 
@@ -426,6 +461,8 @@ def target_only_loss(causal_lm, batch: dict[str, Any]):
 
     base = base_causal_lm(causal_lm)
     model_kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "cu_seq_lens" in batch:
+        model_kwargs.update(padding_free_kwargs(base, batch))
     hidden = base.base_model(**model_kwargs, use_cache=False)[0]
     if "target_index" not in batch:
         batch = {**batch, **target_positions(batch["labels"])}
@@ -480,12 +517,15 @@ def _warn_once(message: str) -> None:
 
 #: tokens per pack of ``pack_training_rows``: unset (or ``pow2``), the batch's longest row rounded up to a power of
 #: two unless that pads much more (:data:`POW2_MAX_GROWTH`); ``longest``, the longest row itself; a number, packs
-#: that long (the benchmark's comparisons)
+#: that long (the benchmark's comparisons); ``varlen``, no packs: the step's rows as one padding-free sequence
+#: (:func:`padding_free_batch`; where the model attends with ``varlen_attention``'s function, else pow2)
 ENV_PACK_LENGTH = "LUDWIG_MT_PACK_LENGTH"
 #: the power-of-two width is kept while its packs hold at most this many times the positions (tokens + padding)
 #: of packs as wide as the longest row: rows just over a power of two (all of 520-600 tokens: one row per pack of
 #: 1,024) would otherwise nearly double the step's work
 POW2_MAX_GROWTH = 1.25
+#: the :data:`ENV_PACK_LENGTH` value of padding-free batches
+VARLEN = "varlen"
 
 
 def pack_plan(lengths: list[int], setting: str) -> tuple[int, list[list[int]]]:
@@ -510,7 +550,7 @@ def pack_plan(lengths: list[int], setting: str) -> tuple[int, list[list[int]]]:
     if value.isdigit() and int(value) > 0:
         return int(value), first_fit_decreasing(lengths, int(value))
     raise WorkflowError(f"{ENV_PACK_LENGTH}={setting!r}: not a pack length. Fix: leave it unset (the longest row "
-                        "rounded up to a power of two), longest, or a positive number of tokens")
+                        f"rounded up to a power of two), longest, {VARLEN}, or a positive number of tokens")
 
 
 def packing_wanted(llm) -> bool:
@@ -541,7 +581,14 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids) -> dict[str, Any]:
     n_tokens = sum(ids.shape[0] for ids, _ in rows)  # real tokens, what Ludwig's token accounting counts
     if packing_wanted(llm):
         if packing_supported(llm.model):
-            length, packs = pack_plan([ids.shape[0] for ids, _ in rows], os.environ.get(ENV_PACK_LENGTH, ""))
+            setting = os.environ.get(ENV_PACK_LENGTH, "")
+            if setting.strip() == VARLEN:
+                if varlen_attention.supported(base_causal_lm(llm.model)):
+                    return {**padding_free_batch(rows, pad_token_id(llm.tokenizer)), "n_tokens": n_tokens}
+                _warn_once(f"ludwig_mt: {ENV_PACK_LENGTH}={VARLEN} needs the varlen_attention speed-up's attention: "
+                           "packs of a power of two instead")
+                setting = ""
+            length, packs = pack_plan([ids.shape[0] for ids, _ in rows], setting)
             # the pack length is also the packs' width: one shape per pack count (see pack_plan)
             return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), length, packs), "n_tokens": n_tokens}
         _warn_once(f"ludwig_mt: trainer.packing ignored, {type(llm.model).__name__} takes no position_ids")

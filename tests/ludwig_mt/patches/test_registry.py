@@ -85,7 +85,7 @@ def test_stacking_order_of_attributes_replaced_more_than_once() -> None:
         f"{trainer}.save_checkpoint": ["resume_mid_epoch_where_it_stopped", "write_training_progress",
                                        "crash_drill_after_checkpoint"],
         # fused_lora_mlp after liger_kernels: Liger's SwiGLU forward is its fallback
-        model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "fused_lora_mlp",
+        model_loading.TARGET: ["bf16_weights", "sdpa_attention", "liger_kernels", "varlen_attention", "fused_lora_mlp",
                                "place_quantized_model_on_local_rank"],
         f"{trainer}._forward_pass": ["target_only_logits", "bf16_autocast"],
         f"{trainer}._update_training_metrics": ["target_only_logits", "sampled_train_metrics"],

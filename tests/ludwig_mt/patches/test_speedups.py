@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ludwig_mt.errors import WorkflowError
 from ludwig_mt.patches import core, speedups
 
 TOLERANCE = 1e-5  # fp32 on CPU: the lean loss sums the same terms in another order
@@ -635,3 +636,39 @@ def test_bitsandbytes_optimizers_step_with_one_sync_and_the_same_updates(optimiz
     assert reference_syncs >= 3 * 4  # bitsandbytes as released: after every parameter of every step
     assert n_syncs == 3  # one per step
     assert all(torch.equal(a, b) for a, b in zip(updated, reference))
+
+
+def test_a_padding_free_step_is_one_sequence_with_the_packed_loss_and_gradients(llm, monkeypatch) -> None:
+    """``LUDWIG_MT_PACK_LENGTH=varlen``: the step's rows as one unpadded sequence with their offsets, attended to
+    row by row (``varlen_attention``): the loss and gradients of the power-of-two packs."""
+    from ludwig_mt.patches import varlen_attention
+
+    monkeypatch.setenv(speedups.ENV_PACK_LENGTH, "varlen")
+    speedups.use_varlen_attention(speedups.base_causal_lm(llm.model))  # the loader's after-load hook, opted in
+    assert llm.model.config._attn_implementation == varlen_attention.NAME
+    batch = ludwig_batch(llm.tokenizer, [12, 20, 7, 15], [5, 9, 3, 11])
+    monkeypatch.delenv(speedups.ENV_PACK_LENGTH, raising=False)
+    packed, packed_grads, _ = loss_and_grads(llm, batch, lean=True, packing=True)
+    monkeypatch.setenv(speedups.ENV_PACK_LENGTH, "varlen")
+    llm.config_obj.trainer.packing = True
+    try:
+        free = speedups.lean_training_batch(llm, batch[0]["prompt"], batch[1]["response"])
+    finally:
+        llm.config_obj.trainer.packing = False
+    assert free["input_ids"].shape == (1, 30 + 27 + 18 + 11)  # rows of 12+5+1+... tokens: no padding at all
+    assert free["cu_seq_lens"].tolist() == [0, 18, 48, 59, 86] and free["max_length"] == 30
+    loss, grads, _ = loss_and_grads(llm, batch, lean=True, packing=True)
+    assert abs(loss - packed) < TOLERANCE, (loss, packed)
+    assert grads.keys() == packed_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, packed_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_padding_free_batch_is_refused_by_a_model_with_other_attention(tiny_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    rows = [(torch.arange(3, 9), 2), (torch.arange(3, 7), 1)]
+    batch = speedups.padding_free_batch(rows, pad_id=0)
+    with pytest.raises(WorkflowError, match="padding-free training batch needs the ludwig_mt_varlen attention.*Fix"):
+        speedups.target_only_loss(model, batch)
