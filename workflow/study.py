@@ -15,8 +15,8 @@ machine); ``--generate-only`` stops after generation (``eval --score-only`` scor
 Sources: ``--data-root`` holds one folder per dataset (each task's record names it); sql reads ``wikisql_mlx/``
 (1,000 real WikiSQL training rows) when it is there, else ``sql_create_context/``; ``--source TASK=PATH`` wins.
 
-Throughput: Ludwig's ``training_progress.json`` (``total_tokens_used``, ``steps``) over the elapsed time of its
-``Training`` progress bar (the training loop; read from train.log), and the wall time of the whole ``ludwig train``
+Throughput: Ludwig's ``training_progress.json`` (``total_tokens_used``, ``steps``) over the training loop's time
+(from its start to its last step's end, as ``train.progress.jsonl`` records them), and the wall time of the whole ``ludwig train``
 process (model loading, evaluation and saving included), in study.json, the report's manifest and report.md.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -220,27 +219,17 @@ def prep_tasks(plan: StudyPlan, notify: Callable[[str], None]) -> dict[str, dict
 
 
 # ---------------------------------------------------------------------------------------------- train
-_TQDM_TRAINING = re.compile(r"Training: +100%\|[^|]*\| *(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)<")
-
-
-def training_loop_seconds(log_text: str) -> float | None:
-    """The elapsed time of Ludwig's finished ``Training`` progress bar in its log (the training loop alone:
-    Ludwig 0.17.10 saves no start time); None when the log has none."""
-    found = [int(m[2] or 0) * 3600 + int(m[3]) * 60 + int(m[4]) for m in _TQDM_TRAINING.finditer(log_text)]
-    return float(max(found)) if found and max(found) > 0 else None
-
-
-def training_progress(model_dir: Path, log: Path) -> tuple[int | None, int | None, float | None]:
+def training_progress(model_dir: Path, progress_file: Path) -> tuple[int | None, int | None, float | None]:
     """(optimizer steps, tokens, seconds of the training loop): Ludwig's training_progress.json (``steps``,
-    ``total_tokens_used``) and its log's progress bar; Nones when absent."""
+    ``total_tokens_used``) and the loop's start and last step's end in the run's progress file; Nones when
+    absent."""
+    from workflow.train import read_progress
+
     try:
         progress = json.loads((model_dir / "training_progress.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         progress = {}
-    try:
-        seconds = training_loop_seconds(log.read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        seconds = None
+    seconds = read_progress(progress_file).loop_seconds
     return int(progress.get("steps") or 0) or None, int(progress.get("total_tokens_used") or 0) or None, seconds
 
 
@@ -255,7 +244,7 @@ def train_one(plan: StudyPlan, name: str, task: str, seed: int) -> Training:
     """One model: its YAML rendered for the base (lengths measured on its dataset), trained with its seed; a
     finished earlier training in its folder is reused (a study resumes where it stopped)."""
     from prep.registry import config_path
-    from workflow.train import train
+    from workflow.train import progress_path, train
 
     dataset = plan.prepared_dir / task / "train.csv"
     out = plan.out / "results" / name
@@ -271,7 +260,7 @@ def train_one(plan: StudyPlan, name: str, task: str, seed: int) -> Training:
     started = time.perf_counter()
     model = train(rendered, dataset, out, extra_args=["--random_seed", str(LUDWIG_DEFAULT_SEED + seed - 1)])
     wall = time.perf_counter() - started
-    steps, tokens, loop = training_progress(model, out / "train.log")
+    steps, tokens, loop = training_progress(model, progress_path(out))
     done = Training(name, task, seed, str(model), str(out / "train.log"), str(rendered), rows, wall, steps, tokens,
                     loop, plan.parallel)
     atomic_write_json(record, done.__dict__)

@@ -108,21 +108,43 @@ def known_fix(line: str) -> str | None:
 # ------------------------------------------------------------------------------------------- progress
 @dataclass
 class Progress:
-    """What the progress file said so far: the last step, the run's total, the last loss, the last checkpoint."""
+    """What the progress file said so far: the last step, the run's total, the last loss, the last checkpoint, and
+    when the training loop started and its last step ended (epoch seconds)."""
 
     step: int = 0
     total: int = 0
     loss: float | None = None
     checkpoint: int | None = None
     first_step: int | None = None
+    loop_start: float | None = None
+    last_step_time: float | None = None
 
     def update(self, record: Mapping[str, Any]) -> None:
+        if "loop_start" in record:
+            self.loop_start = float(record["loop_start"])
         if "checkpoint" in record:
             self.checkpoint = int(record["checkpoint"])
         if "step" in record:
             self.step, self.total = int(record["step"]), int(record.get("total") or self.total)
             self.loss = record.get("loss")
             self.first_step = self.step if self.first_step is None else self.first_step
+            self.last_step_time = record.get("time", self.last_step_time)
+
+    @property
+    def loop_seconds(self) -> float | None:
+        """Seconds from the loop's start to its last step's end (evaluations between steps included, as in
+        Ludwig's own progress bar); None without both records."""
+        if self.loop_start is None or self.last_step_time is None or self.last_step_time <= self.loop_start:
+            return None
+        return self.last_step_time - self.loop_start
+
+
+def read_progress(path: Path) -> Progress:
+    """Everything a finished run's progress file recorded (an empty Progress when there is none)."""
+    progress = Progress()
+    for record in new_records(path, 0)[0]:
+        progress.update(record)
+    return progress
 
 
 def new_records(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -210,6 +232,11 @@ def run_with_progress(cmd: list[str], env: dict[str, str], log: TextIO, progress
     return proc.returncode, progress, bool(interrupts)
 
 
+def progress_path(output_directory: Path, log_name: str = "train.log") -> Path:
+    """The progress file a :func:`train` into ``output_directory`` writes beside its log."""
+    return output_directory / f"{Path(log_name).stem}.progress.jsonl"
+
+
 def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_args: list[str] | None = None,
           log_name: str = "train.log", launch: LaunchSpec | None = None, config: Mapping[str, Any] | None = None,
           resume: bool = False, show_progress: bool = False, notes: Sequence[str] = ()) -> Path:
@@ -225,7 +252,7 @@ def train(config_path: Path, dataset: Path, output_directory: Path, *, extra_arg
         raise WorkflowError(f"{dataset}: dataset not found. Fix: run ./run.sh prep first or pass --dataset")
     output_directory.mkdir(parents=True, exist_ok=True)
     log = output_directory / log_name
-    progress_file = output_directory / f"{Path(log_name).stem}.progress.jsonl"
+    progress_file = progress_path(output_directory, log_name)
     ludwig_args = ["train", "--config", str(config_path), "--dataset", str(dataset),
                    "--output_directory", str(output_directory), "--skip_save_processed_input",
                    *(resume_args(output_directory) if resume else []), *(extra_args or [])]

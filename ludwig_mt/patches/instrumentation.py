@@ -3,10 +3,12 @@
 * ``LUDWIG_MT_RANK_REPORT=DIR`` makes every rank write ``DIR/rank<r>.json`` (rows it trained on per epoch, its
   loss, tokens and end time per step, peak GPU memory) and ``DIR/rank<r>.safetensors`` (its trainable weights
   after the last step): the evidence that rows are sharded and weights stay in sync;
-* ``LUDWIG_MT_PROGRESS_FILE=FILE`` makes rank 0 append one JSON line per training step (``step``, ``total``,
-  ``loss``, ``epoch``) and per checkpoint (``checkpoint``: its step) to FILE: ``./run.sh train`` tails it for the
-  progress bar on the terminal while Ludwig's own output goes to the log file (parsing tqdm bars out of a log
-  breaks with every change of format; a record written where the numbers are does not);
+* ``LUDWIG_MT_PROGRESS_FILE=FILE`` makes rank 0 append one JSON line when the training loop starts
+  (``loop_start``: epoch seconds), per training step (``step``, ``total``, ``loss``, ``epoch``, ``time``) and per
+  checkpoint (``checkpoint``: its step) to FILE: ``./run.sh train`` tails it for the progress bar on the terminal
+  while Ludwig's own output goes to the log file, and the study times the loop with it (parsing tqdm bars out of a
+  log breaks with every change of format and counts whole seconds; a record written where the numbers are does
+  not);
 * ``LUDWIG_MT_CRASH_AFTER_CHECKPOINT=N`` kills the process right after its N-th checkpoint: a crash drill for the
   resume tests;
 * ``record_step_losses`` (applied by name, by ``bench/train_speed.py``'s Ludwig worker) keeps every training step's
@@ -70,6 +72,8 @@ def write_training_progress() -> None:
     def keeping_tracker(original_loop):
         @functools.wraps(original_loop)
         def _train_loop(self, batcher, progress_tracker, *args, **kwargs):
+            if getattr(self, "_ludwig_mt_progress_tracker", None) is None and self.is_coordinator():
+                append_record(os.environ[ENV_PROGRESS_FILE], {"loop_start": time.time()})  # once: a loop per epoch
             self._ludwig_mt_progress_tracker = progress_tracker
             return original_loop(self, batcher, progress_tracker, *args, **kwargs)
 
@@ -83,7 +87,8 @@ def write_training_progress() -> None:
             if tracker is not None and self.is_coordinator():
                 append_record(os.environ[ENV_PROGRESS_FILE], {
                     "step": int(tracker.steps) + 1, "total": int(tracker.total_steps or self.total_steps),
-                    "loss": float(result[0].detach().float().item()), "epoch": int(tracker.epoch)})
+                    "loss": float(result[0].detach().float().item()), "epoch": int(tracker.epoch),
+                    "time": time.time()})  # after .item(): the step's GPU work is done
             return result
 
         return train_step

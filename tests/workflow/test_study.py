@@ -23,7 +23,7 @@ from workflow.study import (
     main,
     merge_all,
     source_for,
-    training_loop_seconds,
+    training_progress,
 )
 
 
@@ -87,11 +87,18 @@ def test_merge_without_the_merge_module_is_one_line(tmp_path: Path, monkeypatch:
         merge_all(plan(tmp_path, merges=("linear",)), {})
 
 
-def test_training_loop_seconds_reads_ludwigs_finished_bar() -> None:
-    log = ("Training:  40%|████      | 2/5 [00:14<00:20,  6.84s/it, loss=6.21]\n"
-           "Training: 100%|██████████| 5/5 [00:27<00:00,  4.92s/it, loss=6.19]\n"
-           "Training: 100%|██████████| 5/5 [01:02:03<00:00,  5.68s/it, loss=6.19]")
-    assert training_loop_seconds(log) == 3723.0 and training_loop_seconds("no bar") is None
+def test_a_sub_second_training_loop_is_timed_from_the_progress_file(tmp_path: Path) -> None:
+    """Two CPU steps take well under a second: the loop is timed from the records' clock, not from a progress
+    bar's whole seconds (which read 00:00 there and left tokens/s blank)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "training_progress.json").write_text(json.dumps({"steps": 2, "total_tokens_used": 640}))
+    records = [{"loop_start": 100.0}, {"step": 1, "total": 2, "loss": 2.0, "epoch": 0, "time": 100.25},
+               {"checkpoint": 1}, {"step": 2, "total": 2, "loss": 1.5, "epoch": 0, "time": 100.5}]
+    progress = tmp_path / "train.progress.jsonl"
+    progress.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert training_progress(model, progress) == (2, 640, 0.5)
+    assert training_progress(model, tmp_path / "none.jsonl") == (2, 640, None)  # no records: no rate, not a guess
     t = replace(training("sql", "sql"), steps=10, tokens=5000, loop_seconds=20.0)
     assert (t.tokens_per_second, t.steps_per_second) == (250.0, 0.5)
 
