@@ -420,7 +420,8 @@ PROJECT_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "ludwig-eval": ({}, {"LUDWIG_MT_SPEEDUPS_OFF": "response_only_eval_logits"}),  # Ludwig's own evaluation
     # Ludwig's loop keeping each step's graph through the next step (the fix off)
     "held-graph": ({}, {"LUDWIG_MT_PATCHES_OFF": "release_each_steps_graph_when_it_returns"}),
-    "varlen": ({}, {"LUDWIG_MT_PACK_LENGTH": "varlen"}),  # padding-free steps, flash varlen attention (opt-in)
+    "varlen": ({}, {"LUDWIG_MT_PACK_LENGTH": "varlen"}),  # padding-free steps (the default on a CUDA GPU since run 28)
+    "pow2": ({}, {"LUDWIG_MT_PACK_LENGTH": "pow2"}),  # power-of-two packs with a block mask (the default before run 28)
     "adam8bit": ({"trainer": {"optimizer": {"type": "paged_adam_8bit"}}}, {}),  # 8-bit Adam states (unsloth: adamw_8bit)
 }
 

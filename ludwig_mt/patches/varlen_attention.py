@@ -69,11 +69,24 @@ def supported(model) -> bool:
     return window is None or getattr(config, "use_sliding_window", True) is False
 
 
+def _flash_takes(dtype: torch.dtype, head_size: int, device: torch.device) -> bool:
+    """PyTorch's flash kernel: CUDA (Ampere or newer), bf16 or fp16, head size a multiple of 8 up to 256."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_size % 8 == 0
+            and head_size <= 256 and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
 def flash_usable(query: torch.Tensor) -> bool:
-    """PyTorch's flash kernel takes this query: CUDA (Ampere or newer), bf16 or fp16, head size a multiple of 8 up
-    to 256."""
-    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] % 8 == 0
-            and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device)[0] >= 8)
+    """PyTorch's flash kernel takes this query (:func:`_flash_takes`)."""
+    return _flash_takes(query.dtype, query.shape[-1], query.device)
+
+
+def flash_usable_for(model, device: torch.device) -> bool:
+    """Steps of ``model`` (a ``*ForCausalLM`` or its base) on ``device`` would reach the flash kernel: its queries
+    take the embeddings' dtype (bf16 when loaded so, quantized or not) and the config's head size. Where they would
+    not, padding-free steps fall back to row-by-row SDPA, a launch per row and layer: no default should pick that."""
+    config = model.config
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return _flash_takes(model.get_input_embeddings().weight.dtype, int(head_size), torch.device(device))
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

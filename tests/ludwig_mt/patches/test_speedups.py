@@ -672,3 +672,80 @@ def test_a_padding_free_batch_is_refused_by_a_model_with_other_attention(tiny_mo
     batch = speedups.padding_free_batch(rows, pad_id=0)
     with pytest.raises(WorkflowError, match="padding-free training batch needs the ludwig_mt_varlen attention.*Fix"):
         speedups.target_only_loss(model, batch)
+
+
+def test_padding_free_steps_are_the_default_only_where_the_flash_kernel_takes_them(tiny_model, monkeypatch) -> None:
+    """Unset, ``LUDWIG_MT_PACK_LENGTH`` means padding-free steps on a CUDA GPU whose flash kernel takes the model's
+    (bf16) steps, and the power-of-two packs anywhere else: a default must never fall back to attending row by row.
+    ``pow2`` asks for the packs on the GPU too; ``varlen`` asks for padding-free steps anywhere."""
+    from transformers import AutoModelForCausalLM
+
+    from ludwig_mt.patches import varlen_attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H200's
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.bfloat16)
+    assert not speedups.padding_free_step(model, "", cuda)  # SDPA would attend across the rows
+    assert varlen_attention.use_varlen_attention(model)
+    assert speedups.padding_free_step(model, "", cuda)
+    assert not speedups.padding_free_step(model, "", cpu)
+    assert not speedups.padding_free_step(model, "pow2", cuda) and not speedups.padding_free_step(model, "512", cuda)
+    assert speedups.padding_free_step(model, "varlen", cpu)  # asked for: row by row there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # no flash kernel (Turing)
+    assert not speedups.padding_free_step(model, "", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not speedups.padding_free_step(model.float(), "", cuda)  # fp32 steps: no flash kernel
+
+
+def test_the_varlen_attention_is_loaded_by_default_on_a_cuda_machine_only(tiny_model, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ludwig_mt.patches import varlen_attention
+
+    def loaded(setting: str, cuda: bool) -> str:
+        monkeypatch.setenv(speedups.ENV_PACK_LENGTH, setting)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+        speedups.use_varlen_attention(model)
+        return model.config._attn_implementation
+
+    assert loaded("", cuda=True) == varlen_attention.NAME
+    assert loaded("", cuda=False) == "sdpa"
+    assert loaded("pow2", cuda=True) == "sdpa"
+    assert loaded("varlen", cuda=False) == varlen_attention.NAME
+
+
+@pytest.mark.parametrize("target_len, prediction_len", [(7, 5), (5, 7), (6, 6)])
+def test_metric_alignment_gives_ludwigs_tensors_without_copying_the_logits(target_len: int, prediction_len: int) -> None:
+    """``realign_without_copies``: the targets and predictions Ludwig's alignment returns, equal tensor for tensor,
+    the inputs untouched, and whatever needs no padding shared rather than deep-copied (Ludwig copied the float32
+    logits and probabilities over the vocabulary every time)."""
+    import types
+
+    from ludwig.constants import LOGITS, PREDICTIONS, PROBABILITIES
+    from ludwig.models import llm as ludwig_llm
+
+    from ludwig_mt.patches import registry
+
+    registry.apply_all()
+    original = core.original(speedups.REALIGN)
+    assert ludwig_llm.get_realigned_target_and_prediction_tensors_for_inference is not original  # patched
+    tokenizer = types.SimpleNamespace(pad_token_id=None, eos_token_id=2)
+    torch.manual_seed(0)
+    logits = torch.randn(3, prediction_len, 11)
+    targets = {"response": torch.randint(3, 11, (3, target_len))}
+    predictions = {"response": {PREDICTIONS: logits.argmax(-1), PROBABILITIES: logits.softmax(-1), LOGITS: logits}}
+    before = {k: v.clone() for k, v in predictions["response"].items()}
+    ours_t, ours_p = speedups.realigned_without_copies(targets, predictions, "response", tokenizer)
+    ludwig_t, ludwig_p = original(targets, predictions, "response", tokenizer)
+    torch.testing.assert_close(ours_t["response"], ludwig_t["response"], rtol=0, atol=0)
+    for key in (PREDICTIONS, PROBABILITIES, LOGITS):
+        torch.testing.assert_close(ours_p["response"][key], ludwig_p["response"][key], rtol=0, atol=0)
+        assert torch.equal(predictions["response"][key], before[key])  # inputs untouched
+    assert ours_p["response"][PREDICTIONS].shape[1] == ours_t["response"].shape[1] == max(target_len, prediction_len)
+    if target_len < prediction_len:  # the targets were padded: the predictions, logits and all, are the inputs'
+        assert ours_p["response"][LOGITS] is logits and ludwig_p["response"][LOGITS] is not logits
+    if target_len > prediction_len:  # the predictions were padded: the targets are the inputs'
+        assert ours_t["response"] is targets["response"] and ludwig_t["response"] is not targets["response"]
+    if target_len != prediction_len:
+        assert ours_p is not predictions and ours_t is not targets  # new dicts: Ludwig's callers may set keys
