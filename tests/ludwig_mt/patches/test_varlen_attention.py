@@ -83,3 +83,24 @@ def test_a_loaded_sdpa_model_attends_with_the_registered_function_outside_a_wind
     assert not varlen_attention.supported(model)
     eager = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
     assert not varlen_attention.use_varlen_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+def test_left_padded_generation_with_the_registered_attention_is_sdpas(tiny_model) -> None:
+    """On a CUDA machine every model Ludwig loads attends with :data:`NAME` (evaluation, ``ludwig predict``, the
+    eval harness's generation): outside padding-free steps it must be SDPA, mask and cache included."""
+    from transformers import AutoModelForCausalLM
+
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    assert varlen_attention.use_varlen_attention(ours)
+    ids = torch.tensor([[0, 0, 5, 9, 14, 3], [7, 2, 11, 4, 8, 6]])  # the first row left-padded (pad id 0)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
+                                   sdpa(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "do_sample": False,
+                  "pad_token_id": 0, "output_scores": True, "return_dict_in_generate": True}
+        a, b = ours.generate(**kwargs), sdpa.generate(**kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
