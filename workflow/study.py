@@ -16,8 +16,9 @@ Sources: ``--data-root`` holds one folder per dataset (each task's record names 
 (1,000 real WikiSQL training rows) when it is there, else ``sql_create_context/``; ``--source TASK=PATH`` wins.
 
 Throughput: Ludwig's ``training_progress.json`` (``total_tokens_used``, ``steps``) over the training loop's time
-(from its start to its last step's end, as ``train.progress.jsonl`` records them), and the wall time of the whole ``ludwig train``
-process (model loading, evaluation and saving included), in study.json, the report's manifest and report.md.
+(from its start to its last step's end, as ``train.progress.jsonl`` records them), and the wall time of the whole
+``ludwig train`` process (model loading, evaluation and saving included), in study.json, the report's manifest and
+report.md.
 """
 
 from __future__ import annotations
