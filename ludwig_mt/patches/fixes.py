@@ -874,6 +874,40 @@ def detached_step_result(result: tuple) -> tuple:
     return (loss.detach() if isinstance(loss, torch.Tensor) else loss, losses, *rest)
 
 
+#: Ludwig's swap of an LLM's embedding for bitsandbytes' under 8-bit optimizers, as its trainer imported it
+EMBEDDING_SWAP = "ludwig.trainers.trainer:update_embedding_layer"
+
+
+def refreeze(model, frozen_before: set[str]) -> list[str]:
+    """Freeze every parameter of ``model`` named in ``frozen_before`` that trains now; returns their names."""
+    refrozen = [name for name, param in model.named_parameters() if name in frozen_before and param.requires_grad]
+    for name in refrozen:
+        model.get_parameter(name).requires_grad_(False)
+    return refrozen
+
+
+def keep_the_base_frozen_under_8bit_optimizers() -> None:
+    """With an 8-bit optimizer (``adam_8bit``, ``paged_adam_8bit``, ...) Ludwig's trainer replaces the LLM's input
+    embedding with bitsandbytes' ``Embedding`` built around the same weight, and ``nn.Embedding`` wraps that weight
+    in a new ``Parameter`` that requires gradients: a LoRA or QLoRA run then trains the base model's whole
+    embedding (and, sharing its storage, a tied LM head), which the saved adapter does not hold, so the model that
+    Ludwig evaluates in the run is not the one it saves. Found on the H200 (``bench/NOTES-speed.md``, run 28: the
+    ``adam8bit`` variant's losses 0.3 % lower and its peak 1.4x). The weight stays as frozen as it was."""
+    def keeping_frozen(original):
+        @functools.wraps(original)
+        def update_embedding_layer(model, config_obj):
+            frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+            result = original(model, config_obj)
+            refrozen = refreeze(model, frozen)
+            if refrozen:
+                logger.info("ludwig_mt: kept frozen under the 8-bit optimizer: %s", ", ".join(refrozen))
+            return result
+
+        return update_embedding_layer
+
+    rebind(EMBEDDING_SWAP, keeping_frozen)
+
+
 def release_each_steps_graph_when_it_returns() -> None:
     """Ludwig's training loop keeps ``train_step``'s loss in a local (``loss, all_losses, used_tokens = ...``) until
     the next step returns, so the previous step's autograd graph lives through the whole next step: its backward

@@ -109,6 +109,11 @@ PATCHES: tuple[Patch, ...] = (
          "rotary tables and inputs that reentrant checkpointing holds), alive through the next step: the losses "
          "come back detached",
          fixes.release_each_steps_graph_when_it_returns, ("ludwig", "torch")),
+    _fix("keep_the_base_frozen_under_8bit_optimizers",
+         (fixes.EMBEDDING_SWAP,),
+         "with an 8-bit optimizer Ludwig swaps in bitsandbytes' embedding as a new trainable parameter: a LoRA run "
+         "trains the base model's embedding (and a tied LM head), which the saved adapter lacks; it stays frozen",
+         fixes.keep_the_base_frozen_under_8bit_optimizers, ("ludwig", "torch")),
     _fix("one_line_errors_in_cli",
          ("ludwig.cli:main",),
          "the `ludwig` command prints the project's errors as one line (exit 2), not a traceback; `ludwig train`/"

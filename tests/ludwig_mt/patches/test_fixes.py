@@ -938,3 +938,32 @@ def test_a_training_step_begins_without_the_previous_steps_graph_only_with_the_f
     assert len(held[True]) == len(held[False]) == 4  # 16 rows in batches of 4
     assert held[False] == [False, True, True, True]  # Ludwig's loop: each step starts with the last one's graph
     assert held[True] == [False] * 4
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adam_8bit", "adam_8bit"])
+def test_an_8bit_optimizer_leaves_the_base_embedding_frozen(tiny_model, optimizer: str) -> None:
+    """Ludwig's trainer swaps the embedding for bitsandbytes' under an 8-bit optimizer (kept: its 32-bit optimizer
+    override), but the swap made the base model's embedding trainable in a LoRA run; with the fix the same
+    parameters train before and after it, and the weight is the one that was loaded."""
+    import ludwig.api  # noqa: F401  (the import hook applies the registry's patches)
+    from bitsandbytes.nn import Embedding as BnbEmbedding
+    from ludwig.models.llm import LLM
+    from ludwig.schema.model_types.base import ModelConfig
+    from ludwig.trainers import trainer as ludwig_trainer
+
+    from ludwig_mt.patches import registry
+
+    registry.apply_all()
+    config = ModelConfig.from_dict({
+        "model_type": "llm", "base_model": str(tiny_model), "adapter": {"type": "lora"},
+        "input_features": [{"name": "prompt", "type": "text"}], "output_features": [{"name": "response", "type": "text"}],
+        "trainer": {"type": "finetune", "optimizer": {"type": optimizer}}})
+    model = LLM(config)
+    model.prepare_for_training()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    loaded = model.model.get_input_embeddings().weight
+    assert trainable and all("lora_" in name for name in trainable)
+    ludwig_trainer.update_embedding_layer(model, config.trainer)  # what Trainer.__init__ calls
+    swapped = model.model.get_input_embeddings()
+    assert isinstance(swapped, BnbEmbedding) and swapped.weight.data_ptr() == loaded.data_ptr()
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
