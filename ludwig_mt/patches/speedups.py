@@ -295,7 +295,8 @@ def use_varlen_attention(model) -> bool:
 
 def patch_varlen_attention() -> None:
     """Ludwig's loaded LLMs attend with :data:`varlen_attention.NAME` (an after-load hook of the one stand-in
-    loader): SDPA, and padding-free training batches when :data:`ENV_PACK_LENGTH` asks for them."""
+    loader): SDPA, and padding-free training batches on a CUDA GPU or when :data:`ENV_PACK_LENGTH` asks for them
+    (:func:`use_varlen_attention`)."""
     add_load_rule(after_load=use_varlen_attention)
 
 
