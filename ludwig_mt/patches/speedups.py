@@ -603,10 +603,11 @@ def pack_plan(lengths: list[int], setting: str) -> tuple[int, list[list[int]]]:
     of each pack (:func:`first_fit_decreasing`, handed on to :func:`pack_rows`). By default the longest row rounded
     up to a power of two, so that a run meets few distinct shapes (cuDNN's attention builds a graph for every new
     one: about 200 ms of CPU per step when each step brings one, run 17), unless those packs hold more than
-    :data:`POW2_MAX_GROWTH` times the positions (tokens and padding) of packs as wide as the longest row. A bad value
-    is one line naming the variable."""
+    :data:`POW2_MAX_GROWTH` times the positions (tokens and padding) of packs as wide as the longest row; so also
+    under ``varlen`` where a step cannot go padding-free (:func:`padding_free_step`). A bad value is one line naming
+    the variable."""
     longest, value = max(lengths), setting.strip()
-    if value in ("", "pow2"):
+    if value in ("", "pow2", VARLEN):
         pow2 = 1 << (longest - 1).bit_length()
         packs = first_fit_decreasing(lengths, pow2)
         # no packing at the longest row's width holds fewer positions than the tokens themselves: below that bound
@@ -671,7 +672,6 @@ def _lean_training_batch_on_cpu(llm, input_ids, target_ids, device) -> dict[str,
             setting = os.environ.get(ENV_PACK_LENGTH, "")
             if padding_free_step(base_causal_lm(llm.model), setting, device):
                 return {**padding_free_batch(rows, pad_token_id(llm.tokenizer)), "n_tokens": n_tokens}
-            setting = "" if setting.strip() == VARLEN else setting
             length, packs = pack_plan([ids.shape[0] for ids, _ in rows], setting)
             # the pack length is also the packs' width: one shape per pack count (see pack_plan)
             return {**pack_rows(rows, length, pad_token_id(llm.tokenizer), length, packs), "n_tokens": n_tokens}

@@ -284,6 +284,7 @@ def test_the_pack_width_is_the_longest_row_rounded_up_to_a_power_of_two_unless_s
     from ludwig_mt.errors import WorkflowError
 
     assert speedups.pack_plan([3, 9, 5, 7], "")[0] == 16 == speedups.pack_plan([3, 9, 5, 7], "pow2")[0]  # 32 vs 27
+    assert speedups.pack_plan([3, 9, 5, 7], speedups.VARLEN) == speedups.pack_plan([3, 9, 5, 7], "")  # no varlen step
     assert speedups.pack_plan([3, 9, 5], "longest")[0] == 9 and speedups.pack_plan([256, 255], "")[0] == 256
     assert speedups.pack_plan([3, 9], "2048")[0] == 2048
     with pytest.raises(WorkflowError, match="LUDWIG_MT_PACK_LENGTH='long': not a pack length"):
